@@ -1,0 +1,16 @@
+"""dcls-mm: Dilated Convolution with Learnable Spacings for OpenMMLab 2.0.
+
+Layers live in :mod:`dcls_mm.ops` (pure PyTorch, importable without OpenMMLab);
+backbones in :mod:`dcls_mm.models`; optimizer constructors and hooks in
+:mod:`dcls_mm.engine`; robustness datasets and metrics in :mod:`dcls_mm.evaluation`.
+Configs reach everything through the ``dcls_mm`` registry scope
+(:mod:`dcls_mm.registry`), e.g. ``type='dcls_mm.ConvNeXtDCLS'``.
+"""
+from .ops import (Dcls1d, Dcls2_1d, Dcls2d, Dcls2dK1d, Dcls3_1d, Dcls3d,
+                  construct_kernel)
+from .version import __version__
+
+__all__ = [
+    '__version__', 'Dcls1d', 'Dcls2d', 'Dcls3d', 'Dcls2_1d', 'Dcls3_1d', 'Dcls2dK1d',
+    'construct_kernel'
+]

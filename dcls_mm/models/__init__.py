@@ -1,0 +1,1 @@
+"""dcls_mm.models"""

@@ -1,0 +1,350 @@
+"""DCLS convolution modules (drop-in for the reference package ``DCLS.construct.modules``).
+
+Parameters are named and shaped exactly like the reference package, so its state dicts
+load unchanged (mind the axis convention of ``'v1'``/``'max'``/``'gauss'`` state dicts:
+see :mod:`dcls_mm.ops.convert`). All modules share :class:`_DclsNd`; they only differ by
+how many spatial dims the convolution has, which of them carry learned positions, and
+how the constructed kernel is laid onto the convolution's kernel shape.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn import init
+
+from .kernel import (SIGMA_INIT, WITH_SIGMA, canonical_interpolation, construct_kernel)
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+PADDING_MODES = ('zeros', 'reflect', 'replicate', 'circular')
+IntOrTuple = Union[int, Sequence[int]]
+
+
+def _ntuple(value, n: int, name: str, minimum: int) -> Tuple[int, ...]:
+    """Expand ``value`` to an ``n``-tuple of ints ``>= minimum``; ValueError naming ``name``."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f'{name} must be an int or a tuple of {n} ints, got {value!r}')
+        values = tuple(value)
+    else:
+        values = (value,) * n
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise ValueError(f'{name} must contain ints >= {minimum}, got {value!r}')
+    return values
+
+
+class _DclsNd(nn.Module):
+    """Base class of all DCLS convolutions (not meant to be used directly).
+
+    Args:
+        in_channels: input channels ``C_in``.
+        out_channels: output channels ``C_out``.
+        kernel_count: number ``K`` of learned elements per (output, input) channel pair
+            (per dense tap for the N_M variants).
+        stride: convolution stride, int or one per conv dim.
+        padding: int, one per conv dim, ``'same'`` (stride 1 only; even kernels are
+            padded asymmetrically like ``torch.nn.Conv2d``) or ``'valid'``.
+        dilated_kernel_size: size ``L_d`` of the learned dims of the kernel.
+        groups: blocked connections; ``C_in`` and ``C_out`` must be divisible by it.
+        bias: add a learnable bias ``(C_out,)``.
+        padding_mode: ``'zeros'``, ``'reflect'``, ``'replicate'`` or ``'circular'``.
+        version: interpolation: ``'v0'``/``'bilinear'``, ``'v1'``/``'bilinear_normalized'``,
+            ``'max'``/``'triangle'``, ``'gauss'``/``'gaussian'``.
+        conv_dims: spatial dims of the convolution (set by subclasses).
+        learned_dims: number ``D`` of kernel dims with learned positions (set by subclasses).
+        dense_kernel_size: sizes of the dense (not learned) leading kernel dims (N_M
+            variants only, ``None`` otherwise).
+
+    Attributes:
+        weight: ``(C_out, C_in/groups, *dense_kernel_size, K)``.
+        P: positions ``(D, C_out, C_in/groups, *dense_kernel_size, K)``, ``D`` learned dims,
+            centred: kept in ``[-(L_d // 2), L_d // 2]`` by :meth:`clamp_parameters`.
+        SIG: like ``P``, only for triangle/gaussian (otherwise ``None``).
+        bias: ``(C_out,)`` or ``None``.
+    """
+
+    #: positions initialised from N(0, 0.5) (``False``: uniform over the range).
+    _normal_position_init = True
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_count: int,
+                 stride: IntOrTuple, padding: Union[IntOrTuple, str],
+                 dilated_kernel_size: IntOrTuple, groups: int, bias: bool, padding_mode: str,
+                 version: str, conv_dims: int, learned_dims: int,
+                 dense_kernel_size: Optional[IntOrTuple] = None) -> None:
+        super().__init__()
+        for name, value in (('in_channels', in_channels), ('out_channels', out_channels),
+                            ('kernel_count', kernel_count), ('groups', groups)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f'{name} must be a positive int, got {value!r}')
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f'in_channels ({in_channels}) and out_channels ({out_channels}) '
+                             f'must be divisible by groups ({groups})')
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f'padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}')
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_count = kernel_count
+        self.groups = groups
+        self.padding_mode = padding_mode
+        self.version = canonical_interpolation(version)
+        self.conv_dims = conv_dims
+        self.stride = _ntuple(stride, conv_dims, 'stride', 1)
+        self.dilated_kernel_size = _ntuple(dilated_kernel_size, learned_dims,
+                                           'dilated_kernel_size', 1)
+        # Dense leading dims exist only for the N_M variants (Dcls2dK1d has a 1-D kernel
+        # that is laid onto a 2-D convolution instead).
+        n_dense = conv_dims - learned_dims if dense_kernel_size is not None else 0
+        self.dense_kernel_size = _ntuple(dense_kernel_size, n_dense, 'dense_kernel_size', 1)
+        self.padding = self._resolve_padding(padding)
+
+        shape = (out_channels, in_channels // groups, *self.dense_kernel_size, kernel_count)
+        self.weight = nn.Parameter(torch.empty(shape))
+        self.P = nn.Parameter(torch.empty(learned_dims, *shape))
+        if self.version in WITH_SIGMA:
+            self.SIG = nn.Parameter(torch.empty(learned_dims, *shape))
+        else:
+            self.register_parameter('SIG', None)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels))
+        else:
+            self.register_parameter('bias', None)
+        # Non-persistent: they follow .to()/.cuda() but stay out of state dicts.
+        for d, size in enumerate(self.dilated_kernel_size):
+            self.register_buffer(f'grid{d}', torch.arange(size, dtype=torch.float32),
+                                 persistent=False)
+        self.reset_parameters()
+
+    # --- geometry -------------------------------------------------------------------
+    @property
+    def kernel_size(self) -> Tuple[int, ...]:
+        """Shape of the convolution kernel's spatial dims."""
+        return (*self.dense_kernel_size, *self.dilated_kernel_size)
+
+    def _resolve_padding(self, padding) -> Tuple[Tuple[int, int], ...]:
+        """Per conv dim ``(before, after)`` padding."""
+        ks = self.kernel_size
+        if isinstance(padding, str):
+            if padding == 'valid':
+                return tuple((0, 0) for _ in ks)
+            if padding != 'same':
+                raise ValueError(f"padding must be an int, a tuple, 'same' or 'valid', got {padding!r}")
+            if any(s != 1 for s in self.stride):
+                raise ValueError("padding='same' requires stride 1 (as in torch.nn.Conv2d), "
+                                 f'got stride={self.stride}')
+            return tuple(((k - 1) // 2, k - 1 - (k - 1) // 2) for k in ks)
+        return tuple((p, p) for p in _ntuple(padding, self.conv_dims, 'padding', 0))
+
+    # --- parameters -----------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """Re-initialise like the reference package: kaiming-uniform weights, positions
+        from N(0, 0.5) (uniform over the range for the N_M variants) clamped to the
+        dilated kernel, SIG 0.23 (gaussian) or 0 (triangle)."""
+        init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in, _ = init._calculate_fan_in_and_fan_out(self.weight)
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            init.uniform_(self.bias, -bound, bound)
+        with torch.no_grad():
+            for d, size in enumerate(self.dilated_kernel_size):
+                lim = size // 2
+                if self._normal_position_init:
+                    init.normal_(self.P[d], 0.0, 0.5)
+                else:
+                    init.uniform_(self.P[d], -lim, lim)
+            self.clamp_parameters()
+            if self.SIG is not None:
+                init.constant_(self.SIG, SIGMA_INIT[self.version])
+
+    @torch.no_grad()
+    def clamp_parameters(self) -> None:
+        """Clamp positions in place to ``[-(L_d // 2), L_d // 2]`` along each learned dim."""
+        for d, size in enumerate(self.dilated_kernel_size):
+            self.P[d].clamp_(-(size // 2), size // 2)
+
+    # --- kernel and convolution -----------------------------------------------------
+    def construct_kernel(self) -> Tensor:
+        """Dense kernel laid out for ``F.conv{N}d``: ``(C_out, C_in/groups, *kernel_size)``.
+
+        Built in float32 (or the parameters' dtype if wider) even under autocast: the
+        interpolation of positions is precision-sensitive; the convolution that follows
+        is autocast as usual.
+        """
+        device_type = self.weight.device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            grids = [getattr(self, f'grid{d}') for d in range(len(self.dilated_kernel_size))]
+            return construct_kernel(self.weight, self.P, self.SIG, self.dilated_kernel_size,
+                                    self.version, grids)
+
+    def _check_input(self, x: Tensor) -> None:
+        n = self.conv_dims
+        if x.dim() not in (n + 1, n + 2):
+            raise ValueError(f'{type(self).__name__} expects a {n + 2}-D (batched) or {n + 1}-D '
+                             f'input, got shape {tuple(x.shape)}')
+        if x.shape[-n - 1] != self.in_channels:
+            raise ValueError(f'{type(self).__name__} expects {self.in_channels} input channels, '
+                             f'got shape {tuple(x.shape)}')
+        for size, (lo, hi), k, s in zip(x.shape[-n:], self.padding, self.kernel_size, self.stride):
+            if self.padding_mode == 'reflect' and max(lo, hi) >= size:
+                raise ValueError(f"padding_mode='reflect' needs padding < input size; "
+                                 f'padding {(lo, hi)} for input shape {tuple(x.shape)}')
+            if self.padding_mode == 'circular' and max(lo, hi) > size:
+                raise ValueError(f"padding_mode='circular' needs padding <= input size; "
+                                 f'padding {(lo, hi)} for input shape {tuple(x.shape)}')
+            if size + lo + hi < k:
+                raise ValueError(f'input shape {tuple(x.shape)} is too small for kernel size '
+                                 f'{self.kernel_size} with padding {self.padding}')
+
+    def conv(self, x: Tensor, kernel: Tensor) -> Tensor:
+        """Convolve ``x`` with a given dense ``kernel`` using this layer's geometry and bias."""
+        conv = _CONV[self.conv_dims]
+        symmetric = all(lo == hi for lo, hi in self.padding)
+        if self.padding_mode == 'zeros' and symmetric:
+            return conv(x, kernel, self.bias, self.stride, tuple(lo for lo, _ in self.padding), 1,
+                        self.groups)
+        pads = [p for lo_hi in reversed(self.padding) for p in lo_hi]
+        mode = 'constant' if self.padding_mode == 'zeros' else self.padding_mode
+        return conv(F.pad(x, pads, mode=mode), kernel, self.bias, self.stride, 0, 1, self.groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Args:
+            x: ``(N, C_in, *spatial)`` or unbatched ``(C_in, *spatial)``.
+
+        Returns:
+            ``(N, C_out, *spatial_out)`` (or unbatched).
+        """
+        self._check_input(x)
+        return self.conv(x, self.construct_kernel())
+
+    def extra_repr(self) -> str:
+        s = (f'{self.in_channels}, {self.out_channels}, kernel_count={self.kernel_count}, '
+             f'dilated_kernel_size={self.dilated_kernel_size}, version={self.version!r}, '
+             f'stride={self.stride}, padding={self.padding}')
+        if self.dense_kernel_size:
+            s += f', dense_kernel_size={self.dense_kernel_size}'
+        if self.groups != 1:
+            s += f', groups={self.groups}'
+        if self.bias is None:
+            s += ', bias=False'
+        if self.padding_mode != 'zeros':
+            s += f', padding_mode={self.padding_mode!r}'
+        return s
+
+
+class Dcls1d(_DclsNd):
+    """1-D DCLS convolution: positions learned along the kernel's only dim.
+
+    Input ``(N, C_in, L_in)``; kernel ``(C_out, C_in/g, L)`` with ``L = dilated_kernel_size``.
+    See :class:`_DclsNd` for the arguments.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_count: int,
+                 stride: IntOrTuple = 1, padding: Union[IntOrTuple, str] = 0,
+                 dilated_kernel_size: IntOrTuple = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = 'zeros', version: str = 'gauss') -> None:
+        super().__init__(in_channels, out_channels, kernel_count, stride, padding,
+                         dilated_kernel_size, groups, bias, padding_mode, version,
+                         conv_dims=1, learned_dims=1)
+
+
+class Dcls2d(_DclsNd):
+    """2-D DCLS convolution: positions learned along height (``P[0]``) and width (``P[1]``).
+
+    Input ``(N, C_in, H, W)``; kernel ``(C_out, C_in/g, L_0, L_1)``.
+    See :class:`_DclsNd` for the arguments.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_count: int,
+                 stride: IntOrTuple = 1, padding: Union[IntOrTuple, str] = 0,
+                 dilated_kernel_size: IntOrTuple = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = 'zeros', version: str = 'gauss') -> None:
+        super().__init__(in_channels, out_channels, kernel_count, stride, padding,
+                         dilated_kernel_size, groups, bias, padding_mode, version,
+                         conv_dims=2, learned_dims=2)
+
+
+class Dcls3d(_DclsNd):
+    """3-D DCLS convolution: positions learned along depth, height and width.
+
+    Input ``(N, C_in, D, H, W)``; kernel ``(C_out, C_in/g, L_0, L_1, L_2)``.
+    See :class:`_DclsNd` for the arguments.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_count: int,
+                 stride: IntOrTuple = 1, padding: Union[IntOrTuple, str] = 0,
+                 dilated_kernel_size: IntOrTuple = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = 'zeros', version: str = 'gauss') -> None:
+        super().__init__(in_channels, out_channels, kernel_count, stride, padding,
+                         dilated_kernel_size, groups, bias, padding_mode, version,
+                         conv_dims=3, learned_dims=3)
+
+
+class Dcls2_1d(_DclsNd):
+    """2-D convolution whose kernel is dense along height (``dense_kernel_size``) and has
+    ``kernel_count`` learned positions along width (the last dim), per dense row.
+
+    ``weight``: ``(C_out, C_in/g, dense, K)``; ``P``: ``(1, C_out, C_in/g, dense, K)``;
+    kernel ``(C_out, C_in/g, dense, L)``. See :class:`_DclsNd` for the arguments.
+    """
+
+    _normal_position_init = False
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_count: int,
+                 stride: IntOrTuple = 1, padding: Union[IntOrTuple, str] = 0,
+                 dense_kernel_size: IntOrTuple = 1, dilated_kernel_size: IntOrTuple = 1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = 'zeros',
+                 version: str = 'gauss') -> None:
+        super().__init__(in_channels, out_channels, kernel_count, stride, padding,
+                         dilated_kernel_size, groups, bias, padding_mode, version,
+                         conv_dims=2, learned_dims=1, dense_kernel_size=dense_kernel_size)
+
+
+class Dcls3_1d(_DclsNd):
+    """3-D convolution whose kernel is dense along depth and height (``dense_kernel_size``)
+    and has ``kernel_count`` learned positions along width (the last dim).
+
+    ``weight``: ``(C_out, C_in/g, d0, d1, K)``; ``P``: ``(1, C_out, C_in/g, d0, d1, K)``;
+    kernel ``(C_out, C_in/g, d0, d1, L)``. See :class:`_DclsNd` for the arguments.
+    """
+
+    _normal_position_init = False
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_count: int,
+                 stride: IntOrTuple = 1, padding: Union[IntOrTuple, str] = 0,
+                 dense_kernel_size: IntOrTuple = 1, dilated_kernel_size: IntOrTuple = 1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = 'zeros',
+                 version: str = 'gauss') -> None:
+        super().__init__(in_channels, out_channels, kernel_count, stride, padding,
+                         dilated_kernel_size, groups, bias, padding_mode, version,
+                         conv_dims=3, learned_dims=1, dense_kernel_size=dense_kernel_size)
+
+
+class Dcls2dK1d(_DclsNd):
+    """A learned 1-D DCLS kernel applied by a 2-D convolution along one spatial dim.
+
+    ``flat_dim=0`` puts the kernel along height (kernel ``(C_out, C_in/g, L, 1)``),
+    ``flat_dim=1`` along width (``(C_out, C_in/g, 1, L)``). ``weight``: ``(C_out, C_in/g, K)``,
+    ``P``: ``(1, C_out, C_in/g, K)``. Other arguments: see :class:`_DclsNd`.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_count: int,
+                 stride: IntOrTuple = 1, padding: Union[IntOrTuple, str] = 0,
+                 dilated_kernel_size: IntOrTuple = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = 'zeros', version: str = 'v1', flat_dim: int = 0) -> None:
+        if flat_dim not in (0, 1):
+            raise ValueError(f'flat_dim must be 0 (height) or 1 (width), got {flat_dim!r}')
+        self.flat_dim = flat_dim
+        super().__init__(in_channels, out_channels, kernel_count, stride, padding,
+                         dilated_kernel_size, groups, bias, padding_mode, version,
+                         conv_dims=2, learned_dims=1)
+
+    @property
+    def kernel_size(self) -> Tuple[int, ...]:
+        (size,) = self.dilated_kernel_size
+        return (size, 1) if self.flat_dim == 0 else (1, size)
+
+    def construct_kernel(self) -> Tensor:
+        return super().construct_kernel().unsqueeze(-1 - self.flat_dim)
