@@ -1,0 +1,305 @@
+"""Loading ConvNeXt-dcls checkpoints: one remapping function for every entry point.
+
+:func:`checkpoint_filter_fn` (timm's ``pretrained_filter_fn`` signature) turns any
+supported checkpoint into the state dict of a given model -- a :class:`ConvNeXtDCLS`
+backbone or a timm ``ConvNeXtDCLSClassifier`` -- and raises a ``ValueError`` listing
+every unknown key, shape mismatch and missing key. It is used by
+``ConvNeXtDCLS.init_weights`` (``init_cfg=dict(type='Pretrained')``), by
+``tools/model_converters/convert_convnext_dcls.py`` and by timm's ``pretrained=True``.
+
+Supported inputs (keys as published with the paper, Zenodo records 7112021 / 8029747):
+
+* classification: ``{'model': {downsample_layers.*, stages.*, norm.*, head.*}}``;
+* downstream (mmdet/mmseg): ``{'state_dict': {'backbone.*', 'neck.*', ...}}`` with the
+  output norms ``backbone.norm{i}``; everything outside ``backbone.`` is dropped;
+* dcls-mm checkpoints (mmengine format, ``{'meta': ..., 'state_dict': ...}``);
+* the gaussian ConvNeXt-T (``SIG`` present, positions in the reference package's
+  gauss axis order: ``P[0]`` = width), converted with
+  :func:`dcls_mm.ops.convert_reference_state_dict`;
+* a flat state dict of any of the above.
+
+Checkpoint formats (``checkpoint_format``):
+
+* ``'dcls_mm'``: positions already in dcls-mm order (``P[0]`` = height). True for
+  dcls-mm checkpoints AND for the published bilinear (``'v0'``) checkpoints.
+* ``'reference_gauss'``: reference ``'gauss'``/``'v1'``/``'max'`` order: ``P``/``SIG``
+  are converted.
+* ``'auto'``: ``'reference_gauss'`` iff the checkpoint has ``SIG`` entries and no
+  ``meta`` dict (the published gaussian file is a bare ``{'model': ...}``; everything
+  dcls-mm / mmengine writes has ``meta``); ``'dcls_mm'`` otherwise. A bare gaussian state
+  dict saved by dcls-mm without ``meta`` therefore needs ``checkpoint_format='dcls_mm'``.
+"""
+from __future__ import annotations
+
+import pickle
+import re
+from collections import OrderedDict
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+from mmengine.logging import print_log
+from torch import Tensor, nn
+
+from dcls_mm.ops import convert_reference_state_dict
+
+CHECKPOINT_FORMATS = ('auto', 'dcls_mm', 'reference_gauss')
+#: ``meta`` marker written by the converter.
+DCLS_MM_META_KEY = 'dcls_mm_checkpoint'
+#: Prefixes of the globals an mmengine training checkpoint may pickle besides tensors
+#: (MessageHub / HistoryBuffer state, numpy scalars, arrays and dtypes -- numpy 2 pickles
+#: dtypes through ``builtins.getattr`` --, containers). This screens out files that
+#: pickle anything else (``os``, ``subprocess``, user classes...); it is a sanity check,
+#: not a sandbox: only load training checkpoints you trust.
+_TRAINING_CHECKPOINT_GLOBALS = ('mmengine.', 'numpy.', 'collections.', '_codecs.',
+                                'torch.', 'builtins.set', 'builtins.frozenset',
+                                'builtins.slice', 'builtins.complex', 'builtins.bytearray',
+                                'builtins.range', 'builtins.getattr')
+_REMOTE = ('http://', 'https://', 's3://', 'open-mmlab://', 'mmcls://', 'torchvision://',
+           'openmmlab://', 'modelzoo://', 'pavi://')
+
+
+# --- reading files ------------------------------------------------------------------------
+def load_checkpoint_file(filename: str, map_location='cpu') -> dict:
+    """Read a checkpoint file.
+
+    Plain weight files (the published checkpoints, our converter's output) are read with
+    ``torch.load(weights_only=True)``. mmengine *training* checkpoints also pickle
+    MessageHub/HistoryBuffer objects and numpy values, which ``weights_only`` refuses;
+    for those only -- every non-tensor global in the file must come from mmengine, numpy
+    or the containers above (checked with
+    ``torch.serialization.get_unsafe_globals_in_checkpoint``) -- the file is read with a
+    full unpickle. Anything else raises. URLs go through mmengine's ``CheckpointLoader``.
+    """
+    if filename.startswith(_REMOTE):
+        from mmengine.runner.checkpoint import CheckpointLoader
+        return CheckpointLoader.load_checkpoint(filename, map_location=map_location)
+    try:
+        return torch.load(filename, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(filename)
+        except Exception:  # not a zip checkpoint: cannot be inspected safely
+            raise err
+        untrusted = [g for g in unsafe if not g.startswith(_TRAINING_CHECKPOINT_GLOBALS)]
+        if untrusted:
+            raise pickle.UnpicklingError(
+                f'{filename}: refusing to unpickle globals {untrusted}; a ConvNeXt-dcls '
+                'checkpoint only holds tensors (or mmengine training state)') from err
+        # An mmengine training checkpoint (message hub, numpy history): full unpickle is
+        # needed and allowed on purpose, the globals were checked just above.
+        return torch.load(filename, map_location=map_location, weights_only=False)
+
+
+# --- remapping ----------------------------------------------------------------------------
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
+
+
+def unwrap_checkpoint(checkpoint: dict) -> Tuple[Dict[str, Tensor], Optional[dict]]:
+    """Return ``(flat state dict, meta or None)`` of a checkpoint (``'state_dict'`` or
+    ``'model'`` wrapper, ``module.`` prefixes removed)."""
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f'a checkpoint must be a dict, got {type(checkpoint).__name__}')
+    meta = checkpoint.get('meta') if isinstance(checkpoint.get('meta'), dict) else None
+    state_dict = None
+    for key in ('state_dict', 'model'):
+        if _is_state_dict(checkpoint.get(key)):
+            state_dict = checkpoint[key]
+            break
+    if state_dict is None:
+        if not _is_state_dict(checkpoint):
+            raise ValueError('checkpoint holds no state dict: expected a "state_dict" or '
+                             f'"model" entry, or a flat dict of tensors; keys: {sorted(checkpoint)[:10]}')
+        state_dict = checkpoint
+    state_dict = OrderedDict(
+        (k[len('module.'):] if k.startswith('module.') else k, v) for k, v in state_dict.items())
+    return state_dict, meta
+
+
+def resolve_checkpoint_format(checkpoint_format: str, state_dict: Dict[str, Tensor],
+                              meta: Optional[dict]) -> str:
+    """Resolve ``'auto'`` (see the module docstring) to ``'dcls_mm'`` or ``'reference_gauss'``."""
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise ValueError(f'checkpoint_format must be one of {CHECKPOINT_FORMATS}, '
+                         f'got {checkpoint_format!r}')
+    if checkpoint_format != 'auto':
+        return checkpoint_format
+    has_sig = any(k.endswith('.SIG') for k in state_dict)
+    return 'reference_gauss' if has_sig and meta is None else 'dcls_mm'
+
+
+def _select_prefix(state_dict: Dict[str, Tensor], prefix: Optional[str]) -> Dict[str, Tensor]:
+    if prefix is None:
+        prefix = 'backbone.' if any(k.startswith('backbone.') for k in state_dict) else ''
+    if not prefix:
+        return OrderedDict(state_dict)
+    if not prefix.endswith('.'):
+        prefix += '.'
+    out = OrderedDict((k[len(prefix):], v) for k, v in state_dict.items() if k.startswith(prefix))
+    if not out:
+        raise ValueError(f'no key of the checkpoint starts with {prefix!r}')
+    return out
+
+
+def _dilated_kernel_size(model: nn.Module):
+    from dcls_mm.ops import Dcls2d
+    for module in model.modules():
+        if isinstance(module, Dcls2d):
+            return module.dilated_kernel_size
+    return 1
+
+
+def _fmt(keys: Iterable[str], limit: int = 20) -> str:
+    keys = list(keys)
+    more = f' ... (+{len(keys) - limit} more)' if len(keys) > limit else ''
+    return ', '.join(keys[:limit]) + more
+
+
+def checkpoint_filter_fn(state_dict: dict, model: nn.Module,
+                         checkpoint_format: Optional[str] = None,
+                         prefix: Optional[str] = None) -> Dict[str, Tensor]:
+    """Remap a ConvNeXt-dcls checkpoint to ``model``'s state dict (timm filter signature).
+
+    Args:
+        state_dict: a loaded checkpoint (wrapped or flat, see the module docstring).
+        model: a :class:`~dcls_mm.models.ConvNeXtDCLS` backbone or a
+            :class:`~dcls_mm.models.classifiers.ConvNeXtDCLSClassifier` (any device,
+            ``meta`` included: only names and shapes are used).
+        checkpoint_format: ``'auto'``, ``'dcls_mm'`` or ``'reference_gauss'``;
+            ``None`` uses ``model.checkpoint_format`` (default ``'auto'``).
+        prefix: keep only the keys starting with it and strip it; ``None``: ``'backbone.'``
+            when the checkpoint has such keys (downstream checkpoints), else nothing.
+
+    Returns:
+        A state dict whose keys and shapes are ``model``'s. For a backbone, the output
+        norms ``norm{i}`` may be absent (classification checkpoints have none; they keep
+        their fresh init, a message is logged). For a classifier, ``head.*`` of another
+        shape (another ``num_classes``) is dropped (timm then re-initialises the head).
+
+    Raises:
+        ValueError: listing unknown keys, shape mismatches and missing keys, or if a
+            stage with shared positions gets different positions across its blocks.
+    """
+    if checkpoint_format is None:
+        checkpoint_format = getattr(model, 'checkpoint_format', 'auto')
+    sd, meta = unwrap_checkpoint(state_dict)
+    fmt = resolve_checkpoint_format(checkpoint_format, sd, meta)
+    sd = _select_prefix(sd, prefix)
+    if fmt == 'reference_gauss':
+        sd = OrderedDict(convert_reference_state_dict(sd, _dilated_kernel_size(model)))
+
+    target = model.state_dict()
+    is_classifier = 'head.weight' in target
+    out_norms = {k.split('.', 1)[0] for k in target if re.match(r'norm\d+\.', k)}
+    dropped = []
+    adapted = OrderedDict()
+    for key, value in sd.items():
+        root = key.split('.', 1)[0]
+        if is_classifier:
+            if re.fullmatch(r'norm\d+', root):  # downstream output norms
+                dropped.append(key)
+                continue
+            if root == 'head' and key in target and target[key].shape != value.shape:
+                dropped.append(key)  # another num_classes: a new head
+                continue
+        else:
+            if root == 'head':
+                dropped.append(key)
+                continue
+            if root == 'norm':  # the classifier's final norm
+                if 'norm3' in out_norms and getattr(model, 'gap_before_final_norm', False):
+                    key = 'norm3' + key[len('norm'):]
+                else:
+                    dropped.append(key)
+                    continue
+            elif re.fullmatch(r'norm\d+', root) and root not in out_norms:
+                dropped.append(key)  # an output this model does not produce
+                continue
+        adapted[key] = value
+
+    # Shared positions: check the per-block copies, fill omitted ones.
+    for i, stage in enumerate(getattr(model, 'stages', [])):
+        if hasattr(stage, 'expand_shared'):
+            stage.expand_shared(adapted, f'stages.{i}.')
+
+    unexpected = [k for k in adapted if k not in target]
+    mismatched = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}'
+                  for k, v in adapted.items() if k in target and v.shape != target[k].shape]
+    missing = [k for k in target if k not in adapted]
+    if is_classifier:
+        allowed = [k for k in missing if k.startswith('head.')]
+    else:
+        allowed = [k for k in missing if k.split('.', 1)[0] in out_norms]
+    missing = [k for k in missing if k not in allowed]
+    if unexpected or mismatched or missing:
+        lines = [f'checkpoint does not match {type(model).__name__} '
+                 f'(checkpoint_format={fmt!r}):']
+        if unexpected:
+            lines.append(f'  unexpected keys ({len(unexpected)}): {_fmt(unexpected)}')
+        if mismatched:
+            lines.append(f'  shape mismatches ({len(mismatched)}): {_fmt(mismatched)}')
+        if missing:
+            lines.append(f'  missing keys ({len(missing)}): {_fmt(missing)}')
+        raise ValueError('\n'.join(lines))
+    if dropped:
+        print_log(f'ConvNeXt-dcls checkpoint: ignored {len(dropped)} keys not used by '
+                  f'{type(model).__name__}: {_fmt(dropped, 8)}', logger='current')
+    if allowed:
+        print_log(f'ConvNeXt-dcls checkpoint: not in the checkpoint, kept at their init: '
+                  f'{_fmt(allowed, 8)}', logger='current')
+    return adapted
+
+
+def load_pretrained(model: nn.Module, filename: str, prefix: Optional[str] = None,
+                    map_location='cpu', checkpoint_format: Optional[str] = None) -> List[str]:
+    """Read ``filename``, remap it with :func:`checkpoint_filter_fn` and load it.
+
+    Returns:
+        The model keys left at their initial values (fresh output norms / head).
+    """
+    checkpoint = load_checkpoint_file(filename, map_location=map_location)
+    state_dict = checkpoint_filter_fn(checkpoint, model, checkpoint_format, prefix)
+    result = model.load_state_dict(state_dict, strict=False)
+    if result.unexpected_keys:  # cannot happen after the filter; keep loading honest
+        raise ValueError(f'unexpected keys: {result.unexpected_keys}')
+    print_log(f'loaded ConvNeXt-dcls weights from {filename}', logger='current')
+    return list(result.missing_keys)
+
+
+# --- architecture inference (converter) ---------------------------------------------------
+def infer_backbone_kwargs(state_dict: Dict[str, Tensor]) -> dict:
+    """Guess :class:`ConvNeXtDCLS` constructor arguments from a remapped/flat state dict
+    (``arch`` dict, ``dwconv``, ``kernel_count``, ``share_positions``, ``in_channels``,
+    whether layer scale exists, and ``'gaussian'`` when ``SIG`` is present -- pass
+    ``interpolation`` yourself for ``'triangle'``). ``dilated_kernel_size`` cannot be
+    inferred from weights."""
+    sd, _ = unwrap_checkpoint(state_dict)
+    sd = _select_prefix(sd, None)
+    depths, dims = [], []
+    for i in range(4):
+        blocks = {int(m.group(1)) for k in sd for m in [re.match(rf'stages\.{i}\.(\d+)\.', k)] if m}
+        if not blocks:
+            raise ValueError(f'no stages.{i}.* keys: not a ConvNeXt-dcls checkpoint')
+        depths.append(max(blocks) + 1)
+        dims.append(int(sd[f'stages.{i}.0.norm.weight'].shape[0]))
+    kwargs = dict(arch=dict(depths=depths, dims=dims),
+                  in_channels=int(sd['downsample_layers.0.0.weight'].shape[1]))
+    dw = sd['stages.0.0.dwconv.weight']
+    if dw.dim() == 4:
+        kwargs['dwconv'] = 'dense'
+    else:
+        kwargs['dwconv'] = 'dcls'
+        kwargs['kernel_count'] = int(dw.shape[-1])
+        if 'stages.0.0.dwconv.SIG' in sd:
+            kwargs['interpolation'] = 'gaussian'
+        shared = True
+        for i, depth in enumerate(depths):
+            ps = [sd.get(f'stages.{i}.{j}.dwconv.P') for j in range(depth)]
+            ps = [p for p in ps if p is not None]
+            if any(not torch.equal(p, ps[0]) for p in ps[1:]):
+                shared = False
+        kwargs['share_positions'] = shared
+    if 'stages.0.0.gamma' not in sd:
+        kwargs['layer_scale_init_value'] = 0.
+    return kwargs

@@ -1,0 +1,200 @@
+"""Loading published-format, downstream, dcls-mm and reference-gaussian checkpoints."""
+import pickle
+
+import pytest
+import torch
+
+from dcls_mm.models import ConvNeXtDCLS, checkpoint_filter_fn, load_checkpoint_file
+from dcls_mm.ops import convert_reference_state_dict
+
+from ._synthetic import (SMALL_ARCH, add_classifier_head, downstream_state,
+                         published_backbone_shapes, random_backbone_state,
+                         set_weights_directly)
+
+K, DKS = 5, 7
+X = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+
+def build(**kwargs):
+    kwargs.setdefault('arch', SMALL_ARCH)
+    kwargs.setdefault('kernel_count', K)
+    kwargs.setdefault('dilated_kernel_size', DKS)
+    return ConvNeXtDCLS(**kwargs)
+
+
+def loaded(path, **kwargs):
+    model = build(init_cfg=dict(type='Pretrained', checkpoint=str(path)), **kwargs)
+    model.init_weights()
+    return model.eval()
+
+
+def outputs(model):
+    with torch.no_grad():
+        return model.eval()(X)
+
+
+def trunk():
+    return random_backbone_state(SMALL_ARCH['depths'], SMALL_ARCH['dims'], K, DKS)
+
+
+def test_real_tiny_key_names_and_shapes():
+    with torch.device('meta'):
+        model = ConvNeXtDCLS('tiny')
+    expected = published_backbone_shapes((3, 3, 9, 3), (96, 192, 384, 768), 34)
+    for i, c in enumerate((96, 192, 384, 768)):
+        expected[f'norm{i}.weight'] = expected[f'norm{i}.bias'] = (c,)
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert got == dict(expected)
+    with torch.device('meta'):
+        base = ConvNeXtDCLS('base')
+    assert base.state_dict()['stages.2.26.dwconv.P'].shape == (2, 512, 1, 40)
+
+
+def test_published_classification_format(tmp_path):
+    sd = trunk()
+    path = tmp_path / 'cls.pth'
+    torch.save({'model': add_classifier_head(sd, SMALL_ARCH['dims'])}, path)
+    model = loaded(path)
+    direct = build()
+    set_weights_directly(direct, {**sd, **{k: v for k, v in direct.state_dict().items()
+                                           if k.startswith('norm')}})
+    for a, b in zip(outputs(model), outputs(direct)):
+        torch.testing.assert_close(a, b)
+    # the output norms are new layers: fresh LayerNorm init
+    assert torch.all(model.norm0.weight == 1) and torch.all(model.norm0.bias == 0)
+    assert torch.equal(model.stages[1][0].dwconv.P, sd['stages.1.0.dwconv.P'])
+
+
+def test_classification_final_norm_goes_to_norm3_for_classifier_trunk(tmp_path):
+    sd = add_classifier_head(trunk(), SMALL_ARCH['dims'])
+    path = tmp_path / 'cls.pth'
+    torch.save({'model': sd}, path)
+    model = loaded(path, out_indices=(3,), gap_before_final_norm=True)
+    assert torch.equal(model.norm3.weight, sd['norm.weight'])
+
+
+def test_published_downstream_format(tmp_path):
+    sd = trunk()
+    full = downstream_state(sd, SMALL_ARCH['dims'])
+    path = tmp_path / 'det.pth'
+    torch.save({'state_dict': full, 'meta': {'epoch': 36}}, path)
+    model = loaded(path)
+    direct = build()
+    set_weights_directly(direct, {k[len('backbone.'):]: v for k, v in full.items()
+                                  if k.startswith('backbone.')})
+    for a, b in zip(outputs(model), outputs(direct)):
+        torch.testing.assert_close(a, b)
+    # fewer outputs than the checkpoint has norms: the extra norms are ignored
+    partial = loaded(path, out_indices=(1, 3))
+    torch.testing.assert_close(outputs(partial)[1], outputs(direct)[3])
+
+
+def test_own_mmengine_training_checkpoint(tmp_path):
+    from mmengine.logging import HistoryBuffer, MessageHub
+    src = build()
+    hub = MessageHub('test_ckpt')
+    hub.update_scalar('train/loss', 1.5)
+    ckpt = {'meta': {'epoch': 1, 'iter': 10, 'mmengine_version': '0.10'},
+            'state_dict': {'backbone.' + k: v for k, v in src.state_dict().items()},
+            'message_hub': hub.state_dict(), 'optimizer': {}}
+    assert any(isinstance(v, HistoryBuffer) for v in ckpt['message_hub']['log_scalars'].values())
+    path = tmp_path / 'epoch_1.pth'
+    torch.save(ckpt, path)
+    with pytest.raises(pickle.UnpicklingError):  # weights_only refuses it ...
+        torch.load(path, weights_only=True)
+    model = loaded(path)  # ... our loader allows mmengine's globals explicitly
+    for a, b in zip(outputs(model), outputs(src)):
+        torch.testing.assert_close(a, b)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ('pwned',))
+
+
+def test_untrusted_pickle_is_refused(tmp_path):
+    path = tmp_path / 'evil.pth'
+    torch.save({'model': {'x': torch.zeros(1)}, 'extra': _Evil()}, path)
+    with pytest.raises(pickle.UnpicklingError, match='refusing'):
+        load_checkpoint_file(str(path))
+
+
+def test_reference_gauss_checkpoint(tmp_path):
+    ref = random_backbone_state(SMALL_ARCH['depths'], SMALL_ARCH['dims'], K, DKS, with_sig=True)
+    # make the two axes clearly different so a missing conversion would show
+    for k in ref:
+        if k.endswith('.SIG'):
+            ref[k][0] = 0.2
+            ref[k][1] = 1.5
+    path = tmp_path / 'gauss.pth'
+    torch.save({'model': add_classifier_head(ref, SMALL_ARCH['dims'])}, path)
+    model = loaded(path, interpolation='gaussian')  # 'auto': SIG and no meta
+    direct = build(interpolation='gaussian')
+    ours = {k: v.flip(0) if k.endswith(('.P', '.SIG')) else v for k, v in ref.items()}
+    set_weights_directly(direct, {**ours, **{k: v for k, v in direct.state_dict().items()
+                                             if k.startswith('norm')}})
+    for a, b in zip(outputs(model), outputs(direct)):
+        torch.testing.assert_close(a, b)
+    assert torch.equal(model.stages[0][0].dwconv.SIG[1], torch.full((8, 1, K), 0.2))
+    # forcing 'dcls_mm' keeps the file's order (a transposed model)
+    raw = loaded(path, interpolation='gaussian', checkpoint_format='dcls_mm')
+    assert torch.equal(raw.stages[0][0].dwconv.SIG[0], torch.full((8, 1, K), 0.2))
+    # same as the ops' converter
+    conv = convert_reference_state_dict(ref, DKS)
+    assert torch.equal(model.stages[2][1].dwconv.P, conv['stages.2.1.dwconv.P'])
+    # a dcls-mm checkpoint (has meta) with SIG is not converted
+    torch.save({'meta': {}, 'state_dict': direct.state_dict()}, tmp_path / 'own.pth')
+    own = loaded(tmp_path / 'own.pth', interpolation='gaussian')
+    for a, b in zip(outputs(own), outputs(direct)):
+        torch.testing.assert_close(a, b)
+
+
+def test_errors_list_bad_keys(tmp_path):
+    model = build()
+    sd = trunk()
+    bad = dict(sd)
+    bad['stages.0.0.extra'] = torch.zeros(1)
+    bad['stages.1.0.dwconv.weight'] = torch.zeros(16, 1, K + 1)
+    del bad['stages.3.0.gamma']
+    with pytest.raises(ValueError) as info:
+        checkpoint_filter_fn({'model': bad}, model)
+    msg = str(info.value)
+    assert 'unexpected keys (1): stages.0.0.extra' in msg
+    assert 'stages.1.0.dwconv.weight: checkpoint (16, 1, 6) vs model (16, 1, 5)' in msg
+    assert 'missing keys (1): stages.3.0.gamma' in msg
+    # SIG in a bilinear model: unexpected
+    gauss = random_backbone_state(SMALL_ARCH['depths'], SMALL_ARCH['dims'], K, DKS, with_sig=True)
+    with pytest.raises(ValueError, match='SIG'):
+        checkpoint_filter_fn({'model': gauss}, model)
+    # different positions across the blocks of a shared stage
+    diff = dict(sd)
+    diff['stages.2.1.dwconv.P'] = diff['stages.2.1.dwconv.P'] + 0.5
+    torch.save({'model': diff}, tmp_path / 'diff.pth')
+    with pytest.raises(ValueError, match=r'stages\.2\.1\.dwconv\.P'):
+        loaded(tmp_path / 'diff.pth')
+    # ... which load fine into a model without sharing
+    unshared = loaded(tmp_path / 'diff.pth', share_positions=False)
+    assert torch.equal(unshared.stages[2][1].dwconv.P, diff['stages.2.1.dwconv.P'])
+    with pytest.raises(ValueError, match='no state dict'):
+        checkpoint_filter_fn({'epoch': 3}, model)
+
+
+def test_converter_roundtrip(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        'convert_convnext_dcls', 'tools/model_converters/convert_convnext_dcls.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sd = trunk()
+    src = tmp_path / 'cls.pth'
+    torch.save({'model': add_classifier_head(sd, SMALL_ARCH['dims'])}, src)
+    dst = tmp_path / 'clean.pth'
+    mod.main([str(src), str(dst), '--dilated-kernel-size', str(DKS)])
+    out = torch.load(dst, weights_only=True)
+    assert out['meta']['backbone']['kernel_count'] == K
+    assert out['meta']['backbone']['arch'] == dict(depths=[2, 1, 2, 1], dims=[8, 16, 24, 32])
+    assert set(out['state_dict']) == set(sd)
+    a = loaded(dst)
+    b = loaded(src)
+    for x, y in zip(outputs(a), outputs(b)):
+        torch.testing.assert_close(x, y)

@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""Convert a ConvNeXt-dcls checkpoint to a clean dcls-mm backbone checkpoint.
+
+Reads a published classification checkpoint (``{'model': ...}``), a published
+downstream one (``{'state_dict': {'backbone.*', ...}}``), the reference gaussian
+ConvNeXt-T, or a dcls-mm checkpoint, and writes ``{'meta': ..., 'state_dict': ...}``
+with the backbone keys of :class:`dcls_mm.models.ConvNeXtDCLS` (positions in dcls-mm
+axis order; ``norm{i}`` only if the source has them). The architecture is inferred from
+the weights; the remapping is :func:`dcls_mm.models.checkpoint_filter_fn`.
+
+Example::
+
+    python tools/model_converters/convert_convnext_dcls.py \\
+        convnext_dcls_tiny_1k_224_ema.pth convnext_dcls_tiny_backbone.pth
+
+    python tools/model_converters/convert_convnext_dcls.py --format reference_gauss \\
+        --dilated-kernel-size 23 convnext_dcls_gauss_tiny_1k_224_ema.pth gauss_tiny.pth
+
+Load the result with ``init_cfg=dict(type='Pretrained', checkpoint='...pth')``.
+"""
+from __future__ import annotations
+
+import argparse
+import os.path as osp
+import re
+import sys
+
+import torch
+
+sys.path.insert(0, osp.abspath(osp.join(osp.dirname(__file__), '..', '..')))
+
+from dcls_mm.models import ConvNeXtDCLS, checkpoint_filter_fn  # noqa: E402
+from dcls_mm.models.checkpoint import (CHECKPOINT_FORMATS, DCLS_MM_META_KEY,  # noqa: E402
+                                       _select_prefix, infer_backbone_kwargs, load_checkpoint_file,
+                                       resolve_checkpoint_format, unwrap_checkpoint)
+
+
+def convert(src: str, dst: str, checkpoint_format: str = 'auto', dilated_kernel_size: int = 17,
+            interpolation: str = None) -> dict:
+    """Convert ``src`` to ``dst``; returns the written checkpoint."""
+    checkpoint = load_checkpoint_file(src)
+    kwargs = infer_backbone_kwargs(checkpoint)
+    if interpolation is not None:
+        kwargs['interpolation'] = interpolation
+    kwargs['dilated_kernel_size'] = dilated_kernel_size
+    flat, meta = unwrap_checkpoint(checkpoint)
+    trunk = _select_prefix(flat, None)
+    out_norms = sorted({int(m.group(1)) for k in trunk for m in [re.match(r'norm(\d+)\.', k)] if m})
+    kwargs['out_indices'] = tuple(out_norms) or (0, 1, 2, 3)
+    with torch.device('meta'):  # names and shapes only
+        model = ConvNeXtDCLS(**kwargs)
+    fmt = resolve_checkpoint_format(checkpoint_format, flat, meta)
+    state_dict = checkpoint_filter_fn(checkpoint, model, checkpoint_format=fmt)
+    state_dict = {k: v.contiguous().clone() for k, v in state_dict.items()}
+    arch = kwargs.pop('arch')
+    kwargs.pop('out_indices')
+    out = {
+        'meta': {
+            DCLS_MM_META_KEY: 1,
+            'source': osp.basename(src),
+            'source_format': fmt,
+            'backbone': dict(type='dcls_mm.ConvNeXtDCLS', arch=arch, **kwargs),
+        },
+        'state_dict': state_dict,
+    }
+    torch.save(out, dst)
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('src', help='source checkpoint')
+    parser.add_argument('dst', help='output dcls-mm checkpoint')
+    parser.add_argument('--format', default='auto', choices=CHECKPOINT_FORMATS,
+                        help="position axis order of SRC ('auto': reference_gauss iff SIG "
+                             "entries and no meta)")
+    parser.add_argument('--dilated-kernel-size', type=int, default=17,
+                        help='dilated kernel size of SRC (17 published bilinear, 23 gaussian)')
+    parser.add_argument('--interpolation', default=None,
+                        help="override the inferred interpolation ('gaussian' if SIG, "
+                             "else 'bilinear'), e.g. 'triangle'")
+    args = parser.parse_args(argv)
+    out = convert(args.src, args.dst, args.format, args.dilated_kernel_size, args.interpolation)
+    print(f'wrote {args.dst}: {len(out["state_dict"])} tensors, '
+          f'backbone={out["meta"]["backbone"]}')
+
+
+if __name__ == '__main__':
+    main()
