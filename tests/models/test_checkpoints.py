@@ -84,6 +84,11 @@ def test_published_downstream_format(tmp_path):
                                   if k.startswith('backbone.')})
     for a, b in zip(outputs(model), outputs(direct)):
         torch.testing.assert_close(a, b)
+    # explicit mmengine-style prefix
+    model = build(init_cfg=dict(type='Pretrained', checkpoint=str(path), prefix='backbone.'))
+    model.init_weights()
+    for a, b in zip(outputs(model), outputs(direct)):
+        torch.testing.assert_close(a, b)
     # fewer outputs than the checkpoint has norms: the extra norms are ignored
     partial = loaded(path, out_indices=(1, 3))
     torch.testing.assert_close(outputs(partial)[1], outputs(direct)[3])

@@ -280,8 +280,6 @@ def build_convnext_dcls_trunk(depths: Sequence[int], dims: Sequence[int], in_cha
                                     interpolation, rates[start + j], layer_scale_init_value)
                   for j in range(depth)]
         start += depth
-        for block in blocks:
-            init_convnext_weights(block.dwconv)
         stages.append(ConvNeXtDCLSStage(blocks, share_positions, with_cp))
     for module in (downsample_layers, stages):
         module.apply(init_convnext_weights)
