@@ -1,0 +1,195 @@
+"""Module behaviour: buffers, dtypes, autocast, compile/export, copies, errors, fuzzing."""
+import copy
+import logging
+import pickle
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dcls_mm.ops import (Dcls1d, Dcls2_1d, Dcls2d, Dcls2dK1d, Dcls3_1d, Dcls3d,
+                         convert_reference_state_dict)
+from dcls_mm.ops.kernel import canonical_interpolation
+
+from .dense_reference import reference_kernel
+
+
+def test_index_buffers_follow_to_and_stay_out_of_state_dict():
+    m = Dcls2d(2, 2, 3, dilated_kernel_size=(7, 5), version='gauss')
+    buffers = dict(m.named_buffers())
+    assert set(buffers) == {'grid0', 'grid1'}
+    assert set(m.state_dict()) == {'weight', 'P', 'SIG', 'bias'}
+    m = m.to(torch.float64)
+    assert all(b.dtype == torch.float64 for b in m.buffers())
+    assert m.construct_kernel().dtype == torch.float64
+    if torch.cuda.is_available():  # pragma: no cover - CI has no GPU
+        m = m.cuda()
+        assert all(b.is_cuda for b in m.buffers())
+        assert m.construct_kernel().is_cuda
+    # a reference state dict (no buffers) loads strictly
+    m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()}, strict=True)
+
+
+def test_autocast_builds_the_kernel_in_float32():
+    m = Dcls2d(4, 4, 3, dilated_kernel_size=7, padding='same', groups=4, version='gauss')
+    x = torch.randn(2, 4, 10, 10)
+    eager_kernel = m.construct_kernel()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        k = m.construct_kernel()
+        y = m(x)
+    assert k.dtype == torch.float32
+    torch.testing.assert_close(k, eager_kernel)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), m(x), atol=5e-2, rtol=5e-2)
+
+
+def test_torch_compile_matches_eager():
+    torch.manual_seed(0)
+    m = Dcls2d(3, 6, 4, dilated_kernel_size=(7, 5), padding='same', version='v0')
+    x = torch.randn(2, 3, 12, 12)
+    compiled = torch.compile(m)
+    torch.testing.assert_close(compiled(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_export_matches_eager():
+    torch.manual_seed(0)
+    m = Dcls2d(3, 6, 4, dilated_kernel_size=(7, 5), padding=3, version='gauss')
+    x = torch.randn(2, 3, 12, 12)
+    exported = torch.export.export(m, (x,))
+    torch.testing.assert_close(exported.module()(x), m(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('cls,kwargs', [
+    (Dcls1d, dict(dilated_kernel_size=5)), (Dcls2d, dict(dilated_kernel_size=5)),
+    (Dcls3d, dict(dilated_kernel_size=3)), (Dcls2_1d, dict(dilated_kernel_size=5)),
+    (Dcls3_1d, dict(dilated_kernel_size=5)), (Dcls2dK1d, dict(dilated_kernel_size=5)),
+])
+def test_deepcopy_and_pickle(cls, kwargs):
+    m = cls(2, 2, 3, version='gauss', **kwargs)
+    for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        torch.testing.assert_close(clone.construct_kernel(), m.construct_kernel())
+        assert clone.P is not m.P
+
+
+def test_no_warning_or_log_at_construction(caplog):
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        with caplog.at_level(logging.DEBUG):
+            for cls in (Dcls1d, Dcls2d, Dcls3d, Dcls2_1d, Dcls3_1d, Dcls2dK1d):
+                cls(4, 4, 3, dilated_kernel_size=5, groups=4, padding='same')
+    assert caplog.records == []
+
+
+@pytest.mark.parametrize('kwargs,word', [
+    (dict(kernel_count=0), 'kernel_count'),
+    (dict(kernel_count=-2), 'kernel_count'),
+    (dict(dilated_kernel_size=0), 'dilated_kernel_size'),
+    (dict(dilated_kernel_size=(3, 3, 3)), 'dilated_kernel_size'),
+    (dict(stride=(1, 1, 1)), 'stride'),
+    (dict(stride=0), 'stride'),
+    (dict(padding=(1,)), 'padding'),
+    (dict(padding=-1), 'padding'),
+    (dict(padding='full'), 'padding'),
+    (dict(padding='same', stride=2), 'same'),
+    (dict(groups=3), 'groups'),
+    (dict(in_channels=0), 'in_channels'),
+    (dict(version='cubic'), 'version'),
+    (dict(padding_mode='mirror'), 'padding_mode'),
+])
+def test_invalid_arguments_raise_value_error(kwargs, word):
+    args = dict(in_channels=4, out_channels=4, kernel_count=3, dilated_kernel_size=5)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=word):
+        Dcls2d(**args)
+
+
+def test_invalid_inputs_raise_value_error():
+    m = Dcls2d(4, 4, 3, dilated_kernel_size=7)
+    with pytest.raises(ValueError, match='input channels'):
+        m(torch.randn(1, 3, 10, 10))
+    with pytest.raises(ValueError, match='4-D'):
+        m(torch.randn(10, 10))
+    with pytest.raises(ValueError, match='too small'):
+        m(torch.randn(1, 4, 5, 10))
+    with pytest.raises(ValueError, match='dense_kernel_size'):
+        Dcls3_1d(2, 2, 3, dense_kernel_size=(1, 2, 3), dilated_kernel_size=5)
+    with pytest.raises(ValueError, match='flat_dim'):
+        Dcls2dK1d(2, 2, 3, dilated_kernel_size=5, flat_dim=2)
+
+
+def test_version_aliases():
+    for ref, readable in (('v0', 'bilinear'), ('max', 'triangle'), ('gauss', 'gaussian')):
+        assert canonical_interpolation(ref) == canonical_interpolation(readable)
+        assert Dcls2d(1, 1, 1, 3, version=ref).version == readable
+    assert canonical_interpolation('v1') == 'bilinear_normalized'
+
+
+def _reference_gauss_axis_kernel(weight, P, SIG, dks):
+    """The reference package's 2-D gauss formula with ITS axis convention: P[0] is the
+    column coordinate centred with dks[0]//2, P[1] the row coordinate centred with dks[1]//2."""
+    H, W = dks
+    rows = torch.arange(H, dtype=torch.float64).view(H, 1, 1, 1, 1)
+    cols = torch.arange(W, dtype=torch.float64).view(1, W, 1, 1, 1)
+    u_col = cols - (P[0] + H // 2)
+    u_row = rows - (P[1] + W // 2)
+    s_col, s_row = SIG[0].abs() + 0.27, SIG[1].abs() + 0.27
+    X = torch.exp(-0.5 * ((u_col / s_col) ** 2 + (u_row / s_row) ** 2))
+    X = X / (X.sum((0, 1)) + 1e-7)
+    return (X * weight).sum(-1).permute(2, 3, 0, 1)
+
+
+@pytest.mark.parametrize('dks', [(9, 9), (9, 5), (4, 7)])
+def test_convert_reference_gauss_state_dict(dks):
+    torch.manual_seed(0)
+    ref = {'weight': torch.randn(3, 1, 4, dtype=torch.float64),
+           'P': torch.randn(2, 3, 1, 4, dtype=torch.float64),
+           'SIG': torch.rand(2, 3, 1, 4, dtype=torch.float64),
+           'bias': torch.zeros(3, dtype=torch.float64)}
+    expected = _reference_gauss_axis_kernel(ref['weight'], ref['P'], ref['SIG'], dks)
+    m = Dcls2d(3, 3, 4, dilated_kernel_size=dks, groups=3, version='gauss').double()
+    m.load_state_dict(convert_reference_state_dict(ref, dks))
+    torch.testing.assert_close(m.construct_kernel(), expected, rtol=1e-9, atol=1e-12)
+    # loading without conversion transposes the kernel (the trap the helper avoids)
+    m.load_state_dict(ref)
+    assert not torch.allclose(m.construct_kernel(), expected)
+
+
+_CLASSES = {
+    'Dcls1d': (Dcls1d, 1), 'Dcls2d': (Dcls2d, 2), 'Dcls3d': (Dcls3d, 3),
+    'Dcls2_1d': (Dcls2_1d, 2), 'Dcls3_1d': (Dcls3_1d, 3), 'Dcls2dK1d': (Dcls2dK1d, 2),
+}
+small_int = st.integers(min_value=-2, max_value=6)
+size_arg = st.one_of(small_int, st.lists(small_int, min_size=1, max_size=4).map(tuple))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(sorted(_CLASSES)),
+       in_channels=st.integers(-1, 5), out_channels=st.integers(-1, 5),
+       kernel_count=st.integers(-1, 4), groups=st.integers(-1, 4),
+       dks=size_arg, stride=size_arg,
+       padding=st.one_of(size_arg, st.sampled_from(['same', 'valid', 'bogus'])),
+       padding_mode=st.sampled_from(['zeros', 'reflect', 'replicate', 'circular', 'x']),
+       version=st.sampled_from(['v0', 'v1', 'max', 'gauss', 'bilinear', 'triangle', 'gaussian',
+                                'spline']),
+       batch=st.sampled_from([None, 1, 2]), channels=st.integers(0, 5),
+       spatial=st.lists(st.integers(0, 9), min_size=0, max_size=4))
+def test_fuzz_only_value_errors(name, in_channels, out_channels, kernel_count, groups, dks,
+                                stride, padding, padding_mode, version, batch, channels,
+                                spatial):
+    cls, _ = _CLASSES[name]
+    try:
+        m = cls(in_channels, out_channels, kernel_count, stride=stride, padding=padding,
+                dilated_kernel_size=dks, groups=groups, padding_mode=padding_mode,
+                version=version)
+    except ValueError:
+        return
+    shape = ([batch] if batch else []) + [channels] + spatial
+    x = torch.randn(shape)
+    try:
+        y = m(x)
+    except ValueError:
+        return
+    assert y.shape[-len(spatial) - 1] == m.out_channels
+    y.sum().backward()
