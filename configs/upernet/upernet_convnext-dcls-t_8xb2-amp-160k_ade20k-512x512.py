@@ -1,0 +1,46 @@
+# UperNet 160k, ADE20K 512x512, ConvNeXt-T-dcls backbone.
+# Reproduces recipes.md (ADE20K, ConvNeXt-T-dcls: 47.1 mIoU single-scale / 47.1 multi-scale).
+#
+# Everything that is not the backbone comes from mmseg 1.2.2's own ConvNeXt-T config
+# (UPerHead 512 ch, pool_scales (1, 2, 3, 6), aux FCNHead on stage 3 with 256 ch and
+# loss weight 0.4, SyncBN, AdamW 1e-4 / wd 0.05, linear warm-up 1500 iters from 1e-6 then
+# poly (power 1, eta_min 0) to 160k, AmpOptimWrapper, batch 2 per GPU, sliding-window
+# test crop 512 stride 341; `tools/test.py --tta` gives the multi-scale + flip test).
+# This file only swaps the backbone for dcls_mm.ConvNeXtDCLS and the lr-decay
+# constructor for the DCLS-aware one (positions: weight decay 0, lr x1).
+# tests/integration/test_configs.py checks the merged values against recipes.md.
+_base_ = 'mmseg::convnext/convnext-tiny_upernet_8xb2-amp-160k_ade20k-512x512.py'
+
+# The mmseg base imports mmpretrain (for its ConvNeXt); we need dcls_mm instead.
+custom_imports = dict(imports=['dcls_mm.models', 'dcls_mm.engine'], allow_failed_imports=False)
+
+# The published IN-1k ConvNeXt-T-dcls EMA weights (Zenodo record 7112021, file
+# convnext_dcls_tiny_1k_224_ema.pth, a {'model': ...} classification checkpoint).
+checkpoint_file = 'checkpoints/convnext_dcls_tiny_1k_224_ema.pth'
+
+model = dict(
+    backbone=dict(
+        _delete_=True,
+        type='dcls_mm.ConvNeXtDCLS',
+        arch='tiny',
+        dwconv='dcls',
+        dilated_kernel_size=17,
+        kernel_count=34,
+        interpolation='bilinear',
+        share_positions=True,
+        out_indices=(0, 1, 2, 3),
+        drop_path_rate=0.4,
+        layer_scale_init_value=1.0,
+        gap_before_final_norm=False,
+        init_cfg=dict(type='Pretrained', checkpoint=checkpoint_file)),
+    decode_head=dict(in_channels=[96, 192, 384, 768], num_classes=150),
+    auxiliary_head=dict(in_channels=384, num_classes=150))
+
+optim_wrapper = dict(
+    _delete_=True,
+    type='AmpOptimWrapper',
+    constructor='dcls_mm.DCLSLearningRateDecayOptimizerConstructor',
+    optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
+    paramwise_cfg=dict(decay_rate=0.9, decay_type='stage_wise', num_layers=6,
+                       position_lr_mult=1.0),
+    loss_scale='dynamic')
