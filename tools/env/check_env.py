@@ -22,7 +22,8 @@ PINNED_RUNTIME = ('torch', 'torchvision', 'mmcv', 'mmengine', 'mmdet', 'mmsegmen
 def read_pins(stack: Path) -> dict[str, str]:
     pins = {}
     for line in stack.read_text().splitlines():
-        m = re.match(r'^([A-Za-z0-9_.\-]+)==(\S+)$', line.strip())
+        line = line.split('#', 1)[0].strip()  # pip allows comments after a requirement
+        m = re.match(r'^([A-Za-z0-9_.\-]+)==(\S+)$', line)
         if m:
             pins[m.group(1).lower()] = m.group(2)
     return pins

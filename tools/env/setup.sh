@@ -24,7 +24,7 @@ STAMP=$VENV/.dcls_mm_stack
 
 say() { echo "[dcls-mm setup] $*" >&2; }
 die() { echo "[dcls-mm setup] ERROR: $*" >&2; exit 1; }
-pin() { sed -n "s/^$1==\(.*\)$/\1/p" "$STACK" | head -n 1; }
+pin() { sed -n "s/^[[:space:]]*$1==\([^[:space:]#]*\).*$/\1/p" "$STACK" | head -n 1; }
 
 [ -f "$STACK" ] || die "pinned stack file $STACK is missing (is this a dcls-mm checkout?)"
 
@@ -36,16 +36,28 @@ venv_python_works() {
   [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1
 }
 
+# Exit status 0: complete; 1: problems, listed one a line; other: the check itself
+# crashed (e.g. a compiled package that segfaults on import), said here in one line.
 check_env() {  # $1: --quiet or nothing
-  "$VENV/bin/python" "$ROOT/tools/env/check_env.py" --stack "$STACK" "$@"
+  local rc=0
+  "$VENV/bin/python" "$ROOT/tools/env/check_env.py" --stack "$STACK" "$@" || rc=$?
+  if [ "$rc" -gt 1 ]; then
+    local how="exit status $rc"
+    [ "$rc" -gt 128 ] && how="killed by signal SIG$(kill -l $((rc - 128)) 2>/dev/null || echo $((rc - 128)))"
+    echo "  - the check crashed ($how) while importing the stack: a compiled package in $VENV is corrupt or was built for another system" >&2
+  fi
+  return "$rc"
 }
+RECREATE="rm -rf $VENV && bash tools/env/setup.sh"
 
 if [ "${1:-}" = "--check" ]; then
   if [ ! -e "$VENV" ]; then
     die "no dcls-mm environment at $VENV. Create it with: bash tools/env/setup.sh (or bash tools/test.sh)"
   fi
   venv_python_works || die "the environment at $VENV is broken: $VENV/bin/python does not run. Delete it or run: bash tools/env/setup.sh"
-  check_env || die "the environment at $VENV is incomplete (see above). Repair it with: bash tools/env/setup.sh"
+  rc=0; check_env || rc=$?
+  [ "$rc" -le 1 ] || die "the environment at $VENV is broken: its check crashed. Recreate it: $RECREATE"
+  [ "$rc" -eq 0 ] || die "the environment at $VENV is incomplete (see above). Repair it with: bash tools/env/setup.sh (a package that is installed but fails to import is not repaired in place; recreate the environment: $RECREATE)"
   say "environment at $VENV is complete"
   exit 0
 fi
@@ -53,12 +65,17 @@ fi
 # --- reuse an up-to-date environment -------------------------------------------------
 want=$(fingerprint)
 if venv_python_works && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
-  if problems=$(check_env --quiet 2>&1); then
+  rc=0; problems=$(check_env --quiet 2>&1) || rc=$?
+  if [ "$rc" -eq 0 ]; then
     say "environment up to date: $VENV"
     exit 0
   fi
   say "the environment at $VENV failed its check; repairing it:"
   echo "$problems" | sed 's/^/    /' >&2
+  if [ "$rc" -gt 1 ]; then  # a crashing package is not repaired by pip: start afresh
+    say "recreating $VENV"
+    rm -rf "$VENV"
+  fi
 fi
 
 # --- (re)create the virtual environment ----------------------------------------------
@@ -109,6 +126,6 @@ pip_ install -q -c "$STACK" "$wheel"
 say "[4/4] OpenMMLab stack, timm, tests and dcls-mm (editable)"
 pip_ install -q -c "$STACK" -e "$ROOT[tests,mim]"
 
-check_env || die "the freshly installed environment failed its check (see above)"
+check_env || die "the freshly installed environment failed its check (see above). If a package fails to import, recreate the environment: $RECREATE"
 echo "$want" > "$STAMP"
 say "environment ready: $VENV"
