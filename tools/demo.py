@@ -1,0 +1,232 @@
+"""dcls-mm demo on built-in data, CPU friendly (a few minutes on 2 cores).
+
+    bash tools/demo.sh            # sets up .venv if needed, then runs this file
+    python tools/demo.py [--work-dir work_dirs/demo] [--skip-det] [--skip-seg]
+
+Steps:
+  1. a DCLS layer: how ``Dcls2d`` turns K weights + learned positions into a dense
+     dilated kernel;
+  2. a tiny ConvNeXt-dcls backbone: forward/backward, gradients reach the positions;
+  3. COCO-format demo data -> a tiny Cascade Mask R-CNN (configs/demo) trained for a few
+     iterations, then one validation pass with the real CocoMetric (bbox/segm AP);
+  4. ADE20K-format demo data -> a tiny UperNet (configs/demo), same, IoUMetric (mIoU).
+
+After a few iterations on toy data the AP / mIoU values are near zero or noisy; they
+show that the real training and evaluation pipelines run end to end, not accuracy.
+A summary is printed and written to ``<work-dir>/summary.json``. Re-running is safe:
+the data are reused when unchanged and each run's training folders are replaced.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import os.path as osp
+import shutil
+import sys
+import time
+import warnings
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+DET_CONFIG = osp.join(ROOT, 'configs/demo/cascade-mask-rcnn_convnext-dcls-atto_fpn_demo-coco.py')
+SEG_CONFIG = osp.join(ROOT, 'configs/demo/upernet_convnext-dcls-atto_demo-ade20k-64x64.py')
+
+
+def banner(text: str) -> None:
+    print(f'\n=== {text} ' + '=' * max(0, 70 - len(text)), flush=True)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--work-dir', default=osp.join(ROOT, 'work_dirs', 'demo'),
+                        help='data, logs, checkpoints and summary.json go here')
+    parser.add_argument('--skip-det', action='store_true', help='skip Cascade Mask R-CNN')
+    parser.add_argument('--skip-seg', action='store_true', help='skip UperNet')
+    parser.add_argument('--num-images', type=int, default=8,
+                        help='training images per demo data set (iterations = this / 2)')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='torch intra-op threads (default: torch decides)')
+    return parser.parse_args(argv)
+
+
+# --- 1. one DCLS layer --------------------------------------------------------------------
+def demo_layer() -> dict:
+    import torch
+
+    from dcls_mm.ops import Dcls2d
+    banner('1. A DCLS layer (Dcls2d, depthwise, bilinear interpolation)')
+    torch.manual_seed(0)
+    channels, count, dks = 8, 4, 9
+    layer = Dcls2d(channels, channels, kernel_count=count, dilated_kernel_size=dks,
+                   padding=dks // 2, groups=channels, version='bilinear')
+    print(layer)
+    kernel = layer.construct_kernel()
+    nonzero = (kernel.detach().abs() > 0).flatten(1).sum(1)
+    x = torch.randn(1, channels, 32, 32)
+    y = layer(x)
+    y.square().mean().backward()
+    info = dict(
+        weight=list(layer.weight.shape), positions=list(layer.P.shape),
+        kernel=list(kernel.shape), nonzero_per_channel_max=int(nonzero.max()),
+        output=list(y.shape), position_grad_norm=float(layer.P.grad.norm()))
+    print(f'  weight {info["weight"]} (K={count} elements per channel) and positions '
+          f'{info["positions"]} (height/width, learned, continuous)')
+    print(f'  -> dense kernel {info["kernel"]}: each of the K elements is spread bilinearly '
+          f'over <= 4 cells: {info["nonzero_per_channel_max"]} non-zeros of {dks * dks} '
+          '(max over channels)')
+    print(f'  forward {list(x.shape)} -> {info["output"]}; |dL/dP| = '
+          f'{info["position_grad_norm"]:.3g} (positions are trained by backprop)')
+    return info
+
+
+# --- 2. the backbone -------------------------------------------------------------------------
+def demo_backbone() -> dict:
+    import torch
+
+    from dcls_mm.models import ConvNeXtDCLS
+    banner('2. ConvNeXt-dcls backbone (arch atto, dilated kernel 9): forward / backward')
+    torch.manual_seed(0)
+    model = ConvNeXtDCLS(arch='atto', dilated_kernel_size=9, drop_path_rate=0.1)
+    dense = ConvNeXtDCLS(arch='atto', dwconv='dense')
+    n_params = sum(p.numel() for p in model.parameters())
+    n_dense = sum(p.numel() for p in dense.parameters())
+    x = torch.randn(2, 3, 64, 64)
+    t0 = time.perf_counter()
+    outs = model(x)
+    sum(o.mean() for o in outs).backward()
+    elapsed = time.perf_counter() - t0
+    p_grads = [float(p.grad.norm()) for n, p in model.named_parameters() if n.endswith('.P')]
+    info = dict(kernel_count=model.kernel_count, params=n_params, dense_params=n_dense,
+                out_shapes=[list(o.shape) for o in outs], fwd_bwd_s=round(elapsed, 3),
+                position_tensors=len(p_grads),
+                positions_with_grad=sum(g > 0 for g in p_grads))
+    print(f'  K={model.kernel_count} per channel: {n_params / 1e6:.2f} M parameters '
+          f'(dense 7x7 ConvNeXt-atto: {n_dense / 1e6:.2f} M)')
+    print(f'  input {list(x.shape)} -> outputs {info["out_shapes"]}')
+    print(f'  forward + backward {elapsed:.2f} s; {info["positions_with_grad"]}/'
+          f'{len(p_grads)} shared position tensors received gradients')
+    return info
+
+
+# --- 3./4. downstream ------------------------------------------------------------------------
+def _run_downstream(config: str, work_dir: str, data_overrides: dict) -> dict:
+    """Train ``config`` briefly (its own train_cfg) and return the validation metrics."""
+    from mmengine.config import Config
+    from mmengine.hooks import Hook
+    from mmengine.runner import Runner
+
+    sys.path.insert(0, osp.join(ROOT, 'tools'))
+    from train import setup_dcls_mm
+
+    class Recorder(Hook):
+        priority = 'LOWEST'
+
+        def __init__(self):
+            self.losses, self.metrics = [], {}
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            if outputs and 'loss' in outputs:
+                self.losses.append(float(outputs['loss']))
+
+        def after_val_epoch(self, runner, metrics=None):
+            self.metrics = {k: float(v) for k, v in (metrics or {}).items()}
+
+    cfg = Config.fromfile(config)
+    cfg.merge_from_dict(data_overrides)
+    if osp.isdir(work_dir):  # our own folder from an earlier run: start afresh
+        shutil.rmtree(work_dir)
+    cfg.work_dir = work_dir
+    cfg.launcher = 'none'
+    setup_dcls_mm(cfg)
+    runner = Runner.from_cfg(cfg)
+    recorder = Recorder()
+    runner.register_hook(recorder)
+    t0 = time.perf_counter()
+    runner.train()
+    return dict(train_and_val_s=round(time.perf_counter() - t0, 1), losses=recorder.losses,
+                metrics=recorder.metrics, work_dir=work_dir)
+
+
+def demo_det(work_dir: str, num_images: int) -> dict:
+    from dcls_mm.datasets import make_coco_demo
+    banner('3. Cascade Mask R-CNN + ConvNeXt-dcls-atto on COCO-format demo data')
+    data = make_coco_demo(osp.join(work_dir, 'data', 'coco'), num_images=num_images,
+                          num_val_images=4)
+    root = data['data_root'].rstrip('/') + '/'
+    print(f'  data: {root} ({num_images} train / 4 val images, COCO json + JPEG)')
+    overrides = {
+        'train_dataloader.dataset.data_root': root,
+        'val_dataloader.dataset.data_root': root,
+        'test_dataloader.dataset.data_root': root,
+        'val_evaluator.ann_file': root + data['val_ann'],
+        'test_evaluator.ann_file': root + data['val_ann'],
+        'log_level': 'WARNING',
+    }
+    result = _run_downstream(DET_CONFIG, osp.join(work_dir, 'det'), overrides)
+    m = result['metrics']
+    print(f'  trained {len(result["losses"])} iterations, loss {result["losses"][0]:.3f} -> '
+          f'{result["losses"][-1]:.3f}; CocoMetric: bbox AP {m.get("coco/bbox_mAP", float("nan")):.3f}'
+          f', segm AP {m.get("coco/segm_mAP", float("nan")):.3f} ({result["train_and_val_s"]} s)')
+    return result
+
+
+def demo_seg(work_dir: str, num_images: int) -> dict:
+    from dcls_mm.datasets import make_ade20k_demo
+    banner('4. UperNet + ConvNeXt-dcls-atto on ADE20K-format demo data')
+    data = make_ade20k_demo(osp.join(work_dir, 'data', 'ade'), num_images=num_images,
+                            num_val_images=4)
+    root = data['data_root']
+    print(f'  data: {root} ({num_images} train / 4 val images, JPEG + label PNG)')
+    overrides = {
+        'train_dataloader.dataset.data_root': root,
+        'val_dataloader.dataset.data_root': root,
+        'test_dataloader.dataset.data_root': root,
+        'log_level': 'WARNING',
+    }
+    result = _run_downstream(SEG_CONFIG, osp.join(work_dir, 'seg'), overrides)
+    m = result['metrics']
+    print(f'  trained {len(result["losses"])} iterations, loss {result["losses"][0]:.3f} -> '
+          f'{result["losses"][-1]:.3f}; IoUMetric: mIoU {m.get("mIoU", float("nan")):.2f}, '
+          f'aAcc {m.get("aAcc", float("nan")):.2f} ({result["train_and_val_s"]} s)')
+    return result
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    warnings.filterwarnings('ignore', category=UserWarning)
+    warnings.filterwarnings('ignore', category=DeprecationWarning)
+    os.chdir(ROOT)
+    sys.path.insert(0, ROOT)
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work_dir = osp.abspath(args.work_dir)
+    os.makedirs(work_dir, exist_ok=True)
+    t0 = time.perf_counter()
+    summary = dict(torch=torch.__version__, layer=demo_layer(), backbone=demo_backbone())
+    if not args.skip_det:
+        summary['cascade_mask_rcnn'] = demo_det(work_dir, args.num_images)
+    if not args.skip_seg:
+        summary['upernet'] = demo_seg(work_dir, args.num_images)
+    summary['total_s'] = round(time.perf_counter() - t0, 1)
+
+    banner('Summary')
+    print(f'  DCLS layer: kernel {summary["layer"]["kernel"]} from K=4 weights + positions')
+    print(f'  backbone atto: {summary["backbone"]["params"] / 1e6:.2f} M params, fwd+bwd '
+          f'{summary["backbone"]["fwd_bwd_s"]} s')
+    if 'cascade_mask_rcnn' in summary:
+        m = summary['cascade_mask_rcnn']['metrics']
+        print(f'  Cascade Mask R-CNN: bbox AP {m.get("coco/bbox_mAP", float("nan")):.3f}, '
+              f'segm AP {m.get("coco/segm_mAP", float("nan")):.3f}')
+    if 'upernet' in summary:
+        m = summary['upernet']['metrics']
+        print(f'  UperNet: mIoU {m.get("mIoU", float("nan")):.2f}')
+    print(f'  total {summary["total_s"]} s; details in {osp.join(work_dir, "summary.json")}')
+    print('  (toy data, a few iterations: the numbers show the pipeline runs, not accuracy)')
+    with open(osp.join(work_dir, 'summary.json'), 'w') as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+if __name__ == '__main__':
+    main()
