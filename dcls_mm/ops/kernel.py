@@ -70,16 +70,21 @@ def profile_1d(pos: Tensor, sig: Optional[Tensor], grid: Tensor, interpolation: 
     Returns:
         Tensor of shape ``(..., K, L)``.
     """
-    u = grid - pos.unsqueeze(-1)
     if interpolation in ('bilinear', 'bilinear_normalized'):
-        # Written with floor() rather than relu(1 - |u|): same values, but at integer
-        # positions (e.g. clamped to a border) the position keeps a one-sided gradient
-        # instead of zero, as in the reference "v0" kernels the checkpoints used.
-        base = pos.floor()
+        # Two scattered taps instead of relu(1 - |u|) over the grid: same values, fewer
+        # (..., K, L) temporaries, and at integer positions (e.g. clamped to a border) the
+        # position keeps a one-sided gradient instead of zero, as in the reference "v0"
+        # kernels the published checkpoints were trained with. Slots 0 and L+1 catch taps
+        # that fall outside the grid and are dropped.
+        L = grid.shape[0]
+        base = pos.detach().floor()
         frac = (pos - base).unsqueeze(-1)
-        left = (grid == base.unsqueeze(-1)).to(pos.dtype)
-        right = (grid == base.unsqueeze(-1) + 1).to(pos.dtype)
-        return left + frac * (right - left)
+        left = (base + 1).clamp(0, L + 1).long().unsqueeze(-1)
+        right = (base + 2).clamp(0, L + 1).long().unsqueeze(-1)
+        taps = torch.zeros(*pos.shape, L + 2, dtype=pos.dtype, device=pos.device)
+        taps = taps.scatter(-1, left, 1 - frac).scatter(-1, right, frac)
+        return taps[..., 1:L + 1]
+    u = grid - pos.unsqueeze(-1)
     width = (sig.abs() + SIGMA_OFFSET[interpolation]).unsqueeze(-1)
     if interpolation == 'triangle':
         return torch.relu(width - u.abs())

@@ -16,10 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import init
 
+from .depthwise import depthwise_conv2d
 from .kernel import (SIGMA_INIT, WITH_SIGMA, canonical_interpolation, construct_kernel)
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 PADDING_MODES = ('zeros', 'reflect', 'replicate', 'circular')
+IMPLS = ('auto', 'plain')
 IntOrTuple = Union[int, Sequence[int]]
 
 
@@ -254,16 +256,52 @@ class Dcls2d(_DclsNd):
     """2-D DCLS convolution: positions learned along height (``P[0]``) and width (``P[1]``).
 
     Input ``(N, C_in, H, W)``; kernel ``(C_out, C_in/g, L_0, L_1)``.
-    See :class:`_DclsNd` for the arguments.
+    See :class:`_DclsNd` for the other arguments.
+
+    Args:
+        impl: ``'auto'`` (default) runs depthwise layers (``groups == in_channels ==
+            out_channels``, zero padding) through :func:`dcls_mm.ops.depthwise_conv2d`,
+            exact and much faster on the CPU for large kernels (its output is
+            channels_last); ``'plain'`` always constructs the kernel and calls
+            ``F.conv2d`` (the reference path, for comparisons). Can be changed later by
+            setting the attribute, e.g. with :func:`dcls_mm.ops.set_impl`.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_count: int,
                  stride: IntOrTuple = 1, padding: Union[IntOrTuple, str] = 0,
                  dilated_kernel_size: IntOrTuple = 1, groups: int = 1, bias: bool = True,
-                 padding_mode: str = 'zeros', version: str = 'gauss') -> None:
+                 padding_mode: str = 'zeros', version: str = 'gauss', impl: str = 'auto') -> None:
+        if impl not in IMPLS:
+            raise ValueError(f'impl must be one of {IMPLS}, got {impl!r}')
+        self.impl = impl
         super().__init__(in_channels, out_channels, kernel_count, stride, padding,
                          dilated_kernel_size, groups, bias, padding_mode, version,
                          conv_dims=2, learned_dims=2)
+
+    @property
+    def uses_fast_path(self) -> bool:
+        """Whether :meth:`conv` takes the fast depthwise path."""
+        return (self.impl == 'auto' and self.padding_mode == 'zeros'
+                and self.groups == self.in_channels == self.out_channels)
+
+    def conv(self, x: Tensor, kernel: Tensor) -> Tensor:
+        if not self.uses_fast_path:
+            return super().conv(x, kernel)
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # what autocast would do to F.conv2d's input on the plain path
+            x = x.to(torch.get_autocast_dtype(device_type))
+        with torch.autocast(device_type=device_type, enabled=False):
+            y = depthwise_conv2d(x, kernel, self.stride, self.padding)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype).view(1, -1, 1, 1)
+        return y[0] if unbatched else y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f', impl={self.impl!r}' if self.impl != 'auto' else '')
 
 
 class Dcls3d(_DclsNd):
@@ -348,3 +386,13 @@ class Dcls2dK1d(_DclsNd):
 
     def construct_kernel(self) -> Tensor:
         return super().construct_kernel().unsqueeze(-1 - self.flat_dim)
+
+
+def set_impl(model: nn.Module, impl: str) -> nn.Module:
+    """Set ``impl`` (``'auto'`` or ``'plain'``) on every :class:`Dcls2d` in ``model``."""
+    if impl not in IMPLS:
+        raise ValueError(f'impl must be one of {IMPLS}, got {impl!r}')
+    for m in model.modules():
+        if isinstance(m, Dcls2d):
+            m.impl = impl
+    return model

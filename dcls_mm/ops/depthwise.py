@@ -1,0 +1,159 @@
+"""Fast depthwise convolution with large kernels on the CPU (and any device).
+
+ConvNeXt-dcls spends its time in depthwise convolutions with a large dilated kernel
+(17x17). PyTorch's CPU kernels for that case are very slow in NCHW, and their weight
+gradient is slow in every layout (tens of times the 7x7 cost). This module computes the
+same convolution exactly, with three cheaper pieces:
+
+- forward: ``F.conv2d`` on a channels_last input (oneDNN's fast depthwise path);
+- input gradient: ``F.conv_transpose2d`` with the same kernel, also channels_last;
+- kernel gradient: a cross-correlation of the (padded) input with the output gradient,
+  summed over the batch, computed with real FFTs of a 2-3-5-smooth size (its cost does
+  not depend on the kernel size).
+
+Before any of this the kernel is cropped to the rows/columns that can touch the input
+(for a 7x7 feature map only 13 of 17 rows can): exact, and it saves work in the last
+ConvNeXt stage.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _smooth_size(n: int) -> int:
+    """Smallest integer >= n whose prime factors are 2, 3 and 5 (fast FFT sizes)."""
+    while True:
+        m = n
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 1
+
+
+def _used_range(size: int, kernel: int, pad_before: int, stride: int, out: int) -> Tuple[int, int]:
+    """Kernel taps ``[lo, hi)`` along one dim that meet at least one input sample."""
+    lo = max(0, pad_before - stride * (out - 1))
+    hi = min(kernel, pad_before + size)
+    return lo, max(hi, lo + 1)
+
+
+def _kernel_grad_fft(x: Tensor, grad_out: Tensor, kernel_hw: Tuple[int, int],
+                     padding: Tuple[Tuple[int, int], Tuple[int, int]],
+                     stride: Tuple[int, int]) -> Tensor:
+    """dL/dK[c, 0, i, j] = sum_{n,y,x} g[n,c,y,x] * x_pad[n,c,s*y+i,s*x+j].
+
+    A circular cross-correlation of size ``F >= H + max(top, bottom)`` (2-3-5-smooth)
+    equals the linear one on the lags the kernel needs, so the input is never padded
+    (negative lags wrap to the end of the circle). Computed in float32 (float64 for
+    float64 inputs).
+    """
+    (pt, pb), (pl, pr) = padding
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x = x.to(dtype).contiguous()
+    g = grad_out.to(dtype).contiguous()
+    if stride != (1, 1):
+        # strided correlation = dense correlation with a zero-upsampled gradient
+        n, c, ho, wo = g.shape
+        up = g.new_zeros(n, c, stride[0] * (ho - 1) + 1, stride[1] * (wo - 1) + 1)
+        up[:, :, ::stride[0], ::stride[1]] = g
+        g = up
+    h, w = x.shape[-2:]
+    size = (_smooth_size(max(h + max(pt, pb), g.shape[-2] + 1)),
+            _smooth_size(max(w + max(pl, pr), g.shape[-1] + 1)))
+    spec = torch.einsum('nchw,nchw->chw', torch.fft.rfft2(x, s=size),
+                        torch.fft.rfft2(g, s=size).conj())
+    corr = torch.fft.irfft2(spec, s=size)
+    rows = (torch.arange(kernel_hw[0], device=x.device) - pt) % size[0]
+    cols = (torch.arange(kernel_hw[1], device=x.device) - pl) % size[1]
+    return corr.index_select(1, rows).index_select(2, cols).unsqueeze(1)
+
+
+class _DepthwiseConv2d(torch.autograd.Function):
+    """Depthwise conv (groups = channels, multiplier 1) with explicit, fast gradients."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, kernel: Tensor, stride: Tuple[int, int],
+                padding: Tuple[Tuple[int, int], Tuple[int, int]]) -> Tensor:
+        (pt, pb), (pl, pr) = padding
+        channels = x.shape[1]
+        xc = x.contiguous(memory_format=torch.channels_last)
+        k = kernel.to(x.dtype)
+        if pt == pb and pl == pr:
+            y = F.conv2d(xc, k, None, stride, (pt, pl), 1, channels)
+        else:
+            y = F.conv2d(F.pad(xc, (pl, pr, pt, pb)), k, None, stride, 0, 1, channels)
+        ctx.save_for_backward(xc, kernel)
+        ctx.stride, ctx.padding = stride, padding
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, kernel = ctx.saved_tensors
+        stride, padding = ctx.stride, ctx.padding
+        (pt, pb), (pl, pr) = padding
+        g = grad_out.contiguous(memory_format=torch.channels_last)
+        grad_x = grad_k = None
+        if ctx.needs_input_grad[0] and stride == (1, 1) and pt == pb and pl == pr:
+            # stride 1: the input gradient is a correlation with the flipped kernel
+            kh, kw = kernel.shape[-2:]
+            grad_x = F.conv2d(g, kernel.flip(-2, -1).to(g.dtype), None, 1,
+                              (kh - 1 - pt, kw - 1 - pl), 1, x.shape[1])
+        elif ctx.needs_input_grad[0]:
+            h, w = x.shape[-2:]
+            kh, kw = kernel.shape[-2:]
+            # rows/cols of the padded input that the strided windows reach
+            used_h = stride[0] * (g.shape[-2] - 1) + kh
+            used_w = stride[1] * (g.shape[-1] - 1) + kw
+            gx = F.conv_transpose2d(g, kernel.to(g.dtype), None, stride, 0, 0, x.shape[1])
+            # (a negative pb/pr means trailing input rows/cols that no window reaches)
+            full = gx.new_zeros(*gx.shape[:2], pt + h + max(pb, 0), pl + w + max(pr, 0))
+            full = full.contiguous(memory_format=torch.channels_last)
+            full[:, :, :used_h, :used_w] = gx
+            grad_x = full[:, :, pt:pt + h, pl:pl + w]
+        if ctx.needs_input_grad[1]:
+            grad_k = _kernel_grad_fft(x, g, tuple(kernel.shape[-2:]), padding, stride)
+            grad_k = grad_k.to(kernel.dtype)
+        return grad_x, grad_k, None, None
+
+
+def depthwise_conv2d(x: Tensor, kernel: Tensor, stride: Sequence[int] = (1, 1),
+                     padding: Sequence[Sequence[int]] = ((0, 0), (0, 0))) -> Tensor:
+    """Exact depthwise 2-D convolution (zero padding), fast for large kernels.
+
+    Args:
+        x: input ``(N, C, H, W)``, any memory format, float32/bfloat16/float16/float64.
+        kernel: ``(C, 1, kh, kw)``; gradients flow to it and to ``x``.
+        stride: ``(sh, sw)``.
+        padding: ``((top, bottom), (left, right))`` zero padding.
+
+    Returns:
+        ``(N, C, H_out, W_out)`` in channels_last memory format (the layout the next
+        ConvNeXt ops want), with the same values as
+        ``F.conv2d(F.pad(x, ...), kernel, stride=stride, groups=C)``.
+    """
+    stride = tuple(stride)
+    (pt, pb), (pl, pr) = padding
+    h, w = x.shape[-2:]
+    kh, kw = kernel.shape[-2:]
+    out_h = (h + pt + pb - kh) // stride[0] + 1
+    out_w = (w + pl + pr - kw) // stride[1] + 1
+    # Crop the kernel to the taps that ever meet the input (exact for zero padding).
+    r0, r1 = _used_range(h, kh, pt, stride[0], out_h)
+    c0, c1 = _used_range(w, kw, pl, stride[1], out_w)
+    if (r0, r1, c0, c1) != (0, kh, 0, kw):
+        kernel = kernel[:, :, r0:r1, c0:c1]
+        pt, pl = pt - r0, pl - c0
+        pb = (out_h - 1) * stride[0] + (r1 - r0) - h - pt
+        pr = (out_w - 1) * stride[1] + (c1 - c0) - w - pl
+    if not torch.is_grad_enabled() or not (x.requires_grad or kernel.requires_grad):
+        xc = x.contiguous(memory_format=torch.channels_last)
+        xc = F.pad(xc, (pl, pr, pt, pb)) if (pt, pl) != (pb, pr) else xc
+        pad = 0 if (pt, pl) != (pb, pr) else (pt, pl)
+        return F.conv2d(xc, kernel.to(x.dtype), None, stride, pad, 1, x.shape[1])
+    return _DepthwiseConv2d.apply(x, kernel, stride, ((pt, pb), (pl, pr)))
