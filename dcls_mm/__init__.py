@@ -10,6 +10,10 @@ from .ops import (Dcls1d, Dcls2_1d, Dcls2d, Dcls2dK1d, Dcls3_1d, Dcls3d,
                   construct_kernel)
 from .version import __version__
 
+# Registers the backbones, the timm models (``timm.create_model('convnext_dcls_tiny')``),
+# the optimizer constructor and the hooks. ``dcls_mm.ops`` itself imports only torch.
+from . import engine, models  # noqa: E402,F401  isort:skip
+
 __all__ = [
     '__version__', 'Dcls1d', 'Dcls2d', 'Dcls3d', 'Dcls2_1d', 'Dcls3_1d', 'Dcls2dK1d',
     'construct_kernel'

@@ -106,7 +106,9 @@ pip_ install -q -c "$STACK" torch torchvision
 
 say "[3/4] mmcv $(pin mmcv) with compiled ops"
 mmcv_v=$(pin mmcv); torch_v=$(pin torch)
-tag="torch${torch_v}-py$("$VENV/bin/python" -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')"
+# CPU-only and CUDA builds of mmcv differ: never reuse one for the other.
+flavor=$("$VENV/bin/python" -c 'import os, torch; print("cuda" if torch.cuda.is_available() or os.environ.get("FORCE_CUDA") == "1" else "cpu")')
+tag="torch${torch_v}-py$("$VENV/bin/python" -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')-$flavor"
 repo_cache=$ROOT/.cache/wheels/$tag
 user_cache=${XDG_CACHE_HOME:-$HOME/.cache}/dcls-mm/wheels/$tag
 wheel=$(ls "$repo_cache"/mmcv-"$mmcv_v"-*.whl "$user_cache"/mmcv-"$mmcv_v"-*.whl 2>/dev/null | head -n 1 || true)

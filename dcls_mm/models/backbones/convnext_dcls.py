@@ -205,6 +205,10 @@ class ConvNeXtDCLSStage(nn.Sequential):
         return ['P'] + (['SIG'] if self[0].dwconv.SIG is not None else [])
 
     def forward(self, x: Tensor) -> Tensor:
+        # channels_last keeps every op of the block copy-free: the depthwise conv (fast on
+        # the CPU in this layout, and the layout the DCLS fast path returns), the NHWC
+        # permute before LayerNorm/MLP, and the residual sum.
+        x = x.contiguous(memory_format=torch.channels_last)
         for block in self:
             if self.with_cp and self.training and torch.is_grad_enabled():
                 x = cp.checkpoint(block, x, use_reentrant=False)
