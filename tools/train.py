@@ -55,7 +55,8 @@ def setup_dcls_mm(cfg: Config) -> str:
       ``dcls_mm`` registry scope resolves even for configs without ``custom_imports``;
     * checks ``default_scope`` (the downstream package the Runner builds from);
     * routes mmengine's LOCAL checkpoint loading through
-      :func:`dcls_mm.models.load_checkpoint_file` (see :func:`use_checked_checkpoint_loader`).
+      :func:`dcls_mm.models.load_checkpoint_file` (importing dcls_mm registers it, see
+      :func:`dcls_mm.models.checkpoint.use_checked_checkpoint_loader`).
     """
     import dcls_mm.engine  # noqa: F401  (registers the constructor and hooks)
     import dcls_mm.models  # noqa: F401  (registers the backbone)
@@ -64,34 +65,7 @@ def setup_dcls_mm(cfg: Config) -> str:
     if scope is None:
         raise ValueError('the config sets no default_scope; dcls-mm configs inherit it from '
                          "an mmdet ('mmdet') or mmseg ('mmseg') base config")
-    use_checked_checkpoint_loader()
     return scope
-
-
-def use_checked_checkpoint_loader() -> None:
-    """Make mmengine read local checkpoints with dcls-mm's checked loader.
-
-    torch >= 2.6 defaults to ``torch.load(weights_only=True)``, with which mmengine 0.10.7
-    cannot read its OWN full training checkpoints (``--resume``, ``load_from``, the
-    CHECKPOINT of tools/test.py): they pickle MessageHub/HistoryBuffer state and numpy
-    values. :func:`dcls_mm.models.load_checkpoint_file` tries ``weights_only=True`` first
-    and allows the full unpickle ONLY for files whose every non-tensor global comes from
-    mmengine / numpy / containers -- i.e. mmengine training checkpoints, which is what this
-    tool resumes from and tests. Any other pickled object is refused. This is the one
-    place (for tools/train.py and tools/test.py) where full unpickling is enabled; only
-    use checkpoints you trust. Remote URLs keep mmengine's own loaders.
-    """
-    from mmengine.runner.checkpoint import CheckpointLoader
-
-    from dcls_mm.models import load_checkpoint_file
-
-    def load_from_local(filename, map_location=None):
-        filename = osp.expanduser(filename)
-        if not osp.isfile(filename):
-            raise FileNotFoundError(f'{filename} can not be found.')
-        return load_checkpoint_file(filename, map_location=map_location)
-
-    CheckpointLoader.register_scheme(prefixes='', loader=load_from_local, force=True)
 
 
 def apply_common_args(cfg: Config, args) -> Config:

@@ -31,6 +31,7 @@ Checkpoint formats (``checkpoint_format``):
 """
 from __future__ import annotations
 
+import os.path as osp
 import pickle
 import re
 from collections import OrderedDict
@@ -303,3 +304,27 @@ def infer_backbone_kwargs(state_dict: Dict[str, Tensor]) -> dict:
     if 'stages.0.0.gamma' not in sd:
         kwargs['layer_scale_init_value'] = 0.
     return kwargs
+
+
+def use_checked_checkpoint_loader() -> None:
+    """Make mmengine read local checkpoints with dcls-mm's checked loader.
+
+    torch >= 2.6 defaults to ``torch.load(weights_only=True)``, with which mmengine 0.10.7
+    cannot read its OWN full training checkpoints (``--resume``, ``load_from``, the
+    CHECKPOINT of tools/test.py): they pickle MessageHub/HistoryBuffer state and numpy
+    values. :func:`dcls_mm.models.load_checkpoint_file` tries ``weights_only=True`` first
+    and allows the full unpickle ONLY for files whose every non-tensor global comes from
+    mmengine / numpy / containers -- i.e. mmengine training checkpoints. Any other pickled
+    object is refused. This is the one place where dcls-mm enables full unpickling (for its
+    own tools, and for mmdet/mmseg tools and ``mim train`` once ``dcls_mm`` is imported):
+    only use checkpoints you trust. Remote URLs keep mmengine's own loaders.
+    """
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    def load_from_local(filename, map_location=None):
+        filename = osp.expanduser(filename)
+        if not osp.isfile(filename):
+            raise FileNotFoundError(f'{filename} can not be found.')
+        return load_checkpoint_file(filename, map_location=map_location)
+
+    CheckpointLoader.register_scheme(prefixes='', loader=load_from_local, force=True)

@@ -112,6 +112,25 @@ def test_own_mmengine_training_checkpoint(tmp_path):
         torch.testing.assert_close(a, b)
 
 
+def test_mmengine_own_loader_reads_training_checkpoints_after_import(tmp_path):
+    """What `mim train --resume` and mmdet/mmseg's tools call: mmengine's CheckpointLoader.
+    Importing dcls_mm routes it to the checked loader (torch's weights_only default would
+    refuse the message hub)."""
+    import dcls_mm  # noqa: F401
+    from mmengine.logging import MessageHub
+    from mmengine.runner.checkpoint import CheckpointLoader
+    hub = MessageHub('test_ckpt_mmengine')
+    hub.update_scalar('train/loss', 0.5)
+    path = tmp_path / 'iter_5.pth'
+    torch.save({'meta': {'iter': 5}, 'state_dict': {'w': torch.ones(2)},
+                'message_hub': hub.state_dict()}, path)
+    ckpt = CheckpointLoader.load_checkpoint(str(path), map_location='cpu')
+    assert ckpt['meta']['iter'] == 5 and torch.equal(ckpt['state_dict']['w'], torch.ones(2))
+    torch.save({'state_dict': {'w': torch.ones(1)}, 'extra': _Evil()}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        CheckpointLoader.load_checkpoint(str(path), map_location='cpu')
+
+
 class _Evil:
     def __reduce__(self):
         return (print, ('pwned',))
