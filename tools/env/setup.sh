@@ -5,7 +5,7 @@
 #   bash tools/env/setup.sh --check  # only verify, print what is wrong, exit 1 if broken
 #
 # Everything is pinned in requirements/stack.txt (used as pip constraints).
-# Why each step looks the way it does is in ../shared/reference/environment.md:
+# Why each step looks the way it does (measured on our machines, see README "Quick start"):
 # - every pip call ignores the machine's pip configuration, whose local "+cpu" torch
 #   wheel would be preferred and breaks torchvision's compiled ops;
 # - mmcv has no wheel on PyPI: it is built once from source WITH its compiled ops and
