@@ -143,10 +143,18 @@ def test_upernet_recipe(size, dcls):
     assert pipeline[1].reduce_zero_label and tuple(pipeline[2].scale) == (2048, 512)
     assert tuple(pipeline[3].crop_size) == (512, 512)
     assert cfg.train_dataloader.dataset.type == 'ADE20KDataset'
-    # multi-scale test of the recipe: ratios 0.5..1.75 with flip, used by tools/test.py --tta
+    # multi-scale test of the recipe: ratios 0.5..1.75 of the test scale (2048, 512),
+    # keep_ratio, with flip, used by tools/test.py --tta
+    assert cfg.tta_pipeline[1].type == 'TestTimeAug'
     tta = cfg.tta_pipeline[1].transforms
-    assert [t.scale_factor for t in tta[0]] == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
-    assert [t.prob for t in tta[1]] == [0., 1.]
+    assert [t.type for t in tta[0]] == ['Resize'] * 6
+    assert [tuple(t.scale) for t in tta[0]] == [
+        (1024, 256), (1536, 384), (2048, 512), (2560, 640), (3072, 768), (3584, 896)]
+    assert all(t.keep_ratio and 'scale_factor' not in t for t in tta[0])
+    assert [(t.type, t.prob, t.direction) for t in tta[1]] == [
+        ('RandomFlip', 0., 'horizontal'), ('RandomFlip', 1., 'horizontal')]
+    assert [t.type for t in tta[2] + tta[3]] == ['LoadAnnotations', 'PackSegInputs']
+    assert cfg.tta_model.type == 'SegTTAModel'
     assert cfg.val_evaluator.type == 'IoUMetric'
 
 
