@@ -1,4 +1,7 @@
-"""Suite-wide fixtures."""
+"""Suite-wide fixtures: process-global mmengine state is restored after each test."""
+import logging
+from collections import OrderedDict
+
 import pytest
 
 
@@ -12,3 +15,33 @@ def _restore_default_scope():
     yield
     DefaultScope._instance_dict.clear()
     DefaultScope._instance_dict.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def _restore_checkpoint_schemes():
+    """``CheckpointLoader._schemes`` (prefix -> loader) is class-global: a test that
+    registers a loader must not change how later tests read checkpoints. The baseline
+    is the state after ``import dcls_mm.models``, which registers the checked local
+    loader once per process (restoring a pre-import snapshot would drop it for good)."""
+    import dcls_mm.models  # noqa: F401
+    from mmengine.runner.checkpoint import CheckpointLoader
+    saved = list(CheckpointLoader._schemes.items())
+    yield
+    CheckpointLoader._schemes = OrderedDict(saved)
+
+
+@pytest.fixture(autouse=True)
+def _close_new_loggers():
+    """``Runner.from_cfg`` creates an MMLogger (kept in ``MMLogger._instance_dict`` for the
+    whole process) with a FileHandler open on ``<work_dir>/<timestamp>/<timestamp>.log``
+    in the test's tmp folder. Close the file handlers of the loggers a test created and
+    forget those loggers, so that files are not left open across the session."""
+    from mmengine.logging import MMLogger
+    before = set(MMLogger._instance_dict)
+    yield
+    for name in [n for n in MMLogger._instance_dict if n not in before]:
+        logger = MMLogger._instance_dict.pop(name)
+        for handler in list(logger.handlers):
+            if isinstance(handler, logging.FileHandler):
+                logger.removeHandler(handler)
+                handler.close()

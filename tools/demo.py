@@ -43,7 +43,9 @@ def parse_args(argv=None):
     parser.add_argument('--skip-det', action='store_true', help='skip Cascade Mask R-CNN')
     parser.add_argument('--skip-seg', action='store_true', help='skip UperNet')
     parser.add_argument('--num-images', type=int, default=8,
-                        help='training images per demo data set (iterations = this / 2)')
+                        help='training images per demo data set; Cascade Mask R-CNN '
+                        'trains one epoch of batch 2 (this / 2 iterations), UperNet a '
+                        'fixed 4 iterations (its config)')
     parser.add_argument('--threads', type=int, default=None,
                         help='torch intra-op threads (default: torch decides)')
     return parser.parse_args(argv)
@@ -113,10 +115,8 @@ def _run_downstream(config: str, work_dir: str, data_overrides: dict) -> dict:
     """Train ``config`` briefly (its own train_cfg) and return the validation metrics."""
     from mmengine.config import Config
     from mmengine.hooks import Hook
-    from mmengine.runner import Runner
 
-    sys.path.insert(0, osp.join(ROOT, 'tools'))
-    from train import setup_dcls_mm
+    from dcls_mm.engine.runner_utils import build_runner, setup_dcls_mm
 
     class Recorder(Hook):
         priority = 'LOWEST'
@@ -138,7 +138,7 @@ def _run_downstream(config: str, work_dir: str, data_overrides: dict) -> dict:
     cfg.work_dir = work_dir
     cfg.launcher = 'none'
     setup_dcls_mm(cfg)
-    runner = Runner.from_cfg(cfg)
+    runner = build_runner(cfg)
     recorder = Recorder()
     runner.register_hook(recorder)
     t0 = time.perf_counter()

@@ -1,25 +1,26 @@
 """Evaluate a checkpoint of an mmdet or mmseg model built from a dcls-mm config.
 
-    python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--tta] [--out FILE]
+    python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--tta] [--out OUT]
                          [--cfg-options k=v ...] [--launcher none|pytorch|slurm|mpi]
 
 ``CHECKPOINT`` may be a dcls-mm/mmengine training checkpoint (read with the checked
-loader described in ``tools/train.py``: full unpickle only for mmengine/numpy state) or a
-published downstream ``{'state_dict': ...}`` file. ``--tta`` uses the config's
-``tta_pipeline``/``tta_model`` (ADE20K: multi-scale 0.5..1.75 x (2048, 512) + flip,
-the "multi-scale" column of the recipes).
+loader that importing dcls_mm registers, see
+:func:`dcls_mm.engine.runner_utils.setup_dcls_mm`: full unpickle only for
+mmengine/numpy state) or a published downstream ``{'state_dict': ...}`` file. ``--tta``
+uses the config's ``tta_pipeline``/``tta_model`` (the ADE20K configs: resize to ratios
+0.5, 0.75, ..., 1.75 of (2048, 512), keep ratio, each with and without flip: the
+"multi-scale" column of the recipes). ``--out`` follows the downstream package's own
+tools/test.py, chosen by the config's ``default_scope``.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import os.path as osp
-import sys
 
 from mmengine.config import Config
 
-sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from train import add_common_args, apply_common_args, setup_dcls_mm  # noqa: E402
+from dcls_mm.engine.runner_utils import (add_common_args, apply_common_args, build_runner,
+                                         set_prediction_output, setup_dcls_mm, use_tta)
 
 
 def parse_args(argv=None):
@@ -27,10 +28,12 @@ def parse_args(argv=None):
     parser.add_argument('config', help='config file')
     parser.add_argument('checkpoint', help='checkpoint file')
     add_common_args(parser)
-    parser.add_argument('--tta', action='store_true', help='test-time augmentation '
-                        "(the config's tta_pipeline and tta_model)")
-    parser.add_argument('--out', help='dump the raw predictions to this pickle file '
-                        '(mmengine DumpResults)')
+    parser.add_argument('--tta', action='store_true', help="test-time augmentation (the "
+                        "config's tta_pipeline and tta_model; ADE20K configs: resize to "
+                        '0.5..1.75 x (2048, 512), keep ratio, + horizontal flip)')
+    parser.add_argument('--out', help='save the predictions: mmdet configs: a .pkl file '
+                        "(mmdet's DumpDetResults); mmseg configs: a directory of "
+                        "prediction PNGs (the test evaluator's output_dir)")
     args = parser.parse_args(argv)
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     return args
@@ -39,24 +42,16 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     cfg = Config.fromfile(args.config)
-    cfg = apply_common_args(cfg, args)
+    apply_common_args(cfg, args)
     cfg.load_from = args.checkpoint
     if args.tta:
-        if 'tta_model' not in cfg or 'tta_pipeline' not in cfg:
-            raise ValueError('--tta needs tta_model and tta_pipeline in the config')
-        cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
-        cfg.tta_model.module = cfg.model
-        cfg.model = cfg.tta_model
+        use_tta(cfg)
     setup_dcls_mm(cfg)
-
-    from mmengine.registry import RUNNERS
-    from mmengine.runner import Runner
-    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
-    if args.out is not None:
-        from mmengine.evaluator import DumpResults
-        runner.test_evaluator.metrics.append(DumpResults(out_file_path=args.out))
-    metrics = runner.test()
-    return metrics
+    dump = set_prediction_output(cfg, args.out) if args.out is not None else None
+    runner = build_runner(cfg)
+    if dump is not None:
+        runner.test_evaluator.metrics.append(dump)
+    return runner.test()
 
 
 if __name__ == '__main__':

@@ -1,0 +1,112 @@
+"""Helpers shared by the command-line tools (``tools/train.py``, ``tools/test.py``,
+``tools/demo.py``): common arguments, process setup and Runner construction for
+mmdet/mmseg configs that use dcls-mm modules.
+"""
+from __future__ import annotations
+
+import argparse
+import os.path as osp
+import warnings
+from typing import Optional
+
+from mmengine.config import Config, DictAction
+
+DUMP_SUFFIXES = ('.pkl', '.pickle')
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """``--work-dir``, ``--cfg-options``, ``--launcher`` and ``--local-rank``."""
+    parser.add_argument('--work-dir', help='where logs and checkpoints go '
+                        '(default: ./work_dirs/<config name>)')
+    parser.add_argument(
+        '--cfg-options', nargs='+', action=DictAction,
+        help='override config settings, key=value (e.g. model.backbone.arch=atto '
+        'train_dataloader.batch_size=1; lists as key="[a,b]")')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        default='none', help='job launcher')
+    # torch.distributed launchers pass --local-rank (torch>=2) or --local_rank.
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+
+
+def apply_common_args(cfg: Config, args: argparse.Namespace) -> None:
+    """Apply the arguments of :func:`add_common_args` to ``cfg`` (in place)."""
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+
+
+def setup_dcls_mm(cfg: Config) -> None:
+    """Prepare the process for a Runner built from ``cfg``.
+
+    * imports ``dcls_mm`` (models and engine: backbone, constructor, hooks) so the
+      ``dcls_mm`` registry scope resolves even for configs without ``custom_imports``;
+    * checks that the config sets ``default_scope`` (the downstream package, ``'mmdet'``
+      or ``'mmseg'``, the Runner builds from);
+    * routes mmengine's LOCAL checkpoint loading through
+      :func:`dcls_mm.models.load_checkpoint_file` (importing dcls_mm registers it, see
+      :func:`dcls_mm.models.checkpoint.use_checked_checkpoint_loader`).
+    """
+    import dcls_mm.engine  # noqa: F401  (registers the constructor and hooks)
+    import dcls_mm.models  # noqa: F401  (registers the backbone)
+
+    if cfg.get('default_scope') is None:
+        raise ValueError('the config sets no default_scope; dcls-mm configs inherit it from '
+                         "an mmdet ('mmdet') or mmseg ('mmseg') base config")
+
+
+def fall_back_to_fp32_on_cpu(cfg: Config) -> None:
+    """mmengine's AmpOptimWrapper refuses to run without a GPU/NPU/MLU; on a CPU-only
+    machine the recipe configs (AMP) would not start. Train in fp32 there, loudly."""
+    import torch
+    if cfg.get('optim_wrapper', {}).get('type') == 'AmpOptimWrapper' and \
+            not torch.cuda.is_available():
+        warnings.warn('no GPU: AmpOptimWrapper -> OptimWrapper (fp32 training on the CPU)')
+        cfg.optim_wrapper.type = 'OptimWrapper'
+        cfg.optim_wrapper.pop('loss_scale', None)
+        cfg.optim_wrapper.pop('dtype', None)
+
+
+def use_tta(cfg: Config) -> None:
+    """Switch ``cfg`` to its test-time augmentation (``tta_pipeline`` + ``tta_model``)."""
+    if 'tta_model' not in cfg or 'tta_pipeline' not in cfg:
+        raise ValueError('--tta needs tta_model and tta_pipeline in the config')
+    cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+    cfg.tta_model.module = cfg.model
+    cfg.model = cfg.tta_model
+
+
+def set_prediction_output(cfg: Config, out: str):
+    """Configure ``tools/test.py --out OUT`` as the downstream package's own test tool does.
+
+    * ``default_scope='mmseg'`` (mmseg's tools/test.py): ``OUT`` is a directory; the test
+      evaluator gets ``output_dir=OUT`` and ``keep_results=True`` (IoUMetric writes one
+      prediction PNG per image there). Changes ``cfg``; returns None.
+    * ``default_scope='mmdet'`` (mmdet's tools/test.py): ``OUT`` is a ``.pkl`` file; returns
+      an mmdet ``DumpDetResults`` metric to append to ``runner.test_evaluator.metrics``.
+    * any other scope: returns mmengine's generic ``DumpResults``.
+    """
+    scope = cfg.get('default_scope')
+    if scope == 'mmseg':
+        evaluators = cfg.test_evaluator
+        for evaluator in evaluators if isinstance(evaluators, list) else [evaluators]:
+            evaluator['output_dir'] = out
+            evaluator['keep_results'] = True
+        return None
+    if not out.endswith(DUMP_SUFFIXES):
+        raise ValueError(f'--out must be a .pkl/.pickle file for {scope} configs, got {out!r}')
+    if scope == 'mmdet':
+        from mmdet.evaluation import DumpDetResults
+        return DumpDetResults(out_file_path=out)
+    from mmengine.evaluator import DumpResults
+    return DumpResults(out_file_path=out)
+
+
+def build_runner(cfg: Config):
+    """``Runner.from_cfg(cfg)``, or the config's ``runner_type`` from mmengine's RUNNERS."""
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+    return Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
