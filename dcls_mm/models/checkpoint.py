@@ -24,16 +24,18 @@ Checkpoint formats (``checkpoint_format``):
   dcls-mm checkpoints AND for the published bilinear (``'v0'``) checkpoints.
 * ``'reference_gauss'``: reference ``'gauss'``/``'v1'``/``'max'`` order: ``P``/``SIG``
   are converted.
-* ``'auto'``: ``'reference_gauss'`` iff the checkpoint has ``SIG`` entries and no
-  ``meta`` dict (the published gaussian file is a bare ``{'model': ...}``; everything
-  dcls-mm / mmengine writes has ``meta``); ``'dcls_mm'`` otherwise. A bare gaussian state
-  dict saved by dcls-mm without ``meta`` therefore needs ``checkpoint_format='dcls_mm'``.
+* ``'auto'``: no ``SIG`` entries -> ``'dcls_mm'``; ``SIG`` and a ``meta`` dict (everything
+  dcls-mm / mmengine writes) -> ``'dcls_mm'``; ``SIG`` in the published layout (a
+  ``{'model': ...}`` file without ``meta`` or ``state_dict``) -> ``'reference_gauss'``.
+  Any other file with ``SIG`` (e.g. a bare state dict, or timm's unwrapped dict) is
+  ambiguous and raises: pass the format explicitly rather than risk transposed kernels.
 """
 from __future__ import annotations
 
 import os.path as osp
 import pickle
 import re
+import types
 from collections import OrderedDict
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -46,49 +48,77 @@ from dcls_mm.ops import convert_reference_state_dict
 CHECKPOINT_FORMATS = ('auto', 'dcls_mm', 'reference_gauss')
 #: ``meta`` marker written by the converter.
 DCLS_MM_META_KEY = 'dcls_mm_checkpoint'
-#: Prefixes of the globals an mmengine training checkpoint may pickle besides tensors
-#: (MessageHub / HistoryBuffer state, numpy scalars, arrays and dtypes -- numpy 2 pickles
-#: dtypes through ``builtins.getattr`` --, containers). This screens out files that
-#: pickle anything else (``os``, ``subprocess``, user classes...); it is a sanity check,
-#: not a sandbox: only load training checkpoints you trust.
-_TRAINING_CHECKPOINT_GLOBALS = ('mmengine.', 'numpy.', 'collections.', '_codecs.',
-                                'torch.', 'builtins.set', 'builtins.frozenset',
-                                'builtins.slice', 'builtins.complex', 'builtins.bytearray',
-                                'builtins.range', 'builtins.getattr')
+#: Exactly the globals, besides torch's own weights-only allow-list, that an mmengine
+#: training checkpoint pickles: MessageHub's HistoryBuffer and numpy arrays/scalars/dtypes.
+_TRAINING_CHECKPOINT_GLOBALS = frozenset({
+    'mmengine.logging.history_buffer.HistoryBuffer',
+    'numpy.ndarray', 'numpy.dtype', 'numpy._core.multiarray._reconstruct',
+    'numpy._core.multiarray.scalar', 'numpy.core.multiarray._reconstruct',
+    'numpy.core.multiarray.scalar',
+})
 _REMOTE = ('http://', 'https://', 's3://', 'open-mmlab://', 'mmcls://', 'torchvision://',
            'openmmlab://', 'modelzoo://', 'pavi://')
 
 
 # --- reading files ------------------------------------------------------------------------
+def _history_buffer_getattr(obj, name):
+    """The only ``getattr`` a training checkpoint needs: HistoryBuffer pickles its
+    statistics methods as ``getattr(HistoryBuffer, 'mean')``. A general ``getattr`` would
+    let a crafted pickle walk to ``__globals__`` and run anything."""
+    from mmengine.logging import HistoryBuffer
+    if obj is HistoryBuffer and name in ('min', 'max', 'mean', 'current') + tuple(
+            HistoryBuffer._statistics_methods):
+        return getattr(obj, name)
+    raise pickle.UnpicklingError(f'refusing getattr({obj!r}, {name!r}) in a checkpoint')
+
+
+class _TrainingCheckpointUnpickler(pickle.Unpickler):
+    """Resolves only torch's weights-only globals plus :data:`_TRAINING_CHECKPOINT_GLOBALS`
+    (exact names, no prefixes) and a restricted ``getattr``."""
+
+    def find_class(self, module: str, name: str):
+        full = f'{module}.{name}'
+        if full in ('builtins.getattr', '__builtin__.getattr'):
+            return _history_buffer_getattr
+        allowed = torch._weights_only_unpickler._get_allowed_globals()
+        if full in allowed:
+            return allowed[full]
+        if full in _TRAINING_CHECKPOINT_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f'refusing to unpickle global {full!r}: a ConvNeXt-dcls checkpoint only holds '
+            'tensors (or mmengine training state)')
+
+
+_training_checkpoint_pickle = types.ModuleType('dcls_mm_training_checkpoint_pickle')
+_training_checkpoint_pickle.Unpickler = _TrainingCheckpointUnpickler
+_training_checkpoint_pickle.load = pickle.load
+_training_checkpoint_pickle.__name__ = 'dcls_mm_training_checkpoint_pickle'
+
+
 def load_checkpoint_file(filename: str, map_location='cpu') -> dict:
-    """Read a checkpoint file.
+    """Read a checkpoint file without running code from it.
 
     Plain weight files (the published checkpoints, our converter's output) are read with
     ``torch.load(weights_only=True)``. mmengine *training* checkpoints also pickle
     MessageHub/HistoryBuffer objects and numpy values, which ``weights_only`` refuses;
-    for those only -- every non-tensor global in the file must come from mmengine, numpy
-    or the containers above (checked with
-    ``torch.serialization.get_unsafe_globals_in_checkpoint``) -- the file is read with a
-    full unpickle. Anything else raises. URLs go through mmengine's ``CheckpointLoader``.
+    they are read with a restricted unpickler that resolves exactly those globals (plus
+    torch's weights-only allow-list) and nothing else. URLs go through mmengine's
+    ``CheckpointLoader``.
+
+    Raises:
+        pickle.UnpicklingError: the file pickles anything else.
     """
     if filename.startswith(_REMOTE):
         from mmengine.runner.checkpoint import CheckpointLoader
         return CheckpointLoader.load_checkpoint(filename, map_location=map_location)
     try:
         return torch.load(filename, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        try:
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(filename)
-        except Exception:  # not a zip checkpoint: cannot be inspected safely
-            raise err
-        untrusted = [g for g in unsafe if not g.startswith(_TRAINING_CHECKPOINT_GLOBALS)]
-        if untrusted:
-            raise pickle.UnpicklingError(
-                f'{filename}: refusing to unpickle globals {untrusted}; a ConvNeXt-dcls '
-                'checkpoint only holds tensors (or mmengine training state)') from err
-        # An mmengine training checkpoint (message hub, numpy history): full unpickle is
-        # needed and allowed on purpose, the globals were checked just above.
-        return torch.load(filename, map_location=map_location, weights_only=False)
+    except pickle.UnpicklingError:
+        # weights_only=False only so that torch accepts our pickle_module; the unpickler
+        # itself is the restricted one above.
+        return torch.load(filename, map_location=map_location, weights_only=False,
+                          pickle_module=_training_checkpoint_pickle)
 
 
 # --- remapping ----------------------------------------------------------------------------
@@ -118,16 +148,31 @@ def unwrap_checkpoint(checkpoint: dict) -> Tuple[Dict[str, Tensor], Optional[dic
     return state_dict, meta
 
 
-def resolve_checkpoint_format(checkpoint_format: str, state_dict: Dict[str, Tensor],
-                              meta: Optional[dict]) -> str:
-    """Resolve ``'auto'`` (see the module docstring) to ``'dcls_mm'`` or ``'reference_gauss'``."""
+def resolve_checkpoint_format(checkpoint_format: str, checkpoint: dict) -> str:
+    """Resolve ``'auto'`` (see the module docstring) to ``'dcls_mm'`` or ``'reference_gauss'``.
+
+    Args:
+        checkpoint_format: ``'auto'``, ``'dcls_mm'`` or ``'reference_gauss'``.
+        checkpoint: the checkpoint as read from the file (wrappers included).
+
+    Raises:
+        ValueError: unknown format, or ``'auto'`` on a file with ``SIG`` whose layout does
+            not tell the position axis order.
+    """
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise ValueError(f'checkpoint_format must be one of {CHECKPOINT_FORMATS}, '
                          f'got {checkpoint_format!r}')
     if checkpoint_format != 'auto':
         return checkpoint_format
-    has_sig = any(k.endswith('.SIG') for k in state_dict)
-    return 'reference_gauss' if has_sig and meta is None else 'dcls_mm'
+    state_dict, meta = unwrap_checkpoint(checkpoint)
+    if not any(k.endswith('.SIG') for k in state_dict) or meta is not None:
+        return 'dcls_mm'
+    if 'model' in checkpoint and 'state_dict' not in checkpoint:
+        return 'reference_gauss'
+    raise ValueError("this checkpoint has SIG entries but neither dcls-mm's meta nor the "
+                     "published {'model': ...} layout, so the position axis order is "
+                     "unknown: pass checkpoint_format='dcls_mm' (saved by dcls-mm) or "
+                     "'reference_gauss' (saved by the reference DCLS package)")
 
 
 def _select_prefix(state_dict: Dict[str, Tensor], prefix: Optional[str]) -> Dict[str, Tensor]:
@@ -184,8 +229,8 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module,
     """
     if checkpoint_format is None:
         checkpoint_format = getattr(model, 'checkpoint_format', 'auto')
-    sd, meta = unwrap_checkpoint(state_dict)
-    fmt = resolve_checkpoint_format(checkpoint_format, sd, meta)
+    fmt = resolve_checkpoint_format(checkpoint_format, state_dict)
+    sd, _ = unwrap_checkpoint(state_dict)
     sd = _select_prefix(sd, prefix)
     if fmt == 'reference_gauss':
         sd = OrderedDict(convert_reference_state_dict(sd, _dilated_kernel_size(model)))

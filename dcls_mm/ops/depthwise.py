@@ -99,14 +99,14 @@ class _DepthwiseConv2d(torch.autograd.Function):
         (pt, pb), (pl, pr) = padding
         g = grad_out.contiguous(memory_format=torch.channels_last)
         grad_x = grad_k = None
-        if ctx.needs_input_grad[0] and stride == (1, 1) and pt == pb and pl == pr:
+        kh, kw = kernel.shape[-2:]
+        if (ctx.needs_input_grad[0] and stride == (1, 1) and pt == pb and pl == pr
+                and pt <= kh - 1 and pl <= kw - 1):
             # stride 1: the input gradient is a correlation with the flipped kernel
-            kh, kw = kernel.shape[-2:]
             grad_x = F.conv2d(g, kernel.flip(-2, -1).to(g.dtype), None, 1,
                               (kh - 1 - pt, kw - 1 - pl), 1, x.shape[1])
         elif ctx.needs_input_grad[0]:
             h, w = x.shape[-2:]
-            kh, kw = kernel.shape[-2:]
             # rows/cols of the padded input that the strided windows reach
             used_h = stride[0] * (g.shape[-2] - 1) + kh
             used_w = stride[1] * (g.shape[-1] - 1) + kw

@@ -116,7 +116,7 @@ def test_mmengine_own_loader_reads_training_checkpoints_after_import(tmp_path):
     """What `mim train --resume` and mmdet/mmseg's tools call: mmengine's CheckpointLoader.
     Importing dcls_mm routes it to the checked loader (torch's weights_only default would
     refuse the message hub)."""
-    import dcls_mm  # noqa: F401
+    import dcls_mm.models  # noqa: F401  (registers the checked loader)
     from mmengine.logging import MessageHub
     from mmengine.runner.checkpoint import CheckpointLoader
     hub = MessageHub('test_ckpt_mmengine')

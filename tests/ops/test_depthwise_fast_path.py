@@ -92,6 +92,7 @@ def test_fast_path_is_chosen_automatically_and_can_be_forced_off():
     ((7, 7), (17, 17), (1, 1), ((8, 8), (8, 8))),   # kernel larger than the map: cropped
     ((10, 9), (5, 6), (2, 1), ((1, 3), (0, 2))),    # asymmetric padding, mixed stride
     ((11, 11), (3, 3), (2, 2), ((0, 0), (0, 0))),   # trailing row/col unused
+    ((6, 5), (3, 3), (1, 1), ((4, 4), (4, 4))),     # padding larger than the kernel
 ])
 def test_depthwise_conv2d_function(hw, k, stride, pads):
     torch.manual_seed(0)

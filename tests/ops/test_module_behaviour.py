@@ -186,10 +186,11 @@ def test_fuzz_only_value_errors(name, in_channels, out_channels, kernel_count, g
     except ValueError:
         return
     shape = ([batch] if batch else []) + [channels] + spatial
-    x = torch.randn(shape)
+    x = torch.randn(shape, requires_grad=True)
     try:
         y = m(x)
     except ValueError:
         return
     assert y.shape[-len(spatial) - 1] == m.out_channels
     y.sum().backward()
+    assert x.grad.shape == x.shape

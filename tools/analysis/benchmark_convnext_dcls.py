@@ -28,7 +28,7 @@ import timm
 import torch
 import torch.nn as nn
 
-import dcls_mm  # noqa: F401  (registers convnext_dcls_* in timm)
+import dcls_mm.models  # noqa: F401  (registers convnext_dcls_* in timm)
 from dcls_mm.ops import Dcls2d, set_impl
 from dcls_mm.utils import peak_memory_mib, time_fn
 

@@ -17,6 +17,7 @@ from mmengine.model import BaseModule
 from torch import Tensor, nn
 
 from dcls_mm.ops import Dcls2d, canonical_interpolation
+from dcls_mm.ops.kernel import WITH_SIGMA
 from dcls_mm.registry import MODELS
 
 #: depths and widths per arch (the timm/ConvNeXt ones).
@@ -139,11 +140,11 @@ class ConvNeXtDCLSBlock(nn.Module):
                  layer_scale_init_value: float = 1e-6, mlp_ratio: int = 4) -> None:
         super().__init__()
         if dwconv == 'dcls':
-            dks = (dilated_kernel_size,) * 2 if isinstance(dilated_kernel_size, int) \
-                else tuple(dilated_kernel_size)
-            self.dwconv = Dcls2d(channels, channels, kernel_count,
-                                 padding=tuple(k // 2 for k in dks), dilated_kernel_size=dks,
-                                 groups=channels, bias=True, version=interpolation)
+            # 'same' keeps the residual shapes for even sizes too (odd: padding dks // 2,
+            # as the published models)
+            self.dwconv = Dcls2d(channels, channels, kernel_count, padding='same',
+                                 dilated_kernel_size=dilated_kernel_size, groups=channels,
+                                 bias=True, version=interpolation)
         elif dwconv == 'dense':
             self.dwconv = nn.Conv2d(channels, channels, DENSE_KERNEL_SIZE,
                                     padding=DENSE_KERNEL_SIZE // 2, groups=channels)
@@ -292,11 +293,12 @@ def build_convnext_dcls_trunk(depths: Sequence[int], dims: Sequence[int], in_cha
 
 def default_kernel_count(arch_name: Optional[str], depths, dims, share_positions: bool,
                          interpolation: str) -> int:
-    """``kernel_count=None`` resolution: the paper's 34/40/40 for tiny/small/base, else
-    :func:`iso_kernel_count` for this configuration."""
-    if arch_name in PAPER_KERNEL_COUNTS:
+    """``kernel_count=None`` resolution: the paper's 34/40/40 for bilinear tiny/small/base,
+    else :func:`iso_kernel_count` for this configuration (e.g. 26 for gaussian tiny with
+    shared SIG, the published gaussian model's count)."""
+    with_sigma = canonical_interpolation(interpolation) in WITH_SIGMA
+    if arch_name in PAPER_KERNEL_COUNTS and not with_sigma:
         return PAPER_KERNEL_COUNTS[arch_name]
-    with_sigma = canonical_interpolation(interpolation) in ('triangle', 'gaussian')
     return iso_kernel_count(depths, dims, share_positions, with_sigma)
 
 
