@@ -171,9 +171,9 @@ class _DclsNd(nn.Module):
     def construct_kernel(self) -> Tensor:
         """Dense kernel laid out for ``F.conv{N}d``: ``(C_out, C_in/groups, *kernel_size)``.
 
-        Built in float32 (or the parameters' dtype if wider) even under autocast: the
-        interpolation of positions is precision-sensitive; the convolution that follows
-        is autocast as usual.
+        Built in the parameters' dtype (float32 unless the module was cast) with autocast
+        disabled: the interpolation of positions is precision-sensitive, so it must not
+        run in bf16/fp16; the convolution that follows is autocast as usual.
         """
         device_type = self.weight.device.type
         with torch.autocast(device_type=device_type, enabled=False):

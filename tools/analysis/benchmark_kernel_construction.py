@@ -96,7 +96,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
     parser.add_argument('--dks', type=int, default=17)
-    parser.add_argument('--interpolation', default='bilinear')
+    parser.add_argument('--interpolation', default='bilinear',
+                        choices=['bilinear', 'bilinear_normalized', 'gaussian'])
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--out', help='write the results as JSON to this file')
