@@ -7,11 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-pytest.importorskip('mmengine')
-from dcls_mm.engine import ClampPositionsHook, RepulsiveLossHook, repulsive_loss  # noqa: E402
-from dcls_mm.ops import Dcls1d, Dcls2_1d, Dcls2d, Dcls3d  # noqa: E402
+from dcls_mm.engine import ClampPositionsHook, RepulsiveLossHook, repulsive_loss
+from dcls_mm.ops import Dcls1d, Dcls2_1d, Dcls2d, Dcls3d
 
-from _engine_toy import ToyDetector, make_backbone  # noqa: E402
+from _engine_toy import ToyDetector, make_backbone
 
 
 def slow_repulsive(position_tensors):

@@ -5,12 +5,16 @@ import pytest
 import torch
 from torch import nn
 
-pytest.importorskip('mmengine')
-from mmengine.optim import build_optim_wrapper  # noqa: E402
+from mmdet.engine.optimizers.layer_decay_optimizer_constructor import \
+    LearningRateDecayOptimizerConstructor as MMDetLearningRateDecayOptimizerConstructor
+from mmengine.optim import build_optim_wrapper
+from mmseg.engine.optimizers.layer_decay_optimizer_constructor import \
+    LearningRateDecayOptimizerConstructor as MMSegLearningRateDecayOptimizerConstructor
 
-from dcls_mm.engine import DCLSLearningRateDecayOptimizerConstructor  # noqa: E402
+from dcls_mm.engine import DCLSLearningRateDecayOptimizerConstructor
+from dcls_mm.models import ConvNeXtDCLS
 
-from _engine_toy import ToyDetector, make_backbone  # noqa: E402
+from _engine_toy import ToyDetector, make_backbone
 
 BASE_LR, WD = 2e-4, 0.05
 T_DEPTHS, SB_DEPTHS = (3, 3, 9, 3), (3, 3, 27, 3)
@@ -206,11 +210,8 @@ def test_invalid_paramwise_cfg(bad):
             dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=1e-4)), bad)
 
 
-def test_real_backbone_if_available():
-    models = pytest.importorskip('dcls_mm.models')
-    if not hasattr(models, 'ConvNeXtDCLS'):
-        pytest.skip('ConvNeXtDCLS not available yet')
-    backbone = models.ConvNeXtDCLS(arch='atto', dilated_kernel_size=5, kernel_count=3)
+def test_real_backbone():
+    backbone = ConvNeXtDCLS(arch='atto', dilated_kernel_size=5, kernel_count=3)
     model = ToyDetector(backbone, dim=backbone.norm3.weight.shape[0])
     opt = build(model, decay_rate=0.7, num_layers=6, position_lr_mult=5.0)
     check(model, opt, lambda local: T_LAYER_TABLE[expected_layer_id(local, 6)],
@@ -220,12 +221,12 @@ def test_real_backbone_if_available():
     assert n_positions == 4  # share_positions=True by default
 
 
-@pytest.mark.parametrize('package', ['mmdet', 'mmseg'])
+@pytest.mark.parametrize('upstream', [MMDetLearningRateDecayOptimizerConstructor,
+                                      MMSegLearningRateDecayOptimizerConstructor],
+                         ids=['mmdet', 'mmseg'])
 @pytest.mark.parametrize('decay_type,rate,n', [('layer_wise', 0.7, 6), ('stage_wise', 0.9, 12)])
-def test_same_lr_and_wd_as_upstream_except_positions(package, decay_type, rate, n):
+def test_same_lr_and_wd_as_upstream_except_positions(upstream, decay_type, rate, n):
     """Upstream's constructor (it requires 'ConvNeXt' in the backbone's class name)."""
-    upstream = pytest.importorskip(f'{package}.engine.optimizers.layer_decay_optimizer_'
-                                   'constructor').LearningRateDecayOptimizerConstructor
     model = ToyDetector(make_backbone(SB_DEPTHS if n == 12 else T_DEPTHS))
     optim_cfg = dict(type='OptimWrapper',
                      optimizer=dict(type='AdamW', lr=BASE_LR, weight_decay=WD))

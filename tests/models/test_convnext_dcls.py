@@ -2,7 +2,9 @@
 freezing, checkpointing, parameter counts."""
 import math
 
+import mmdet.registry as mmdet_registry
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
@@ -10,21 +12,8 @@ from dcls_mm.models import ConvNeXtDCLS, ConvNeXtDCLSBlock, iso_kernel_count
 from dcls_mm.models.backbones.convnext_dcls import ARCH_SETTINGS
 from dcls_mm.ops import Dcls2d
 
+from ..ops.dense_reference import reference_kernel
 from ._synthetic import SMALL_ARCH
-
-
-def bilinear_kernel(weight, P, dks):
-    """Dense (C, 1, dks, dks) kernel from the method's formula, element by element:
-    w * max(0, 1-|i - (P_y + dks//2)|) * max(0, 1-|j - (P_x + dks//2)|)."""
-    C, _, K = weight.shape
-    grid = torch.arange(dks, dtype=torch.float64)
-    out = torch.zeros(C, 1, dks, dks, dtype=torch.float64)
-    for c in range(C):
-        for k in range(K):
-            ay = (1 - (grid - (P[0, c, 0, k] + dks // 2)).abs()).clamp(min=0)
-            ax = (1 - (grid - (P[1, c, 0, k] + dks // 2)).abs()).clamp(min=0)
-            out[c, 0] += weight[c, 0, k] * ay[:, None] * ax[None, :]
-    return out
 
 
 def small(**kwargs):
@@ -73,7 +62,9 @@ def test_block_matches_independent_dense_computation():
         block.dwconv.weight.normal_()
         block.dwconv.bias.normal_()
     x = torch.randn(2, C, 9, 11, dtype=torch.float64)
-    kernel = bilinear_kernel(block.dwconv.weight.detach(), block.dwconv.P.detach(), dks)
+    # 'bilinear' is the unnormalised v0 interpolation:
+    # w * max(0, 1-|i - (P_y + dks//2)|) * max(0, 1-|j - (P_x + dks//2)|)
+    kernel = reference_kernel(block.dwconv.weight, block.dwconv.P, None, (dks, dks), 'v0')
     y = F.conv2d(x, kernel, block.dwconv.bias.detach(), padding=dks // 2, groups=C)
     y = y.permute(0, 2, 3, 1)
     mu, var = y.mean(-1, keepdim=True), y.var(-1, unbiased=False, keepdim=True)
@@ -214,7 +205,6 @@ def test_iso_parameters_with_dense_convnext(arch, millions):
 
 
 def test_dense_trunk_matches_timm_convnext_tiny():
-    timm = pytest.importorskip('timm')
     with torch.device('meta'):
         ref = timm.create_model('convnext_tiny')
     ref_count = n_params(ref) - sum(p.numel() for p in ref.head.fc.parameters())
@@ -229,7 +219,6 @@ def test_registry_build():
                dilated_kernel_size=7, out_indices=(2, 3))
     assert isinstance(ROOT.build(cfg), ConvNeXtDCLS)
     assert isinstance(MODELS.build(dict(cfg, type='ConvNeXtDCLS')), ConvNeXtDCLS)
-    mmdet_registry = pytest.importorskip('mmdet.registry')
     assert isinstance(mmdet_registry.MODELS.build(cfg), ConvNeXtDCLS)
 
 

@@ -1,7 +1,8 @@
-"""The backbone with the other parts of dcls-mm and OpenMMLab (skipped when absent)."""
-import pytest
+"""The backbone with the other parts of dcls-mm and OpenMMLab."""
+import mmdet.registry
 import torch
 
+from dcls_mm.engine import DCLSLearningRateDecayOptimizerConstructor
 from dcls_mm.models import ConvNeXtDCLS
 
 from ._synthetic import SMALL_ARCH
@@ -12,10 +13,6 @@ def _small(**kwargs):
 
 
 def test_optimizer_constructor_sees_each_shared_position_once():
-    try:
-        from dcls_mm.engine import DCLSLearningRateDecayOptimizerConstructor
-    except ImportError:
-        pytest.skip('dcls_mm.engine constructor not available')
     model = _small(frozen_stages=0)
     ctor = DCLSLearningRateDecayOptimizerConstructor(
         dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=1e-3, weight_decay=0.05)),
@@ -31,7 +28,7 @@ def test_optimizer_constructor_sees_each_shared_position_once():
 
 
 def test_mmdet_fpn_on_backbone_features():
-    registry = pytest.importorskip('mmdet.registry')
+    registry = mmdet.registry
     backbone = registry.MODELS.build(dict(type='dcls_mm.ConvNeXtDCLS', arch=SMALL_ARCH,
                                           kernel_count=5, dilated_kernel_size=7))
     neck = registry.MODELS.build(dict(type='FPN', in_channels=list(SMALL_ARCH['dims']),

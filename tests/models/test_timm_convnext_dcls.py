@@ -1,15 +1,13 @@
 """timm registration of convnext_dcls_{tiny,small,base}."""
 import pytest
+import timm
 import torch
-import torch.nn.functional as F
 
-timm = pytest.importorskip('timm')
+import dcls_mm.models  # noqa: F401  (registers the timm models)
+from dcls_mm.models import ConvNeXtDCLS
 
-import dcls_mm.models  # noqa: E402,F401  (registers the timm models)
-from dcls_mm.models.classifiers import ConvNeXtDCLSClassifier  # noqa: E402
-
-from ._synthetic import (SMALL_ARCH, add_classifier_head, published_backbone_shapes,  # noqa: E402
-                         random_backbone_state, set_weights_directly)
+from ._synthetic import (SMALL_ARCH, add_classifier_head, published_backbone_shapes,
+                         random_backbone_state)
 
 K, DKS = 5, 7
 SMALL = dict(arch=SMALL_ARCH, kernel_count=K, dilated_kernel_size=DKS)
@@ -37,13 +35,30 @@ def test_tiny_key_names_and_shapes():
     assert model.pretrained_cfg['crop_pct'] == 0.875
 
 
-def _expected_logits(model, sd):
-    ref = ConvNeXtDCLSClassifier(**SMALL).eval()
-    set_weights_directly(ref, sd)
+def _expected_logits(sd):
+    """Logits of the published classifier for ``sd``, independently of the timm wrapper:
+    the trunk (stem/downsampling + stages) of a separately built ``ConvNeXtDCLS``
+    backbone holding ``sd``'s trunk weights, then global average pooling, LayerNorm
+    (eps 1e-6) and the linear head written out here."""
+    trunk = ConvNeXtDCLS(**SMALL, out_indices=(3,)).eval()
+    copied = set()
     with torch.no_grad():
-        feat = ref.forward_features(X)
-        pooled = F.layer_norm(feat.mean((-2, -1)), (32,), sd['norm.weight'], sd['norm.bias'], 1e-6)
-        return pooled @ sd['head.weight'].T + sd['head.bias']
+        for name, p in trunk.named_parameters(remove_duplicate=False):
+            if name in sd:
+                p.copy_(sd[name])
+                copied.add(name)
+    assert {n for n, _ in trunk.named_parameters(remove_duplicate=False)} - copied == {
+        'norm3.weight', 'norm3.bias'}  # the backbone's output norm, not the head's
+    with torch.no_grad():
+        feat = X
+        for i in range(4):
+            feat = trunk.stages[i](trunk.downsample_layers[i](feat))
+    pooled = feat.mean((-2, -1)).double()
+    mu = pooled.mean(-1, keepdim=True)
+    var = ((pooled - mu) ** 2).mean(-1, keepdim=True)
+    normed = (pooled - mu) / torch.sqrt(var + 1e-6) * sd['norm.weight'].double() + \
+        sd['norm.bias'].double()
+    return (normed @ sd['head.weight'].double().T + sd['head.bias'].double()).float()
 
 
 def test_create_and_load_published_checkpoint(tmp_path):
@@ -56,7 +71,7 @@ def test_create_and_load_published_checkpoint(tmp_path):
     with torch.no_grad():
         logits = model(X)
     assert logits.shape == (2, 1000)
-    torch.testing.assert_close(logits, _expected_logits(model, sd))
+    torch.testing.assert_close(logits, _expected_logits(sd))
     # checkpoint_path= (timm's own loader, no remapping needed for this format)
     model2 = timm.create_model('convnext_dcls_tiny', checkpoint_path=str(path), **SMALL).eval()
     with torch.no_grad():
