@@ -1,12 +1,12 @@
 """Shared fixtures of the integration tests: demo data (real COCO / ADE20K formats) in a
-session temp folder, and config loading with the data roots pointed there."""
+session temp folder, config loading with the data roots pointed there, and Runner
+helpers (a data batch, one checked training step)."""
+import math
 import os.path as osp
 import warnings
 
 import pytest
-
-pytest.importorskip('mmdet', reason='integration tests need mmdet/mmseg (tools/env/setup.sh)')
-pytest.importorskip('mmseg', reason='integration tests need mmdet/mmseg (tools/env/setup.sh)')
+import torch
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 DEMO_DET = osp.join(ROOT, 'configs/demo/cascade-mask-rcnn_convnext-dcls-atto_fpn_demo-coco.py')
@@ -76,3 +76,26 @@ def group_of(optim_wrapper, name):
         if name in group['param_names']:
             return group
     raise KeyError(name)
+
+
+def data_batch(runner, split='train'):
+    """The first batch of the runner's ``<split>_dataloader``."""
+    loader = runner.build_dataloader(getattr(runner.cfg, f'{split}_dataloader'))
+    return next(iter(loader))
+
+
+def train_step_changes_params(runner, names, expected_losses=()):
+    """One ``train_step`` on a training batch: every logged value is finite, the logged
+    losses include ``expected_losses`` and each parameter in ``names`` changed.
+    Returns the log vars."""
+    model = runner.model
+    params = dict(model.named_parameters())
+    before = {n: params[n].detach().clone() for n in names}
+    batch = data_batch(runner)
+    model.train()
+    log_vars = model.train_step(batch, runner.optim_wrapper)
+    assert all(math.isfinite(float(v)) for v in log_vars.values()), log_vars
+    assert set(expected_losses) <= set(log_vars), log_vars
+    for n in names:
+        assert not torch.equal(before[n], params[n].detach()), f'{n} did not change'
+    return log_vars

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from .conftest import (DEMO_DET, DET_DIR, atto_backbone_options, build_runner, det_data_options,
-                       group_of, load_cfg)
+from .conftest import (DEMO_DET, DET_DIR, atto_backbone_options, build_runner, data_batch,
+                       det_data_options, group_of, load_cfg, train_step_changes_params)
 
 FULL_T = f'{DET_DIR}/cascade-mask-rcnn_convnext-dcls-t_fpn_ms-crop-3x_coco.py'
 SMALL_PIPELINE = [
@@ -19,28 +19,10 @@ SMALL_PIPELINE = [
 ]
 
 
-def _batch(runner, split='train'):
-    loader = runner.build_dataloader(getattr(runner.cfg, f'{split}_dataloader'))
-    return next(iter(loader))
-
-
-def _train_step_changes_params(runner, names):
-    model = runner.model
-    params = dict(model.named_parameters())
-    before = {n: params[n].detach().clone() for n in names}
-    batch = _batch(runner)
-    model.train()
-    log_vars = model.train_step(batch, runner.optim_wrapper)
-    assert all(math.isfinite(float(v)) for v in log_vars.values()), log_vars
-    for n in names:
-        assert not torch.equal(before[n], params[n].detach()), f'{n} did not change'
-    return log_vars
-
-
 def _check_predictions(runner, num_classes):
     model = runner.model
     model.eval()
-    batch = _batch(runner, 'val')
+    batch = data_batch(runner, 'val')
     with torch.no_grad():
         outputs = model.test_step(batch)
     assert len(outputs) == len(batch['inputs'])
@@ -59,7 +41,7 @@ def _check_predictions(runner, num_classes):
 def test_demo_config_train_and_inference_step(coco_demo, tmp_path):
     cfg = load_cfg(DEMO_DET, det_data_options(coco_demo), tmp_path)
     runner = build_runner(cfg)
-    log_vars = _train_step_changes_params(runner, [
+    log_vars = train_step_changes_params(runner, [
         'backbone.stages.3.0.pwconv1.weight', 'backbone.stages.2.0.dwconv.P',
         'backbone.stages.2.0.dwconv.weight', 'neck.fpn_convs.0.conv.weight',
         'roi_head.bbox_head.2.fc_reg.weight', 'roi_head.mask_head.2.conv_logits.weight'])
@@ -81,7 +63,7 @@ def test_full_t_config_with_atto_backbone_trains(coco_demo, tmp_path):
     }
     cfg = load_cfg(FULL_T, options, tmp_path)
     runner = build_runner(cfg)
-    _train_step_changes_params(runner, ['backbone.stages.3.0.pwconv1.weight',
+    train_step_changes_params(runner, ['backbone.stages.3.0.pwconv1.weight',
                                         'roi_head.bbox_head.0.shared_convs.3.conv.weight'])
     group = group_of(runner.optim_wrapper, 'backbone.downsample_layers.0.0.weight')
     assert group['lr'] == pytest.approx(2e-4 * 0.7 ** 7)
@@ -106,7 +88,7 @@ def test_frozen_stages_inside_detector(coco_demo, tmp_path):
     assert not grouped & frozen_names
     before = {n: p.detach().clone() for n, p in runner.model.named_parameters()
               if n in frozen_names}
-    _train_step_changes_params(runner, ['backbone.stages.2.0.dwconv.P'])
+    train_step_changes_params(runner, ['backbone.stages.2.0.dwconv.P'])
     for n, p in runner.model.named_parameters():
         if n in frozen_names:
             assert p.grad is None and torch.equal(p.detach(), before[n]), n
@@ -123,8 +105,13 @@ def test_real_coco_metric_on_demo_data(coco_demo, tmp_path):
     runner = build_runner(cfg)
     metrics = runner.val()
     assert isinstance(runner.val_evaluator.metrics[0], CocoMetric)
+    # CocoMetric's keys for both tasks (AP, AP50, AP75, APs/m/l); a near-untrained model
+    # scores ~0 (the ground-truth-as-prediction check below is the one that scores 1)
+    expected = {f'coco/{task}_{name}' for task in ('bbox', 'segm')
+                for name in ('mAP', 'mAP_50', 'mAP_75', 'mAP_s', 'mAP_m', 'mAP_l')}
+    assert expected <= set(metrics), sorted(metrics)
     for key in ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/segm_mAP'):
-        assert key in metrics and -1 <= metrics[key] <= 1
+        assert math.isfinite(metrics[key]) and 0 <= metrics[key] <= 1, (key, metrics[key])
 
     ann_file = cfg.val_evaluator.ann_file
     coco = COCO(ann_file)

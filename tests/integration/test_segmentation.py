@@ -1,43 +1,26 @@
 """UperNet built from config FILES: one training step, sliding-window inference, the
 real IoUMetric on generated ADE20K-format data."""
-import math
-
 import numpy as np
 import pytest
 import torch
 
-from .conftest import (DEMO_SEG, SEG_DIR, atto_backbone_options, build_runner, group_of,
-                       load_cfg, seg_data_options)
+from .conftest import (DEMO_SEG, SEG_DIR, atto_backbone_options, build_runner, data_batch,
+                       group_of, load_cfg, seg_data_options, train_step_changes_params)
 
 FULL_T = f'{SEG_DIR}/upernet_convnext-dcls-t_8xb2-amp-160k_ade20k-512x512.py'
-
-
-def _batch(runner, split='train'):
-    loader = runner.build_dataloader(getattr(runner.cfg, f'{split}_dataloader'))
-    return next(iter(loader))
-
-
-def _train_step_changes_params(runner, names):
-    model = runner.model
-    params = dict(model.named_parameters())
-    before = {n: params[n].detach().clone() for n in names}
-    model.train()
-    log_vars = model.train_step(_batch(runner), runner.optim_wrapper)
-    assert all(math.isfinite(float(v)) for v in log_vars.values()), log_vars
-    assert {'decode.loss_ce', 'aux.loss_ce'} <= set(log_vars)
-    for n in names:
-        assert not torch.equal(before[n], params[n].detach()), f'{n} did not change'
+SEG_LOSSES = ('decode.loss_ce', 'aux.loss_ce')
 
 
 def test_demo_config_train_and_slide_inference(ade_demo, tmp_path):
     cfg = load_cfg(DEMO_SEG, seg_data_options(ade_demo), tmp_path)
     assert cfg.model.test_cfg.mode == 'slide'
     runner = build_runner(cfg)
-    _train_step_changes_params(runner, [
+    train_step_changes_params(runner, [
         'backbone.stages.3.1.pwconv2.weight', 'backbone.stages.1.0.dwconv.P',
-        'decode_head.fpn_bottleneck.conv.weight', 'auxiliary_head.conv_seg.weight'])
+        'decode_head.fpn_bottleneck.conv.weight', 'auxiliary_head.conv_seg.weight'],
+        expected_losses=SEG_LOSSES)
     model = runner.model.eval()
-    batch = _batch(runner, 'val')
+    batch = data_batch(runner, 'val')
     with torch.no_grad():
         outputs = model.test_step(batch)
     assert len(outputs) == 1
@@ -67,8 +50,9 @@ def test_full_t_config_with_atto_backbone_trains(ade_demo, tmp_path):
     cfg.optim_wrapper.pop('loss_scale')
     runner = build_runner(cfg)
     assert runner.model.decode_head.num_classes == 150
-    _train_step_changes_params(runner, ['backbone.stages.0.0.pwconv1.weight',
-                                        'decode_head.bottleneck.conv.weight'])
+    train_step_changes_params(runner, ['backbone.stages.0.0.pwconv1.weight',
+                                       'decode_head.bottleneck.conv.weight'],
+                              expected_losses=SEG_LOSSES)
     group = group_of(runner.optim_wrapper, 'backbone.stages.3.0.pwconv1.weight')
     assert group['lr'] == pytest.approx(1e-4 * 0.9 ** 3)
 
