@@ -6,20 +6,7 @@ from typing import Iterable, Union
 import torch
 from torch import Tensor, nn
 
-from .utils import dcls_modules
-
-
-def _positions(model_or_layers: Union[nn.Module, Iterable[nn.Module]]):
-    if isinstance(model_or_layers, nn.Module):
-        layers = dcls_modules(model_or_layers)
-    else:
-        layers = list(model_or_layers)
-    seen, positions = set(), []
-    for layer in layers:
-        if id(layer.P) not in seen:
-            seen.add(id(layer.P))
-            positions.append(layer.P)
-    return positions
+from .utils import position_parameters
 
 
 def layer_repulsive_loss(P: Tensor) -> Tensor:
@@ -60,7 +47,7 @@ def repulsive_loss(model_or_layers: Union[nn.Module, Iterable[nn.Module]]) -> Te
     Returns:
         A scalar tensor (0 without DCLS layers) that back-propagates into the positions.
     """
-    positions = _positions(model_or_layers)
+    positions = [P for _, P in position_parameters(model_or_layers, attrs=('P',))]
     if not positions:
         return torch.zeros(())
     return torch.stack([layer_repulsive_loss(P.float()) for P in positions]).mean()

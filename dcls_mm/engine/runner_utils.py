@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import os.path as osp
 import warnings
-from typing import Optional
 
 from mmengine.config import Config, DictAction
 

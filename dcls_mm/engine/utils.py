@@ -1,11 +1,14 @@
 """Helpers shared by the DCLS engine components (no OpenMMLab imports)."""
 from __future__ import annotations
 
-from typing import Iterator, List, Tuple
+from typing import Iterable, Iterator, List, Optional, Tuple, Union
 
 from torch import nn
 
 from dcls_mm.ops.modules import _DclsNd
+
+#: type of the ``data_batch`` argument of the hooks' ``*_train_iter`` methods
+DATA_BATCH = Optional[Union[dict, tuple, list]]
 
 
 def is_dcls_module(module: nn.Module) -> bool:
@@ -36,16 +39,24 @@ def dcls_modules(model: nn.Module) -> List[nn.Module]:
     return [m for m in model.modules() if is_dcls_module(m)]
 
 
-def position_parameters(model: nn.Module) -> Iterator[Tuple[str, nn.Parameter]]:
+def position_parameters(model_or_layers: Union[nn.Module, Iterable[nn.Module]],
+                        attrs: Tuple[str, ...] = ('P', 'SIG')
+                        ) -> Iterator[Tuple[str, nn.Parameter]]:
     """Yield ``(attribute, parameter)`` for every distinct ``P``/``SIG`` of the DCLS
-    layers of ``model``; a parameter shared by several layers is yielded once.
+    layers of a model; a parameter shared by several layers is yielded once.
 
     Args:
-        model: the model to traverse.
+        model_or_layers: a model (its DCLS layers are found by :func:`dcls_modules`)
+            or an iterable of DCLS layers (used as given).
+        attrs: the attributes to look at, ``('P', 'SIG')`` by default.
     """
+    if isinstance(model_or_layers, nn.Module):
+        layers = dcls_modules(model_or_layers)
+    else:
+        layers = list(model_or_layers)
     seen = set()
-    for module in dcls_modules(model):
-        for attr in ('P', 'SIG'):
+    for module in layers:
+        for attr in attrs:
             param = getattr(module, attr, None)
             if isinstance(param, nn.Parameter) and id(param) not in seen:
                 seen.add(id(param))

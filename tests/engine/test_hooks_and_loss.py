@@ -1,5 +1,4 @@
 """ClampPositionsHook, repulsive_loss and RepulsiveLossHook."""
-import itertools
 import math
 from types import SimpleNamespace
 

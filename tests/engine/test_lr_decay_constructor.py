@@ -3,7 +3,6 @@ import re
 
 import pytest
 import torch
-from torch import nn
 
 from mmdet.engine.optimizers.layer_decay_optimizer_constructor import \
     LearningRateDecayOptimizerConstructor as MMDetLearningRateDecayOptimizerConstructor

@@ -7,9 +7,7 @@ from mmengine.hooks import Hook
 
 from dcls_mm.registry import HOOKS
 
-from ..utils import dcls_modules, unwrap_model
-
-DATA_BATCH = Optional[Union[dict, tuple, list]]
+from ..utils import DATA_BATCH, dcls_modules, unwrap_model
 
 
 @HOOKS.register_module()

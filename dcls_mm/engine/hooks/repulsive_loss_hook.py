@@ -1,7 +1,7 @@
 """Add the DCLS repulsive loss to any model's ``loss`` without changing model code."""
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Union
 
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
@@ -9,9 +9,7 @@ from mmengine.logging import print_log
 from dcls_mm.registry import HOOKS
 
 from ..losses import repulsive_loss
-from ..utils import dcls_modules, unwrap_model
-
-DATA_BATCH = Optional[Union[dict, tuple, list]]
+from ..utils import DATA_BATCH, dcls_modules, unwrap_model
 
 
 @HOOKS.register_module()
