@@ -175,11 +175,24 @@ class _DclsNd(nn.Module):
         disabled: the interpolation of positions is precision-sensitive, so it must not
         run in bf16/fp16; the convolution that follows is autocast as usual.
         """
+        # Without autograd (inference) the kernel only changes when a parameter does:
+        # reuse it while the parameters' storage and version counters are unchanged.
+        # (Skipped under torch.compile, which traces the construction instead.)
+        memo = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if memo:
+            key = tuple((p.data_ptr(), p._version, p.dtype, p.device)
+                        for p in (self.weight, self.P, self.SIG) if p is not None)
+            cached = self.__dict__.get('_kernel_memo')
+            if cached is not None and cached[0] == key:
+                return cached[1]
         device_type = self.weight.device.type
         with torch.autocast(device_type=device_type, enabled=False):
             grids = [getattr(self, f'grid{d}') for d in range(len(self.dilated_kernel_size))]
-            return construct_kernel(self.weight, self.P, self.SIG, self.dilated_kernel_size,
-                                    self.version, grids)
+            kernel = construct_kernel(self.weight, self.P, self.SIG, self.dilated_kernel_size,
+                                      self.version, grids)
+        if memo:
+            self.__dict__['_kernel_memo'] = (key, kernel)
+        return kernel
 
     def _check_input(self, x: Tensor) -> None:
         n = self.conv_dims
