@@ -1,15 +1,17 @@
-"""Separable construction of DCLS kernels.
+"""Construction of DCLS kernels without (L_0 x L_1 x C x K) temporaries.
 
 Each of the ``kernel_count`` elements of a DCLS kernel is a weight ``w`` at a continuous
 position ``p`` (one coordinate per learned dim). The dense kernel is the sum over
 elements of ``w`` spread onto the integer grid by an interpolation. Every supported
 interpolation is a *product of 1-D profiles*, one per learned dim, and so is its
-normalisation. The dense kernel is therefore an ``einsum`` of small factors::
+normalisation, which gives two exact constructions:
 
-    K[..., i, j] = sum_k  s[..., k] * A_0[..., k, i] * A_1[..., k, j]
-
-with ``A_d`` of shape ``(..., K, L_d)`` and ``s = w`` (or ``w / Z``). Memory is
-``O(C * K * sum(L_d))`` instead of the ``O(C * K * prod(L_d))`` of a direct evaluation.
+- bilinear (the published models): each 1-D profile has two non-zero taps, so an element
+  is ``2^D`` weighted taps, scattered (``scatter_add``) into the kernel: memory and work
+  ``O(C * K * 2^D)``;
+- triangle / gaussian (every grid point non-zero): the kernel is an ``einsum`` of small
+  factors, ``K[..., i, j] = sum_k s[..., k] * A_0[..., k, i] * A_1[..., k, j]`` with
+  ``A_d`` of shape ``(..., K, L_d)`` and ``s = w / Z``: memory ``O(C * K * sum(L_d))``.
 
 Axis convention (one for every interpolation): ``P[d]`` is the position along the
 d-th *learned* kernel dim, in the order of the kernel tensor's trailing dims (for 2-D:
@@ -18,6 +20,7 @@ d-th *learned* kernel dim, in the order of the kernel tensor's trailing dims (fo
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -58,32 +61,18 @@ def canonical_interpolation(version: str) -> str:
         raise ValueError(f'version must be one of {sorted(VERSION_ALIASES)}, got {version!r}') from None
 
 
-def profile_1d(pos: Tensor, sig: Optional[Tensor], grid: Tensor, interpolation: str) -> Tensor:
-    """1-D interpolation profile of every element along one learned dim.
+def profile_1d(pos: Tensor, sig: Tensor, grid: Tensor, interpolation: str) -> Tensor:
+    """1-D triangle or gaussian profile of every element along one learned dim.
 
     Args:
         pos: positions on the grid (already shifted by ``L // 2``), shape ``(..., K)``.
-        sig: raw ``SIG`` of the same shape (triangle/gaussian), else ``None``.
+        sig: raw ``SIG`` of the same shape.
         grid: ``arange(L)`` in the dtype of ``pos``, shape ``(L,)``.
-        interpolation: canonical interpolation name.
+        interpolation: ``'triangle'`` or ``'gaussian'``.
 
     Returns:
         Tensor of shape ``(..., K, L)``.
     """
-    if interpolation in ('bilinear', 'bilinear_normalized'):
-        # Two scattered taps instead of relu(1 - |u|) over the grid: same values, fewer
-        # (..., K, L) temporaries, and at integer positions (e.g. clamped to a border) the
-        # position keeps a one-sided gradient instead of zero, as in the reference "v0"
-        # kernels the published checkpoints were trained with. Slots 0 and L+1 catch taps
-        # that fall outside the grid and are dropped.
-        L = grid.shape[0]
-        base = pos.detach().floor()
-        frac = (pos - base).unsqueeze(-1)
-        left = (base + 1).clamp(0, L + 1).long().unsqueeze(-1)
-        right = (base + 2).clamp(0, L + 1).long().unsqueeze(-1)
-        taps = torch.zeros(*pos.shape, L + 2, dtype=pos.dtype, device=pos.device)
-        taps = taps.scatter(-1, left, 1 - frac).scatter(-1, right, frac)
-        return taps[..., 1:L + 1]
     u = grid - pos.unsqueeze(-1)
     width = (sig.abs() + SIGMA_OFFSET[interpolation]).unsqueeze(-1)
     if interpolation == 'triangle':
@@ -91,6 +80,52 @@ def profile_1d(pos: Tensor, sig: Optional[Tensor], grid: Tensor, interpolation: 
     if interpolation == 'gaussian':
         return torch.exp(-0.5 * (u / width) ** 2)
     raise ValueError(f'unknown interpolation {interpolation!r}')
+
+
+def _bilinear_kernel(weight: Tensor, P: Tensor, sizes: Sequence[int], normalize: bool) -> Tensor:
+    """Scatter the ``2^D`` bilinear taps of every element into the kernel.
+
+    Written with ``floor`` (not ``relu(1 - |u|)``): same values, and at integer positions
+    (e.g. clamped to a border) a position keeps a one-sided gradient instead of zero, as
+    in the reference "v0" kernels the published checkpoints were trained with.
+    Positions are first clamped to ``[-1, L]`` (a tap there has no weight on the grid,
+    and neither has anything further out); taps then land in a grid padded with one cell
+    before and two after, which is cropped away. At ConvNeXt sizes the cost is the
+    number of autograd ops, not their size: the tap weights are products of same-shape
+    tensors (no broadcasting, whose backward needs reductions).
+    """
+    D = len(sizes)
+    lead = weight.shape[:-1]
+    padded = [L + 3 for L in sizes]
+    strides = [1] * D
+    for d in range(D - 2, -1, -1):
+        strides[d] = strides[d + 1] * padded[d + 1]
+    fracs, low, norm = [], 0, None
+    for d, L in enumerate(sizes):
+        # floor(P + L // 2) = floor(P) + L // 2: the centring stays out of the graph
+        pos = P[d].clamp(-1 - L // 2, L - L // 2)
+        base = pos.detach().floor()
+        frac = pos - base
+        fracs.append((1 - frac, frac))
+        low = low + (base.long() + (L // 2 + 1)) * strides[d]
+        if normalize:  # reference "v1": divide by the sum of the element's in-grid taps
+            b = base + L // 2
+            s_d = (1 - frac) * ((b >= 0) & (b <= L - 1)) + frac * (b <= L - 2)
+            norm = s_d if norm is None else norm * s_d
+    # the 2^D corners (bit d set: the tap after the position along dim d), built dim by
+    # dim so that partial products are shared
+    taps_w = [weight / (norm + NORM_EPS) if normalize else weight]
+    offsets = [0]
+    for d in range(D):
+        taps_w = [w * f for w in taps_w for f in fracs[d]]
+        offsets = [o + bit * strides[d] for o in offsets for bit in (0, 1)]
+    index = low.unsqueeze(-2) + torch.tensor(offsets, device=P.device).view(-1, 1)
+    flat = weight.new_zeros(*lead, math.prod(padded)).scatter_add(
+        -1, index.flatten(-2), torch.cat(taps_w, -1))
+    kernel = flat.view(*lead, *padded)
+    for d, L in enumerate(sizes):
+        kernel = kernel.narrow(len(lead) + d, 1, L)
+    return kernel
 
 
 def construct_kernel(weight: Tensor, P: Tensor, SIG: Optional[Tensor],
@@ -104,7 +139,8 @@ def construct_kernel(weight: Tensor, P: Tensor, SIG: Optional[Tensor],
         SIG: like ``P`` for triangle/gaussian, else ``None``.
         dilated_kernel_size: ``(L_0, ..., L_{D-1})``, the learned dims.
         interpolation: canonical name (see :func:`canonical_interpolation`).
-        grids: optional precomputed ``arange(L_d)`` tensors (module buffers).
+        grids: optional precomputed ``arange(L_d)`` tensors (module buffers; used by the
+            triangle/gaussian construction).
 
     Returns:
         Dense kernel ``(C_out, C_in/g, *dense, L_0, ..., L_{D-1})`` in the dtype of ``weight``.
@@ -113,18 +149,17 @@ def construct_kernel(weight: Tensor, P: Tensor, SIG: Optional[Tensor],
     if P.shape[0] != D or P.shape[1:] != weight.shape:
         raise ValueError(f'P must have shape ({D}, *weight.shape) = ({D}, {tuple(weight.shape)}), '
                          f'got {tuple(P.shape)}')
+    if interpolation in ('bilinear', 'bilinear_normalized'):
+        return _bilinear_kernel(weight, P, dilated_kernel_size,
+                                normalize=interpolation == 'bilinear_normalized')
     if grids is None:
         grids = [torch.arange(L, device=P.device, dtype=P.dtype) for L in dilated_kernel_size]
-    profiles = []
-    for d, L in enumerate(dilated_kernel_size):
-        sig = SIG[d] if SIG is not None else None
-        profiles.append(profile_1d(P[d] + (L // 2), sig, grids[d].to(P.dtype), interpolation))
-    scale = weight
-    if interpolation != 'bilinear':
-        norm = profiles[0].sum(-1)
-        for prof in profiles[1:]:
-            norm = norm * prof.sum(-1)
-        scale = weight / (norm + NORM_EPS)
+    profiles = [profile_1d(P[d] + (L // 2), SIG[d], grids[d].to(P.dtype), interpolation)
+                for d, L in enumerate(dilated_kernel_size)]
+    norm = profiles[0].sum(-1)
+    for prof in profiles[1:]:
+        norm = norm * prof.sum(-1)
+    scale = weight / (norm + NORM_EPS)
     # '...k,...ki,...kj->...ij' for D=2; torch contracts left to right, so the K-sum
     # is a batched matmul of (…, L_0, K) x (…, K, L_1) with no (L_0 x L_1 x K) temporary.
     letters = 'ijl'[:D]

@@ -137,3 +137,27 @@ def test_forward_is_conv_with_reference_kernel(cls, kwargs, shape, version, padd
         assert got.shape[2:] == x.shape[2:]
     # unbatched input
     torch.testing.assert_close(m(x[0]), got[0], rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize('version', VERSIONS)
+@pytest.mark.parametrize('cls,kwargs', [
+    (Dcls1d, dict(dilated_kernel_size=7)), (Dcls2d, dict(dilated_kernel_size=(7, 6))),
+    (Dcls3d, dict(dilated_kernel_size=(3, 5, 4))),
+])
+def test_positions_outside_the_dilated_kernel(cls, kwargs, version):
+    """Between optimizer steps (no clamping hook) positions can leave the range: taps
+    that fall off the grid are dropped, exactly as the dense formula does."""
+    m = cls(2, 2, 4, version=version, **kwargs).double()
+    _randomize(m)
+    with torch.no_grad():
+        for d, L in enumerate(m.dilated_kernel_size):
+            lim = L // 2
+            flat = m.P[d].view(-1)
+            flat[0::4] = lim + 0.4      # one tap on the grid, one off
+            flat[1::4] = -lim - 0.7     # one tap on the grid, one off
+            flat[2::4] = lim + 3.3      # both off
+    got = m.construct_kernel()
+    ref = reference_kernel(m.weight, m.P, m.SIG, m.dilated_kernel_size, {
+        'bilinear': 'v0', 'bilinear_normalized': 'v1', 'triangle': 'max',
+        'gaussian': 'gauss'}[m.version])
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6 * ref.abs().max())
