@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from typing import Callable, List, Sequence
 
 import torch
 
@@ -30,6 +30,24 @@ def time_fn(fn: Callable[[], object], device: str = 'cpu', repeats: int = 5,
         _sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def time_fns(fns: Sequence[Callable[[], object]], device: str = 'cpu', repeats: int = 5,
+             warmup: int = 2) -> List[float]:
+    """Median wall time (seconds) of each function, measured *interleaved* (one run of
+    each per round) so that a slow phase of a noisy machine hits all of them alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    times: List[List[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, bucket in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            bucket.append(time.perf_counter() - t0)
+    return [statistics.median(bucket) for bucket in times]
 
 
 def peak_memory_mib(fn: Callable[[], object], device: str = 'cpu') -> float:

@@ -30,7 +30,7 @@ import torch.nn as nn
 
 import dcls_mm.models  # noqa: F401  (registers convnext_dcls_* in timm)
 from dcls_mm.ops import Dcls2d, set_impl
-from dcls_mm.utils import peak_memory_mib, time_fn
+from dcls_mm.utils import peak_memory_mib, time_fn, time_fns
 
 STAGES = ((96, 56), (192, 28), (384, 14), (768, 7))
 
@@ -55,8 +55,8 @@ def layer_rows(args, device):
                     y.backward(torch.ones_like(y))
                 return run
             row = dict(C=C, H=H, layout=layout)
-            row['dense7_ms'] = 1e3 * time_fn(step(dense), device, args.repeats)
-            row['dcls_ms'] = 1e3 * time_fn(step(dcls), device, args.repeats)
+            dense_s, dcls_s = time_fns([step(dense), step(dcls)], device, args.repeats)
+            row['dense7_ms'], row['dcls_ms'] = 1e3 * dense_s, 1e3 * dcls_s
             if not args.skip_plain:
                 dcls.impl = 'plain'
                 row['plain_ms'] = 1e3 * time_fn(step(dcls), device, max(1, args.repeats // 2), 1)
@@ -77,30 +77,34 @@ def model_rows(args, device):
     loss_fn = nn.CrossEntropyLoss()
     result = {}
     print(f'\n[model] batch {args.batch}, 224x224 (ms; ratio vs convnext_tiny)')
-    for name, model in models.items():
-        def train_step(model=model):
+    def train_step(model):
+        def run():
             model.train()
             model.zero_grad(set_to_none=True)
             loss_fn(model(x), target).backward()
+        return run
 
-        def infer(model=model):
+    def infer(model):
+        def run():
             model.eval()
             with torch.inference_mode():
                 model(x)
-        entry = dict(train_ms=1e3 * time_fn(train_step, device, args.repeats),
-                     infer_ms=1e3 * time_fn(infer, device, args.repeats))
-        entry['train_peak_mib'] = peak_memory_mib(train_step, device)
+        return run
+    names = list(models)
+    train_s = time_fns([train_step(models[n]) for n in names], device, args.repeats)
+    infer_s = time_fns([infer(models[n]) for n in names], device, args.repeats)
+    for name, t_train, t_infer in zip(names, train_s, infer_s):
+        model = models[name]
+        entry = dict(train_ms=1e3 * t_train, infer_ms=1e3 * t_infer)
+        entry['train_peak_mib'] = peak_memory_mib(train_step(model), device)
         model.zero_grad(set_to_none=True)
         result[name] = entry
     if not args.skip_plain:
         dcls = models['convnext_dcls_tiny']
         set_impl(dcls, 'plain')
 
-        def plain_step():
-            dcls.train()
-            dcls.zero_grad(set_to_none=True)
-            loss_fn(dcls(x), target).backward()
-        result['convnext_dcls_tiny_plain'] = dict(train_ms=1e3 * time_fn(plain_step, device, 1, 0))
+        result['convnext_dcls_tiny_plain'] = dict(
+            train_ms=1e3 * time_fn(train_step(dcls), device, 1, 0))
         set_impl(dcls, 'auto')
     base, ours = result['convnext_tiny'], result['convnext_dcls_tiny']
     ratios = dict(train=ours['train_ms'] / base['train_ms'],

@@ -117,6 +117,8 @@ def main(argv=None):
         for C in widths:
             row = dict(model=model, C=C, K=K, dks=args.dks, interpolation=interp)
             for method in methods:
+                # one method at a time: the dense/reference ones allocate hundreds of MiB,
+                # which would disturb an interleaved measurement of the small one
                 fn = make_fn(method, C, K, args.dks, interp, args.device)
                 row[f'{method}_ms'] = 1000 * time_fn(fn, args.device, args.repeats)
                 row[f'{method}_peak_mib'] = peak_memory_mib(
