@@ -108,3 +108,19 @@ def test_depthwise_conv2d_function(hw, k, stride, pads):
     assert torch.autograd.gradcheck(lambda a, b: depthwise_conv2d(a, b, stride, pads),
                                     (x[:1, :2].detach().requires_grad_(),
                                      kernel[:2].detach().requires_grad_()))
+
+
+def test_fast_path_under_torch_compile_and_export():
+    torch.manual_seed(0)
+    m = Dcls2d(8, 8, 4, dilated_kernel_size=9, padding='same', groups=8, version='v0')
+    assert m.uses_fast_path
+    x = torch.randn(2, 8, 12, 12, requires_grad=True)
+    compiled = torch.compile(m)
+    y_compiled, y_eager = compiled(x), m(x)
+    torch.testing.assert_close(y_compiled, y_eager, rtol=1e-5, atol=1e-5)
+    g_compiled = torch.autograd.grad(y_compiled.square().sum(), [x, m.P, m.weight])
+    g_eager = torch.autograd.grad(y_eager.square().sum(), [x, m.P, m.weight])
+    for a, b in zip(g_compiled, g_eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    exported = torch.export.export(m, (x.detach(),))
+    torch.testing.assert_close(exported.module()(x.detach()), m(x.detach()), rtol=1e-5, atol=1e-5)
