@@ -74,20 +74,24 @@ def _kernel_grad_fft(x: Tensor, grad_out: Tensor, kernel_hw: Tuple[int, int],
     return corr.index_select(1, rows).index_select(2, cols).unsqueeze(1)
 
 
+def _conv_channels_last(x: Tensor, kernel: Tensor, stride: Tuple[int, int],
+                        padding: Tuple[Tuple[int, int], Tuple[int, int]]) -> Tuple[Tensor, Tensor]:
+    """Forward depthwise conv on a channels_last copy of ``x``; returns ``(y, x_cl)``."""
+    (pt, pb), (pl, pr) = padding
+    xc = x.contiguous(memory_format=torch.channels_last)
+    k = kernel.to(x.dtype)
+    if pt == pb and pl == pr:
+        return F.conv2d(xc, k, None, stride, (pt, pl), 1, x.shape[1]), xc
+    return F.conv2d(F.pad(xc, (pl, pr, pt, pb)), k, None, stride, 0, 1, x.shape[1]), xc
+
+
 class _DepthwiseConv2d(torch.autograd.Function):
     """Depthwise conv (groups = channels, multiplier 1) with explicit, fast gradients."""
 
     @staticmethod
     def forward(ctx, x: Tensor, kernel: Tensor, stride: Tuple[int, int],
                 padding: Tuple[Tuple[int, int], Tuple[int, int]]) -> Tensor:
-        (pt, pb), (pl, pr) = padding
-        channels = x.shape[1]
-        xc = x.contiguous(memory_format=torch.channels_last)
-        k = kernel.to(x.dtype)
-        if pt == pb and pl == pr:
-            y = F.conv2d(xc, k, None, stride, (pt, pl), 1, channels)
-        else:
-            y = F.conv2d(F.pad(xc, (pl, pr, pt, pb)), k, None, stride, 0, 1, channels)
+        y, xc = _conv_channels_last(x, kernel, stride, padding)
         ctx.save_for_backward(xc, kernel)
         ctx.stride, ctx.padding = stride, padding
         return y
@@ -151,9 +155,7 @@ def depthwise_conv2d(x: Tensor, kernel: Tensor, stride: Sequence[int] = (1, 1),
         pt, pl = pt - r0, pl - c0
         pb = (out_h - 1) * stride[0] + (r1 - r0) - h - pt
         pr = (out_w - 1) * stride[1] + (c1 - c0) - w - pl
+    padding = ((pt, pb), (pl, pr))
     if not torch.is_grad_enabled() or not (x.requires_grad or kernel.requires_grad):
-        xc = x.contiguous(memory_format=torch.channels_last)
-        xc = F.pad(xc, (pl, pr, pt, pb)) if (pt, pl) != (pb, pr) else xc
-        pad = 0 if (pt, pl) != (pb, pr) else (pt, pl)
-        return F.conv2d(xc, kernel.to(x.dtype), None, stride, pad, 1, x.shape[1])
-    return _DepthwiseConv2d.apply(x, kernel, stride, ((pt, pb), (pl, pr)))
+        return _conv_channels_last(x, kernel, stride, padding)[0]
+    return _DepthwiseConv2d.apply(x, kernel, stride, padding)
