@@ -15,12 +15,12 @@ tools/test.py, chosen by the config's ``default_scope``.
 from __future__ import annotations
 
 import argparse
-import os
 
 from mmengine.config import Config
 
 from dcls_mm.engine.runner_utils import (add_common_args, apply_common_args, build_runner,
-                                         set_prediction_output, setup_dcls_mm, use_tta)
+                                         parse_tool_args, set_prediction_output,
+                                         setup_dcls_mm, use_tta)
 
 
 def parse_args(argv=None):
@@ -34,9 +34,7 @@ def parse_args(argv=None):
     parser.add_argument('--out', help='save the predictions: mmdet configs: a .pkl file '
                         "(mmdet's DumpDetResults); mmseg configs: a directory of "
                         "prediction PNGs (the test evaluator's output_dir)")
-    args = parser.parse_args(argv)
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
+    return parse_tool_args(parser, argv)
 
 
 def main(argv=None):

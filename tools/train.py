@@ -13,12 +13,12 @@ SLURM: ``tools/slurm_train.sh``. The helpers shared with ``tools/test.py`` live 
 from __future__ import annotations
 
 import argparse
-import os
 
 from mmengine.config import Config
 
 from dcls_mm.engine.runner_utils import (add_common_args, apply_common_args, build_runner,
-                                         fall_back_to_fp32_on_cpu, setup_dcls_mm)
+                                         fall_back_to_fp32_on_cpu, parse_tool_args,
+                                         setup_dcls_mm)
 
 
 def parse_args(argv=None):
@@ -32,9 +32,7 @@ def parse_args(argv=None):
         '--resume', nargs='?', type=str, const='auto',
         help='resume from CKPT, or, without a value, from the latest checkpoint in the '
         'work dir')
-    args = parser.parse_args(argv)
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
+    return parse_tool_args(parser, argv)
 
 
 def main(argv=None):

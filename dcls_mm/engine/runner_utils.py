@@ -5,6 +5,7 @@ mmdet/mmseg configs that use dcls-mm modules.
 from __future__ import annotations
 
 import argparse
+import os
 import os.path as osp
 import warnings
 
@@ -25,6 +26,14 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                         default='none', help='job launcher')
     # torch.distributed launchers pass --local-rank (torch>=2) or --local_rank.
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+
+
+def parse_tool_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse ``argv`` and export ``LOCAL_RANK`` (torch.distributed launchers may pass it
+    only as ``--local-rank``; mmengine reads the environment)."""
+    args = parser.parse_args(argv)
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
 
 
 def apply_common_args(cfg: Config, args: argparse.Namespace) -> None:
