@@ -8,8 +8,10 @@ same convolution exactly, with three cheaper pieces:
 - forward: ``F.conv2d`` on a channels_last input (oneDNN's fast depthwise path);
 - input gradient: ``F.conv_transpose2d`` with the same kernel, also channels_last;
 - kernel gradient: a cross-correlation of the (padded) input with the output gradient,
-  summed over the batch, computed with real FFTs of a 2-3-5-smooth size (its cost does
-  not depend on the kernel size).
+  summed over the batch. Two exact ways, the cheaper one by a cost model: a direct sum
+  over the taps that meet the input (compiled C++, :mod:`dcls_mm.ops.extension`; wins
+  on small maps), or real FFTs of a 2-3-5-smooth size (cost independent of the kernel
+  size; wins on large maps, and the fallback when the C++ kernels are not built).
 
 Before any of this the kernel is cropped to the rows/columns that can touch the input
 (for a 7x7 feature map only 13 of 17 rows can): exact, and it saves work in the last
@@ -23,6 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import extension
+
+# Cost model of the kernel gradient: the direct C++ sum does ~this many multiply-adds in
+# the time the FFT route needs per point of its (padded) transform, measured on ConvNeXt-T
+# shapes (tools/analysis/benchmark_convnext_dcls.py): the FFT wins on 56x56 maps, the
+# direct sum on 28x28 and below.
+DIRECT_MACS_PER_FFT_POINT = 150
 
 def _smooth_size(n: int) -> int:
     """Smallest integer >= n whose prime factors are 2, 3 and 5 (fast FFT sizes)."""
@@ -63,15 +72,50 @@ def _kernel_grad_fft(x: Tensor, grad_out: Tensor, kernel_hw: Tuple[int, int],
         up = g.new_zeros(n, c, stride[0] * (ho - 1) + 1, stride[1] * (wo - 1) + 1)
         up[:, :, ::stride[0], ::stride[1]] = g
         g = up
-    h, w = x.shape[-2:]
-    size = (_smooth_size(max(h + max(pt, pb), g.shape[-2] + 1)),
-            _smooth_size(max(w + max(pl, pr), g.shape[-1] + 1)))
+    size = _fft_shape(tuple(x.shape[-2:]), tuple(grad_out.shape[-2:]), padding, stride)
     spec = torch.einsum('nchw,nchw->chw', torch.fft.rfft2(x, s=size),
                         torch.fft.rfft2(g, s=size).conj())
     corr = torch.fft.irfft2(spec, s=size)
     rows = (torch.arange(kernel_hw[0], device=x.device) - pt) % size[0]
     cols = (torch.arange(kernel_hw[1], device=x.device) - pl) % size[1]
     return corr.index_select(1, rows).index_select(2, cols).unsqueeze(1)
+
+
+def _valid_taps(size: int, kernel: int, pad_before: int, stride: int, out: int) -> int:
+    """Number of (output position, kernel tap) pairs along one dim that meet the input."""
+    total = 0
+    for k in range(kernel):
+        lo = max(0, -((k - pad_before) // stride))  # ceil((pad_before - k) / stride)
+        hi = min(out - 1, (size - 1 + pad_before - k) // stride)
+        total += max(0, hi - lo + 1)
+    return total
+
+
+def _fft_shape(x_hw: Tuple[int, int], out_hw: Tuple[int, int],
+               padding: Tuple[Tuple[int, int], Tuple[int, int]],
+               stride: Tuple[int, int]) -> Tuple[int, int]:
+    """Size of the circular correlation that equals the linear one on the kernel's lags."""
+    return tuple(_smooth_size(max(size + max(pads), s * (out - 1) + 2))
+                 for size, out, pads, s in zip(x_hw, out_hw, padding, stride))
+
+
+def _kernel_grad(x: Tensor, grad_out: Tensor, kernel_hw: Tuple[int, int],
+                 padding: Tuple[Tuple[int, int], Tuple[int, int]],
+                 stride: Tuple[int, int]) -> Tensor:
+    """Kernel gradient ``(C, 1, kh, kw)`` (float32, float64 for float64 inputs), by the
+    direct C++ sum or by FFT, whichever the cost model says is cheaper."""
+    (pt, pb), (pl, pr) = padding
+    n, c, h, w = x.shape
+    ho, wo = grad_out.shape[-2:]
+    if x.device.type == 'cpu' and x.dtype != torch.float64 and extension.available():
+        macs = (_valid_taps(h, kernel_hw[0], pt, stride[0], ho)
+                * _valid_taps(w, kernel_hw[1], pl, stride[1], wo))
+        fft_h, fft_w = _fft_shape((h, w), (ho, wo), padding, stride)
+        fft_points = fft_h * fft_w
+        if macs <= DIRECT_MACS_PER_FFT_POINT * fft_points:
+            return torch.ops.dcls_mm.depthwise_kernel_grad(
+                x.float(), grad_out.float(), kernel_hw[0], kernel_hw[1], pt, pl, *stride)
+    return _kernel_grad_fft(x, grad_out, kernel_hw, padding, stride)
 
 
 def _conv_channels_last(x: Tensor, kernel: Tensor, stride: Tuple[int, int],
@@ -121,7 +165,7 @@ class _DepthwiseConv2d(torch.autograd.Function):
             full[:, :, :used_h, :used_w] = gx
             grad_x = full[:, :, pt:pt + h, pl:pl + w]
         if ctx.needs_input_grad[1]:
-            grad_k = _kernel_grad_fft(x, g, tuple(kernel.shape[-2:]), padding, stride)
+            grad_k = _kernel_grad(x, g, tuple(kernel.shape[-2:]), padding, stride)
             grad_k = grad_k.to(kernel.dtype)
         return grad_x, grad_k, None, None
 

@@ -50,6 +50,12 @@ check_env() {  # $1: --quiet or nothing
 }
 RECREATE="rm -rf $VENV && bash tools/env/setup.sh"
 
+# dcls-mm's optional C++ kernels: built when missing for the current sources (cached
+# under ~/.cache/dcls-mm/ext, ~15 s); without a compiler dcls_mm runs its PyTorch fallback.
+build_extension() {
+  "$VENV/bin/python" "$ROOT/tools/env/build_extension.py" "$@" || true
+}
+
 if [ "${1:-}" = "--check" ]; then
   if [ ! -e "$VENV" ]; then
     die "no dcls-mm environment at $VENV. Create it with: bash tools/env/setup.sh (or bash tools/test.sh)"
@@ -58,6 +64,7 @@ if [ "${1:-}" = "--check" ]; then
   rc=0; check_env || rc=$?
   [ "$rc" -le 1 ] || die "the environment at $VENV is broken: its check crashed. Recreate it: $RECREATE"
   [ "$rc" -eq 0 ] || die "the environment at $VENV is incomplete (see above). Repair it with: bash tools/env/setup.sh (a package that is installed but fails to import is not repaired in place; recreate the environment: $RECREATE)"
+  build_extension --status
   say "environment at $VENV is complete"
   exit 0
 fi
@@ -67,6 +74,7 @@ want=$(fingerprint)
 if venv_python_works && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   rc=0; problems=$(check_env --quiet 2>&1) || rc=$?
   if [ "$rc" -eq 0 ]; then
+    build_extension
     say "environment up to date: $VENV"
     exit 0
   fi
@@ -98,13 +106,13 @@ pip_() {
     "$VENV/bin/python" -m pip "$@"
 }
 
-say "[1/4] build tools"
+say "[1/5] build tools"
 pip_ install -q -c "$STACK" setuptools wheel ninja numpy opencv-python-headless
 
-say "[2/4] torch $(pin torch) + torchvision $(pin torchvision) (PyPI pair)"
+say "[2/5] torch $(pin torch) + torchvision $(pin torchvision) (PyPI pair)"
 pip_ install -q -c "$STACK" torch torchvision
 
-say "[3/4] mmcv $(pin mmcv) with compiled ops"
+say "[3/5] mmcv $(pin mmcv) with compiled ops"
 mmcv_v=$(pin mmcv); torch_v=$(pin torch)
 # CPU-only and CUDA builds of mmcv differ: never reuse one for the other.
 flavor=$("$VENV/bin/python" -c 'import os, torch; print("cuda" if torch.cuda.is_available() or os.environ.get("FORCE_CUDA") == "1" else "cpu")')
@@ -125,8 +133,11 @@ mkdir -p "$repo_cache" "$user_cache"
 [ -f "$user_cache/$(basename "$wheel")" ] || cp "$wheel" "$user_cache/" || true
 pip_ install -q -c "$STACK" "$wheel"
 
-say "[4/4] OpenMMLab stack, timm, tests and dcls-mm (editable)"
+say "[4/5] OpenMMLab stack, timm, tests and dcls-mm (editable)"
 pip_ install -q -c "$STACK" -e "$ROOT[tests,mim]"
+
+say "[5/5] dcls-mm C++ kernels (optional)"
+build_extension
 
 check_env || die "the freshly installed environment failed its check (see above). If a package fails to import, recreate the environment: $RECREATE"
 echo "$want" > "$STAMP"

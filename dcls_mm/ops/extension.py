@@ -1,0 +1,112 @@
+"""Optional compiled CPU kernels of :mod:`dcls_mm.ops`, with a pure-PyTorch fallback.
+
+The C++ sources in ``dcls_mm/ops/csrc`` are compiled once by ``bash tools/env/setup.sh``
+(which runs ``tools/env/build_extension.py``) into a cache folder keyed by
+the sources, the compiler flags, torch and Python; importing :mod:`dcls_mm` never
+compiles anything and never fails because of them. When the library for the running
+sources is missing or does not load (no compiler when setup ran, other torch, edited
+sources) the callers use their PyTorch fallback and one log line says why.
+
+The cache folder is ``$DCLS_MM_EXT_DIR`` if set, else ``~/.cache/dcls-mm/ext``
+(``$XDG_CACHE_HOME`` is honoured).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger('dcls_mm')
+
+NAME = 'dcls_mm_cpu'
+SOURCES = (Path(__file__).parent / 'csrc' / 'depthwise_kernel_grad.cpp', )
+# -fopenmp: at::parallel_for is inlined from torch's headers, so the OpenMP pragmas it
+# relies on must be compiled here; without the flag the kernels would run on one thread.
+CFLAGS = ('-O3', '-fopenmp')
+LDFLAGS = ('-fopenmp', )
+
+_state = {'loaded': None}  # None: not tried yet; then True/False
+
+
+def build_dir() -> Path:
+    """Folder of the library matching the running sources, flags, torch and Python."""
+    root = os.environ.get('DCLS_MM_EXT_DIR')
+    if not root:
+        cache = os.environ.get('XDG_CACHE_HOME') or os.path.join(Path.home(), '.cache')
+        root = os.path.join(cache, 'dcls-mm', 'ext')
+    digest = hashlib.sha256()
+    for src in SOURCES:
+        digest.update(src.read_bytes())
+    digest.update(' '.join(CFLAGS + LDFLAGS).encode())
+    tag = (f'torch{torch.__version__.split("+")[0]}-py{sys.version_info[0]}{sys.version_info[1]}'
+           f'-{digest.hexdigest()[:12]}')
+    return Path(root) / tag
+
+
+def library_path() -> Path:
+    return build_dir() / f'{NAME}.so'
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the library (no-op when it is already built); returns its path.
+
+    Raises whatever :func:`torch.utils.cpp_extension.load` raises when the toolchain
+    is missing or the compilation fails.
+    """
+    path = library_path()
+    if path.is_file():
+        return path
+    # torch logs warnings that do not concern a CPU-only build (no CUDA runtime, its
+    # compiler-name check); keep them for --verbose
+    torch_logger = logging.getLogger('torch.utils.cpp_extension')
+    level = torch_logger.level
+    if not verbose:
+        torch_logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension  # slow import, needed only here
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load(name=NAME, sources=[str(s) for s in SOURCES],
+                           extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+                           build_directory=str(path.parent), is_python_module=False,
+                           verbose=verbose)
+    finally:
+        torch_logger.setLevel(level)
+    if not path.is_file():
+        raise RuntimeError(f'the build finished but {path} was not written')
+    return path
+
+
+def available() -> bool:
+    """Whether the compiled ops are loaded (``torch.ops.dcls_mm.*``); loads them on the
+    first call and logs once, at INFO level, why not when they cannot be."""
+    if _state['loaded'] is None:
+        _state['loaded'] = _load()
+    return _state['loaded']
+
+
+def _load() -> bool:
+    path = library_path()
+    if not path.is_file():
+        logger.info('dcls_mm: compiled CPU kernels not built for these sources and torch '
+                    '(%s is missing); using the PyTorch fallback. Build them with: '
+                    'bash tools/env/setup.sh', path)
+        return False
+    try:
+        torch.ops.load_library(str(path))
+    except (OSError, RuntimeError) as err:
+        logger.info('dcls_mm: could not load the compiled CPU kernels %s (%s); using the '
+                    'PyTorch fallback. Rebuild them with: bash tools/env/setup.sh', path,
+                    str(err).splitlines()[0] if str(err) else type(err).__name__)
+        return False
+    torch.library.register_fake('dcls_mm::depthwise_kernel_grad')(_depthwise_kernel_grad_fake)
+    return True
+
+
+def _depthwise_kernel_grad_fake(x, grad_out, kh, kw, pad_top, pad_left, stride_h, stride_w):
+    # what torch.compile / export see instead of running the kernel
+    return x.new_empty(kh, kw, x.shape[1]).permute(2, 0, 1).unsqueeze(1)
