@@ -39,8 +39,8 @@ struct Geometry {
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Accumulates kernel row `ky` for channels [c0, c0 + cb), cb <= kChannelBlock, into acc
-// (kw x kChannelBlock). The fixed-width inner loop is the one that runs (all but the last
-// channel block); -O3 unswitches the test on cb out of the loops.
+// (kw x kChannelBlock). Full blocks (all but maybe the last) take the unrolled,
+// fixed-width loops, which the compiler vectorises.
 DCLS_MM_MULTIVERSION
 void accumulate_row(const float* __restrict x, const float* __restrict g,
                     float* __restrict acc, const Geometry& s, int64_t c0, int64_t cb,
@@ -55,25 +55,55 @@ void accumulate_row(const float* __restrict x, const float* __restrict g,
     for (int64_t y = y_lo; y < y_hi; ++y) {
       const float* grow = g + ((n * s.Ho + y) * s.Wo) * s.C + c0;
       const float* xrow = x + ((n * s.H + y * s.stride_h + ky - s.pad_top) * s.W) * s.C + c0;
-      for (int64_t ox = 0; ox < s.Wo; ++ox) {
+      int64_t ox = 0;
+      if (cb == B) {
+        // four output columns at a time: one load/store of acc per four multiply-adds
+        for (; ox + 4 <= s.Wo; ox += 4) {
+          float gv[4][B];
+          for (int t = 0; t < 4; ++t)
+            for (int64_t c = 0; c < B; ++c) gv[t][c] = grow[(ox + t) * s.C + c];
+          const int64_t base = ox * s.stride_w - s.pad_left, step = s.stride_w * s.C;
+          // taps valid for all four columns: [all_lo, all_hi)
+          const int64_t all_lo = std::max<int64_t>(0, -base);
+          const int64_t all_hi =
+              std::max(all_lo, std::min(s.kw, s.W - base - 3 * s.stride_w));
+          for (int64_t j = all_lo; j < all_hi; ++j) {
+            const float* xp = xrow + (base + j) * s.C;
+            float* a = acc + j * B;
+#pragma GCC ivdep
+            for (int64_t c = 0; c < B; ++c)
+              a[c] += gv[0][c] * xp[c] + gv[1][c] * xp[step + c] +
+                      gv[2][c] * xp[2 * step + c] + gv[3][c] * xp[3 * step + c];
+          }
+          // the taps only some of the columns meet, column by column
+          for (int t = 0; t < 4; ++t) {
+            const int64_t col = base + t * s.stride_w;
+            const int64_t j_lo = std::max<int64_t>(0, -col);
+            const int64_t j_hi = std::min(s.kw, s.W - col);
+            for (int64_t j = j_lo; j < std::min(all_lo, j_hi); ++j) {
+              const float* xp = xrow + (col + j) * s.C;
+              float* a = acc + j * B;
+#pragma GCC ivdep
+              for (int64_t c = 0; c < B; ++c) a[c] += gv[t][c] * xp[c];
+            }
+            for (int64_t j = std::max(all_hi, j_lo); j < j_hi; ++j) {
+              const float* xp = xrow + (col + j) * s.C;
+              float* a = acc + j * B;
+#pragma GCC ivdep
+              for (int64_t c = 0; c < B; ++c) a[c] += gv[t][c] * xp[c];
+            }
+          }
+        }
+      }
+      for (; ox < s.Wo; ++ox) {
         const int64_t base = ox * s.stride_w - s.pad_left;
         const int64_t j_lo = std::max<int64_t>(0, -base);
         const int64_t j_hi = std::min(s.kw, s.W - base);
         const float* gp = grow + ox * s.C;
-        if (cb == B) {
-          float gv[B];
-          for (int64_t c = 0; c < B; ++c) gv[c] = gp[c];
-          for (int64_t j = j_lo; j < j_hi; ++j) {
-            const float* xp = xrow + (base + j) * s.C;
-            float* a = acc + j * B;
-#pragma GCC ivdep
-            for (int64_t c = 0; c < B; ++c) a[c] += gv[c] * xp[c];
-          }
-        } else {
-          for (int64_t j = j_lo; j < j_hi; ++j) {
-            const float* xp = xrow + (base + j) * s.C;
-            for (int64_t c = 0; c < cb; ++c) acc[j * B + c] += gp[c] * xp[c];
-          }
+        for (int64_t j = j_lo; j < j_hi; ++j) {
+          const float* xp = xrow + (base + j) * s.C;
+          float* a = acc + j * B;
+          for (int64_t c = 0; c < cb; ++c) a[c] += gp[c] * xp[c];
         }
       }
     }
