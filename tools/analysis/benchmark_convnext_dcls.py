@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 import dcls_mm.models  # noqa: F401  (registers convnext_dcls_* in timm)
-from dcls_mm.ops import Dcls2d, set_impl
+from dcls_mm.ops import Dcls2d, extension, set_impl
 from dcls_mm.utils import peak_memory_mib, time_fn, time_fns
 
 STAGES = ((96, 56), (192, 28), (384, 14), (768, 7))
@@ -120,30 +120,32 @@ def model_rows(args, device):
     return dict(models=result, ratios=ratios)
 
 
-def gpu_throughput(args, device):
-    """images/s of a training step with AMP (bf16) at batch 64."""
+def throughput(device: str, batch: int = 64, repeats: int = 5) -> dict:
+    """images/s of an AdamW training step with AMP (bf16 autocast) at ``batch``; run on
+    CUDA by :func:`main` (batch 64), callable on any device."""
     out = {}
     for name in ('convnext_tiny', 'convnext_dcls_tiny'):
         model = timm.create_model(name).to(device).to(memory_format=torch.channels_last)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        x = torch.randn(64, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
-        target = torch.randint(0, 1000, (64,), device=device)
+        x = torch.randn(batch, 3, 224, 224, device=device).contiguous(
+            memory_format=torch.channels_last)
+        target = torch.randint(0, 1000, (batch,), device=device)
 
         def step():
-            with torch.autocast('cuda', dtype=torch.bfloat16):
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
                 loss = nn.functional.cross_entropy(model(x), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        out[name] = 64 / time_fn(step, device, args.repeats, 3)
+        out[name] = batch / time_fn(step, device, repeats, 3)
     ratio = out['convnext_dcls_tiny'] / out['convnext_tiny']
-    print(f'\n[gpu] training throughput (AMP, batch 64): convnext_tiny {out["convnext_tiny"]:.1f} '
-          f'img/s, convnext_dcls_tiny {out["convnext_dcls_tiny"]:.1f} img/s, '
-          f'ratio {ratio:.3f} (target >= 0.95)')
-    return dict(images_per_s=out, ratio=ratio)
+    print(f'\n[throughput] training, AMP bf16, batch {batch}: convnext_tiny '
+          f'{out["convnext_tiny"]:.1f} img/s, convnext_dcls_tiny '
+          f'{out["convnext_dcls_tiny"]:.1f} img/s, ratio {ratio:.3f} (target on GPU >= 0.95)')
+    return dict(batch=batch, images_per_s=out, ratio=ratio)
 
 
-def main(argv=None):
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--batch', type=int, default=8)
@@ -154,20 +156,24 @@ def main(argv=None):
     parser.add_argument('--out', help='write results as JSON to this file')
     args = parser.parse_args(argv)
     device = args.device
-    print(f'device={device} torch={torch.__version__} threads={torch.get_num_threads()}')
+    compiled = extension.available()
+    print(f'device={device} torch={torch.__version__} threads={torch.get_num_threads()} '
+          f'kernel gradient on CPU: '
+          f'{"compiled C++ kernels" if compiled else "PyTorch FFT fallback (C++ kernels not built)"}')
     results = dict(device=device, torch=torch.__version__, threads=torch.get_num_threads(),
-                   batch=args.batch)
+                   batch=args.batch, compiled_kernels=compiled)
     if args.only in (None, 'layer'):
         results['layer'] = layer_rows(args, device)
     if args.only in (None, 'model'):
         results['model'] = model_rows(args, device)
     if device.startswith('cuda'):
-        results['gpu'] = gpu_throughput(args, device)
+        results['gpu'] = throughput(device, 64, args.repeats)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)) or '.', exist_ok=True)
         with open(args.out, 'w') as f:
             json.dump(results, f, indent=2)
         print(f'wrote {args.out}')
+    return results
 
 
 if __name__ == '__main__':
