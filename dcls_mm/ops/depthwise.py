@@ -106,8 +106,8 @@ def _kernel_grad(x: Tensor, grad_out: Tensor, kernel_hw: Tuple[int, int],
                  stride: Tuple[int, int]) -> Tensor:
     """Kernel gradient ``(C, 1, kh, kw)`` (float32, float64 for float64 inputs), by the
     direct C++ sum or by FFT, whichever the cost model says is cheaper."""
-    (pt, pb), (pl, pr) = padding
-    n, c, h, w = x.shape
+    (pt, _), (pl, _) = padding
+    h, w = x.shape[-2:]
     ho, wo = grad_out.shape[-2:]
     if x.device.type == 'cpu' and x.dtype != torch.float64 and extension.available():
         macs = (_valid_taps(h, kernel_hw[0], pt, stride[0], ho)

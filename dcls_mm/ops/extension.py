@@ -17,7 +17,6 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import torch
 
