@@ -39,9 +39,10 @@ def test_layer_part_writes_json(bench, tmp_path, capsys):
 
 
 def test_throughput_runs_on_any_device(bench):
-    result = bench.throughput('cpu', batch=1, repeats=1)
+    result = bench.throughput('cpu', batch=1, repeats=1, plain=True)
     assert result['batch'] == 1
-    assert set(result['images_per_s']) == {'convnext_tiny', 'convnext_dcls_tiny'}
+    assert set(result['images_per_s']) == {'convnext_tiny', 'convnext_dcls_tiny',
+                                           'convnext_dcls_tiny_plain'}
     ips = result['images_per_s']
     assert result['ratio'] == pytest.approx(ips['convnext_dcls_tiny'] / ips['convnext_tiny'])
     assert all(v > 0 for v in ips.values())

@@ -120,12 +120,17 @@ def model_rows(args, device):
     return dict(models=result, ratios=ratios)
 
 
-def throughput(device: str, batch: int = 64, repeats: int = 5) -> dict:
+def throughput(device: str, batch: int = 64, repeats: int = 5, plain: bool = False) -> dict:
     """images/s of an AdamW training step with AMP (bf16 autocast) at ``batch``; run on
-    CUDA by :func:`main` (batch 64), callable on any device."""
+    CUDA by :func:`main` (batch 64), callable on any device. ``plain`` adds ConvNeXt-T-dcls
+    on the plain path, to see what the fast path gains on that device."""
     out = {}
-    for name in ('convnext_tiny', 'convnext_dcls_tiny'):
+    variants = [('convnext_tiny', 'auto'), ('convnext_dcls_tiny', 'auto')]
+    if plain:
+        variants.append(('convnext_dcls_tiny', 'plain'))
+    for name, impl in variants:
         model = timm.create_model(name).to(device).to(memory_format=torch.channels_last)
+        set_impl(model, impl)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         x = torch.randn(batch, 3, 224, 224, device=device).contiguous(
             memory_format=torch.channels_last)
@@ -137,11 +142,11 @@ def throughput(device: str, batch: int = 64, repeats: int = 5) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        out[name] = batch / time_fn(step, device, repeats, 3)
+        out[name if impl == 'auto' else f'{name}_plain'] = batch / time_fn(step, device, repeats, 3)
     ratio = out['convnext_dcls_tiny'] / out['convnext_tiny']
-    print(f'\n[throughput] training, AMP bf16, batch {batch}: convnext_tiny '
-          f'{out["convnext_tiny"]:.1f} img/s, convnext_dcls_tiny '
-          f'{out["convnext_dcls_tiny"]:.1f} img/s, ratio {ratio:.3f} (target on GPU >= 0.95)')
+    print(f'\n[throughput] training, AMP bf16, batch {batch} (img/s): '
+          + ', '.join(f'{k} {v:.1f}' for k, v in out.items())
+          + f'; ratio dcls/dense {ratio:.3f} (target on GPU >= 0.95)')
     return dict(batch=batch, images_per_s=out, ratio=ratio)
 
 
@@ -167,7 +172,7 @@ def main(argv=None) -> dict:
     if args.only in (None, 'model'):
         results['model'] = model_rows(args, device)
     if device.startswith('cuda'):
-        results['gpu'] = throughput(device, 64, args.repeats)
+        results['gpu'] = throughput(device, 64, args.repeats, plain=not args.skip_plain)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)) or '.', exist_ok=True)
         with open(args.out, 'w') as f:
