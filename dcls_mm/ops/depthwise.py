@@ -54,6 +54,14 @@ def _used_range(size: int, kernel: int, pad_before: int, stride: int, out: int) 
     return lo, max(hi, lo + 1)
 
 
+def _fft_shape(x_hw: Tuple[int, int], out_hw: Tuple[int, int],
+               padding: Tuple[Tuple[int, int], Tuple[int, int]],
+               stride: Tuple[int, int]) -> Tuple[int, int]:
+    """Size of the circular correlation that equals the linear one on the kernel's lags."""
+    return tuple(_smooth_size(max(size + max(pads), s * (out - 1) + 2))
+                 for size, out, pads, s in zip(x_hw, out_hw, padding, stride))
+
+
 def _kernel_grad_fft(x: Tensor, grad_out: Tensor, kernel_hw: Tuple[int, int],
                      padding: Tuple[Tuple[int, int], Tuple[int, int]],
                      stride: Tuple[int, int]) -> Tensor:
@@ -64,7 +72,7 @@ def _kernel_grad_fft(x: Tensor, grad_out: Tensor, kernel_hw: Tuple[int, int],
     (negative lags wrap to the end of the circle). Computed in float32 (float64 for
     float64 inputs).
     """
-    (pt, pb), (pl, pr) = padding
+    (pt, _), (pl, _) = padding
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     x = x.to(dtype).contiguous()
     g = grad_out.to(dtype).contiguous()
@@ -91,14 +99,6 @@ def _valid_taps(size: int, kernel: int, pad_before: int, stride: int, out: int) 
         hi = min(out - 1, (size - 1 + pad_before - k) // stride)
         total += max(0, hi - lo + 1)
     return total
-
-
-def _fft_shape(x_hw: Tuple[int, int], out_hw: Tuple[int, int],
-               padding: Tuple[Tuple[int, int], Tuple[int, int]],
-               stride: Tuple[int, int]) -> Tuple[int, int]:
-    """Size of the circular correlation that equals the linear one on the kernel's lags."""
-    return tuple(_smooth_size(max(size + max(pads), s * (out - 1) + 2))
-                 for size, out, pads, s in zip(x_hw, out_hw, padding, stride))
 
 
 def _kernel_grad(x: Tensor, grad_out: Tensor, kernel_hw: Tuple[int, int],
