@@ -137,8 +137,10 @@ class _DepthwiseConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, kernel: Tensor, stride: Tuple[int, int],
                 padding: Tuple[Tuple[int, int], Tuple[int, int]]) -> Tensor:
-        y, xc = _conv_channels_last(x, kernel, stride, padding)
-        ctx.save_for_backward(xc, kernel)
+        y, _ = _conv_channels_last(x, kernel, stride, padding)
+        # x itself, not its channels_last copy: a copy made here is not in the autograd
+        # graph, so higher-order gradients could not reach x through it
+        ctx.save_for_backward(x, kernel)
         ctx.stride, ctx.padding = stride, padding
         return y
 
@@ -146,6 +148,16 @@ class _DepthwiseConv2d(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         x, kernel = ctx.saved_tensors
         stride, padding = ctx.stride, ctx.padding
+        if torch.is_grad_enabled():
+            # backward(create_graph=True): the C++ kernel gradient has no derivative, so
+            # take the gradients of the same convolution through PyTorch's own
+            # (twice differentiable) ops instead
+            needed = [t for t, need in zip((x, kernel), ctx.needs_input_grad[:2]) if need]
+            y, _ = _conv_channels_last(x, kernel, stride, padding)
+            grads = iter(torch.autograd.grad(y, needed, grad_out, create_graph=True))
+            return (next(grads) if ctx.needs_input_grad[0] else None,
+                    next(grads) if ctx.needs_input_grad[1] else None, None, None)
+        x = x.contiguous(memory_format=torch.channels_last)
         (pt, pb), (pl, pr) = padding
         g = grad_out.contiguous(memory_format=torch.channels_last)
         grad_x = grad_k = None
@@ -185,7 +197,9 @@ def depthwise_conv2d(x: Tensor, kernel: Tensor, stride: Sequence[int] = (1, 1),
     Returns:
         ``(N, C, H_out, W_out)`` in channels_last memory format (the layout the next
         ConvNeXt ops want), with the same values as
-        ``F.conv2d(F.pad(x, ...), kernel, stride=stride, groups=C)``.
+        ``F.conv2d(F.pad(x, ...), kernel, stride=stride, groups=C)``. Higher-order
+        gradients (``backward(create_graph=True)``, e.g. gradient penalties) are exact
+        too: that backward goes through PyTorch's own convolution ops (slower).
     """
     stride = tuple(stride)
     (pt, pb), (pl, pr) = padding

@@ -39,6 +39,18 @@ def _ntuple(value, n: int, name: str, minimum: int) -> Tuple[int, ...]:
     return values
 
 
+def _same_values(saved: Sequence[Tensor], params: Sequence[Tensor]) -> bool:
+    """Whether ``params`` hold exactly the values (dtype, device, shape) of ``saved``.
+
+    Args:
+        saved: copies taken when a kernel was built.
+        params: the module's current parameters, in the same order.
+    """
+    return len(saved) == len(params) and all(
+        a.dtype == b.dtype and a.device == b.device and a.shape == b.shape
+        and torch.equal(a, b) for a, b in zip(saved, params))
+
+
 class _DclsNd(nn.Module):
     """Base class of all DCLS convolutions (not meant to be used directly).
 
@@ -171,27 +183,34 @@ class _DclsNd(nn.Module):
     def construct_kernel(self) -> Tensor:
         """Dense kernel laid out for ``F.conv{N}d``: ``(C_out, C_in/groups, *kernel_size)``.
 
-        Built in the parameters' dtype (float32 unless the module was cast) with autocast
-        disabled: the interpolation of positions is precision-sensitive, so it must not
-        run in bf16/fp16; the convolution that follows is autocast as usual.
+        Built in float32 (float64 for a float64 module) with autocast disabled, then cast
+        to the parameters' dtype: the interpolation of positions is precision-sensitive,
+        so it never runs in bf16/fp16, whether the module was cast (``.bfloat16()``) or
+        runs under autocast; the convolution that follows is autocast as usual.
+
+        Without autograd (inference) the kernel is reused while the parameters hold the
+        same values as when it was built (compared element by element, so updates through
+        ``.data``, e.g. an EMA / mean-teacher model, are seen too).
         """
-        # Without autograd (inference) the kernel only changes when a parameter does:
-        # reuse it while the parameters' storage and version counters are unchanged.
-        # (Skipped under torch.compile, which traces the construction instead.)
+        # Skipped under torch.compile, which traces the construction instead.
         memo = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        params = [p for p in (self.weight, self.P, self.SIG) if p is not None]
         if memo:
-            key = tuple((p.data_ptr(), p._version, p.dtype, p.device)
-                        for p in (self.weight, self.P, self.SIG) if p is not None)
             cached = self.__dict__.get('_kernel_memo')
-            if cached is not None and cached[0] == key:
+            if cached is not None and _same_values(cached[0], params):
                 return cached[1]
+        dtype = self.weight.dtype
+        build_dtype = dtype if dtype == torch.float64 else torch.float32
         device_type = self.weight.device.type
         with torch.autocast(device_type=device_type, enabled=False):
             grids = [getattr(self, f'grid{d}') for d in range(len(self.dilated_kernel_size))]
-            kernel = construct_kernel(self.weight, self.P, self.SIG, self.dilated_kernel_size,
-                                      self.version, grids)
+            weight, P, SIG = (None if p is None else p.to(build_dtype)
+                              for p in (self.weight, self.P, self.SIG))
+            kernel = construct_kernel(weight, P, SIG, self.dilated_kernel_size, self.version,
+                                      grids).to(dtype)
         if memo:
-            self.__dict__['_kernel_memo'] = (key, kernel)
+            # copies: a version counter misses `.data` updates, the values cannot
+            self.__dict__['_kernel_memo'] = ([p.detach().clone() for p in params], kernel)
         return kernel
 
     def _check_input(self, x: Tensor) -> None:
@@ -202,6 +221,15 @@ class _DclsNd(nn.Module):
         if x.shape[-n - 1] != self.in_channels:
             raise ValueError(f'{type(self).__name__} expects {self.in_channels} input channels, '
                              f'got shape {tuple(x.shape)}')
+        if 0 in x.shape[-n:]:
+            raise ValueError(f'{type(self).__name__} got an input with an empty spatial dim, '
+                             f'shape {tuple(x.shape)}')
+        # One behaviour on both paths, as torch.nn.Conv2d: no silent casts outside autocast
+        # (under autocast both paths convolve in the autocast dtype).
+        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f'{type(self).__name__}: input dtype {x.dtype} does not match the '
+                            f'parameters\' dtype {self.weight.dtype}; cast the input or the '
+                            'module, or run under torch.autocast')
         for size, (lo, hi), k, s in zip(x.shape[-n:], self.padding, self.kernel_size, self.stride):
             if self.padding_mode == 'reflect' and max(lo, hi) >= size:
                 raise ValueError(f"padding_mode='reflect' needs padding < input size; "
