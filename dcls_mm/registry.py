@@ -36,4 +36,4 @@ METRICS = Registry('metric', parent=MMENGINE_METRICS, scope='dcls_mm',
                    locations=['dcls_mm.evaluation'])
 #: Data transforms.
 TRANSFORMS = Registry('transform', parent=MMENGINE_TRANSFORMS, scope='dcls_mm',
-                      locations=['dcls_mm.evaluation'])
+                      locations=['dcls_mm.evaluation', 'dcls_mm.datasets'])

@@ -135,6 +135,8 @@ pip_ install -q -c "$STACK" "$wheel"
 
 say "[4/5] OpenMMLab stack, timm, tests and dcls-mm (editable)"
 pip_ install -q -c "$STACK" -e "$ROOT[tests,mim]"
+# frost textures of the corruptions; --no-deps: its stale requirements pull opencv-python
+pip_ install -q --no-deps "imagecorruptions==$(pin imagecorruptions)"
 
 say "[5/5] dcls-mm C++ kernels (optional)"
 build_extension
