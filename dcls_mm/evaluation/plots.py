@@ -24,7 +24,7 @@ def plot_severity_curves(curves: Curves, path: str, ylabel: str, title: str = ''
     Args:
         curves: ``{label: {corruption: {severity: value}}}``; ``label`` names a model
             (it becomes the legend entry), severities are ints (``"3"`` strings from a
-            JSON file are accepted too). Corruptions appear in first-seen order;
+            JSON file are accepted too; 0 may stand for the clean set). Corruptions appear in first-seen order;
             a label lacking a corruption (or some severities) is drawn with what it has.
         path: output PNG file; its folder is created when missing.
         ylabel: y axis label of every panel (e.g. ``'top-1 error (%)'``).
@@ -52,15 +52,17 @@ def plot_severity_curves(curves: Curves, path: str, ylabel: str, title: str = ''
     fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.2 * nrows + 0.6),
                              squeeze=False, sharey=True)
     for ax, corr in zip(axes.flat, names):
+        ticks = set()
         for label, per_corr in curves.items():
             points = per_corr.get(corr) or {}
             if not points:
                 continue
-            xs = sorted(int(s) for s in points)
             by_int = {int(s): float(v) for s, v in points.items()}
+            xs = sorted(by_int)
+            ticks.update(xs)
             ax.plot(xs, [by_int[x] for x in xs], marker='o', markersize=3, label=label)
         ax.set_title(corr, fontsize=8)
-        ax.set_xticks(range(1, 6))
+        ax.set_xticks(sorted(ticks))  # 1..5, or 0..5 where severity 0 is the clean set
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(names):]:
