@@ -8,7 +8,9 @@ The same CLI serves detection and segmentation: the config's ``default_scope``
 downstream registries are used; ``dcls_mm`` is imported so that its registry scope
 (``type='dcls_mm.ConvNeXtDCLS'`` ...) resolves. Multi-GPU: ``tools/dist_train.sh``;
 SLURM: ``tools/slurm_train.sh``. The helpers shared with ``tools/test.py`` live in
-:mod:`dcls_mm.engine.runner_utils`.
+:mod:`dcls_mm.engine.runner_utils`. Checkpoints are written atomically and ``--resume``
+restores the random generators and the data position
+(:class:`dcls_mm.engine.hooks.AtomicCheckpointHook`, :class:`dcls_mm.engine.hooks.RNGStateHook`).
 """
 from __future__ import annotations
 
@@ -48,6 +50,10 @@ def main(argv=None):
     elif args.resume is not None:
         cfg.resume, cfg.load_from = True, args.resume
     setup_dcls_mm(cfg)
+    # atomic checkpoints, resume falling back past a truncated one, exact resume (RNG
+    # states + sampler position): also for configs that do not inherit ours
+    from dcls_mm.engine.hooks import use_reliable_hooks
+    use_reliable_hooks(cfg)
     runner = build_runner(cfg)
     runner.train()
     return runner

@@ -15,6 +15,12 @@ _base_ = 'mmdet::convnext/cascade-mask-rcnn_convnext-t-p4-w7_fpn_4conv1fc-giou_a
 # mmdet's own tools/train.py equivalent to ours.
 custom_imports = dict(imports=['dcls_mm.models', 'dcls_mm.engine'], allow_failed_imports=False)
 
+# Reliability (README): checkpoints written atomically (a kill never leaves a truncated
+# one; resume skips a truncated file with one warning), and resume restores the random
+# generators and the data position, so k iterations + resume == a straight run.
+default_hooks = dict(checkpoint=dict(type='dcls_mm.AtomicCheckpointHook'))
+custom_hooks = [dict(type='dcls_mm.RNGStateHook')]
+
 # The published IN-1k ConvNeXt-T-dcls EMA weights (Zenodo record 7112021, file
 # convnext_dcls_tiny_1k_224_ema.pth, a {'model': ...} classification checkpoint; the
 # backbone's loader drops head/norm and checks every other key).

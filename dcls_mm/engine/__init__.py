@@ -2,9 +2,10 @@
 
 Importing this module registers, in the ``dcls_mm`` scope,
 ``DCLSLearningRateDecayOptimizerConstructor`` (OPTIM_WRAPPER_CONSTRUCTORS),
-``ClampPositionsHook`` and ``RepulsiveLossHook`` (HOOKS).
+``ClampPositionsHook``, ``RepulsiveLossHook``, ``RNGStateHook`` and
+``AtomicCheckpointHook`` (HOOKS).
 """
-from .hooks import ClampPositionsHook, RepulsiveLossHook
+from .hooks import AtomicCheckpointHook, ClampPositionsHook, RepulsiveLossHook, RNGStateHook
 from .losses import layer_repulsive_loss, repulsive_loss
 from .optimizers import (DCLSLearningRateDecayOptimizerConstructor, get_layer_id_for_convnext,
                          get_stage_id_for_convnext)
@@ -12,6 +13,7 @@ from .utils import dcls_modules, is_dcls_module, position_parameters, unwrap_mod
 
 __all__ = [
     'DCLSLearningRateDecayOptimizerConstructor', 'ClampPositionsHook', 'RepulsiveLossHook',
+    'RNGStateHook', 'AtomicCheckpointHook',
     'repulsive_loss', 'layer_repulsive_loss', 'get_layer_id_for_convnext',
     'get_stage_id_for_convnext', 'dcls_modules', 'is_dcls_module', 'position_parameters',
     'unwrap_model'
