@@ -35,8 +35,7 @@ from __future__ import annotations
 import os.path as osp
 import pickle
 import re
-import types
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -48,23 +47,24 @@ from dcls_mm.ops import convert_reference_state_dict
 CHECKPOINT_FORMATS = ('auto', 'dcls_mm', 'reference_gauss')
 #: ``meta`` marker written by the converter.
 DCLS_MM_META_KEY = 'dcls_mm_checkpoint'
-#: Exactly the globals, besides torch's own weights-only allow-list, that an mmengine
-#: training checkpoint pickles: MessageHub's HistoryBuffer and numpy arrays/scalars/dtypes.
-_TRAINING_CHECKPOINT_GLOBALS = frozenset({
-    'mmengine.logging.history_buffer.HistoryBuffer',
-    'numpy.ndarray', 'numpy.dtype', 'numpy._core.multiarray._reconstruct',
-    'numpy._core.multiarray.scalar', 'numpy.core.multiarray._reconstruct',
-    'numpy.core.multiarray.scalar',
-})
 _REMOTE = ('http://', 'https://', 's3://', 'open-mmlab://', 'mmcls://', 'torchvision://',
            'openmmlab://', 'modelzoo://', 'pavi://')
 
 
 # --- reading files ------------------------------------------------------------------------
+class CheckpointReadError(ValueError):
+    """A checkpoint file cannot be read (missing, empty, truncated, not a torch file,
+    refused content, or non-finite values); the message names the file and the problem."""
+
+
+class UnsafeCheckpointError(CheckpointReadError, pickle.UnpicklingError):
+    """The file pickles objects other than tensors and mmengine training state."""
+
+
 def _history_buffer_getattr(obj, name):
-    """The only ``getattr`` a training checkpoint needs: HistoryBuffer pickles its
-    statistics methods as ``getattr(HistoryBuffer, 'mean')``. A general ``getattr`` would
-    let a crafted pickle walk to ``__globals__`` and run anything."""
+    """The only ``getattr`` a training checkpoint needs: HistoryBuffer's statistics
+    methods are pickled (protocol 2) as ``getattr(HistoryBuffer, 'mean')``. A general
+    ``getattr`` would let a crafted pickle walk to ``__globals__`` and run anything."""
     from mmengine.logging import HistoryBuffer
     if obj is HistoryBuffer and name in ('min', 'max', 'mean', 'current') + tuple(
             HistoryBuffer._statistics_methods):
@@ -72,53 +72,97 @@ def _history_buffer_getattr(obj, name):
     raise pickle.UnpicklingError(f'refusing getattr({obj!r}, {name!r}) in a checkpoint')
 
 
-class _TrainingCheckpointUnpickler(pickle.Unpickler):
-    """Resolves only torch's weights-only globals plus :data:`_TRAINING_CHECKPOINT_GLOBALS`
-    (exact names, no prefixes) and a restricted ``getattr``."""
+def _training_checkpoint_globals() -> list:
+    """What an mmengine training checkpoint pickles besides torch's own weights-only
+    allow-list: MessageHub's HistoryBuffer (and ``getattr`` on its statistics methods
+    only) and numpy arrays, scalars and dtypes. Handed to torch's public
+    ``torch.serialization.safe_globals``: torch's weights-only unpickler does the
+    refusing, for the zip and the legacy format and every pickle protocol."""
+    import numpy as np
+    from mmengine.logging import HistoryBuffer
+    multiarray = np._core.multiarray
+    out = [HistoryBuffer, np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar,
+           (_history_buffer_getattr, 'builtins.getattr')]
+    # numpy 2 pickles dtypes by their class (numpy.dtypes.Float64DType, ...)
+    out += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith('DType')]
+    # files written under numpy 1 name numpy.core.multiarray
+    out += [(multiarray._reconstruct, 'numpy.core.multiarray._reconstruct'),
+            (multiarray.scalar, 'numpy.core.multiarray.scalar')]
+    return out
 
-    def find_class(self, module: str, name: str):
-        full = f'{module}.{name}'
-        if full in ('builtins.getattr', '__builtin__.getattr'):
-            return _history_buffer_getattr
-        allowed = torch._weights_only_unpickler._get_allowed_globals()
-        if full in allowed:
-            return allowed[full]
-        if full in _TRAINING_CHECKPOINT_GLOBALS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(
-            f'refusing to unpickle global {full!r}: a ConvNeXt-dcls checkpoint only holds '
-            'tensors (or mmengine training state)')
+
+def _non_finite_keys(obj, prefix: str = '') -> List[str]:
+    """Keys (dotted paths) of floating-point tensors holding NaN or Inf."""
+    if isinstance(obj, Tensor):
+        if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
+            return [prefix or '<tensor>']
+        return []
+    if isinstance(obj, dict):
+        return [k for key, v in obj.items()
+                for k in _non_finite_keys(v, f'{prefix}.{key}' if prefix else str(key))]
+    return []
 
 
-_training_checkpoint_pickle = types.ModuleType('dcls_mm_training_checkpoint_pickle')
-_training_checkpoint_pickle.Unpickler = _TrainingCheckpointUnpickler
-_training_checkpoint_pickle.load = pickle.load
-_training_checkpoint_pickle.__name__ = 'dcls_mm_training_checkpoint_pickle'
+def _check_finite(filename: str, checkpoint) -> None:
+    # NaN positions would otherwise surface at the first forward as a meaningless
+    # out-of-bounds index; optimizer state is left alone (it may hold inf legitimately).
+    for key in ('state_dict', 'model', 'state_dict_ema', 'model_ema'):
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            bad = _non_finite_keys(checkpoint[key], key)
+            break
+    else:
+        bad = _non_finite_keys(checkpoint) if _is_state_dict(checkpoint) else []
+    if bad:
+        raise CheckpointReadError(
+            f'{filename}: {len(bad)} tensor(s) hold NaN or Inf values '
+            f'(a diverged or corrupted checkpoint): {_fmt(bad, 10)}')
+
+
+def _reason(error: BaseException) -> str:
+    """The informative line of a torch.load error (torch's weights-only message starts
+    with advice to load with ``weights_only=False``, which is exactly what we refuse)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    for line in lines:
+        if line.startswith('WeightsUnpickler error:'):
+            return line[len('WeightsUnpickler error:'):].strip()
+    return lines[0] if lines else 'no detail'
 
 
 def load_checkpoint_file(filename: str, map_location='cpu') -> dict:
     """Read a checkpoint file without running code from it.
 
-    Plain weight files (the published checkpoints, our converter's output) are read with
-    ``torch.load(weights_only=True)``. mmengine *training* checkpoints also pickle
-    MessageHub/HistoryBuffer objects and numpy values, which ``weights_only`` refuses;
-    they are read with a restricted unpickler that resolves exactly those globals (plus
-    torch's weights-only allow-list) and nothing else. URLs go through mmengine's
-    ``CheckpointLoader``.
+    Every local file is read with ``torch.load(weights_only=True)``: torch's own
+    restricted unpickler, whatever the format (zip or legacy) or pickle protocol. For
+    mmengine *training* checkpoints (``--resume``, ``load_from``) the allow-list is
+    extended, through torch's public ``safe_globals``, by exactly the objects they hold
+    (:func:`_training_checkpoint_globals`). Nothing else is ever unpickled. URLs go
+    through mmengine's ``CheckpointLoader``.
 
     Raises:
-        pickle.UnpicklingError: the file pickles anything else.
+        CheckpointReadError: one line naming the file and the problem: missing, empty,
+            truncated or not a torch file; content other than tensors and training
+            state (a crafted pickle); NaN/Inf in the weights (naming the keys).
     """
     if filename.startswith(_REMOTE):
         from mmengine.runner.checkpoint import CheckpointLoader
         return CheckpointLoader.load_checkpoint(filename, map_location=map_location)
+    if not osp.isfile(filename):
+        raise FileNotFoundError(f'checkpoint {filename} does not exist')
+    if osp.getsize(filename) == 0:
+        raise CheckpointReadError(f'{filename}: the file is empty (0 bytes)')
     try:
-        return torch.load(filename, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        # weights_only=False only so that torch accepts our pickle_module; the unpickler
-        # itself is the restricted one above.
-        return torch.load(filename, map_location=map_location, weights_only=False,
-                          pickle_module=_training_checkpoint_pickle)
+        with torch.serialization.safe_globals(_training_checkpoint_globals()):
+            checkpoint = torch.load(filename, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f'{filename}: refusing to unpickle it: it holds objects other than tensors and '
+            f'mmengine training state, so loading it could run code ({_reason(e)})') from None
+    except (EOFError, OSError, RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointReadError(
+            f'{filename}: not a readable PyTorch checkpoint (truncated, or not written by '
+            f'torch.save): {type(e).__name__}: {_reason(e)}') from None
+    _check_finite(filename, checkpoint)
+    return checkpoint
 
 
 # --- remapping ----------------------------------------------------------------------------
@@ -322,28 +366,44 @@ def infer_backbone_kwargs(state_dict: Dict[str, Tensor]) -> dict:
     inferred from weights."""
     sd, _ = unwrap_checkpoint(state_dict)
     sd = _select_prefix(sd, None)
+
+    def majority(pattern: str, size, what: str, what_keys: str) -> int:
+        # every key that carries the quantity votes: one damaged tensor cannot change the
+        # inferred architecture (and then show up as dozens of shape mismatches)
+        values = [size(v) for k, v in sd.items() if re.fullmatch(pattern, k)]
+        if not values:
+            raise ValueError(f'cannot infer {what}: the checkpoint has no {what_keys} '
+                             '(not a ConvNeXt-dcls checkpoint, or an incomplete one)')
+        return Counter(values).most_common(1)[0][0]
+
     depths, dims = [], []
     for i in range(4):
         blocks = {int(m.group(1)) for k in sd for m in [re.match(rf'stages\.{i}\.(\d+)\.', k)] if m}
         if not blocks:
             raise ValueError(f'no stages.{i}.* keys: not a ConvNeXt-dcls checkpoint')
         depths.append(max(blocks) + 1)
-        dims.append(int(sd[f'stages.{i}.0.norm.weight'].shape[0]))
+        dims.append(majority(rf'stages\.{i}\.\d+\.(norm\.weight|norm\.bias|dwconv\.bias|gamma|'
+                             r'pwconv2\.bias)', lambda v: int(v.shape[0]),
+                             f'the width of stage {i}', f'stages.{i}.*.norm/dwconv/gamma key'))
     kwargs = dict(arch=dict(depths=depths, dims=dims),
-                  in_channels=int(sd['downsample_layers.0.0.weight'].shape[1]))
-    dw = sd['stages.0.0.dwconv.weight']
-    if dw.dim() == 4:
+                  in_channels=majority(r'downsample_layers\.0\.0\.weight',
+                                       lambda v: int(v.shape[1]), 'the input channels',
+                                       "key 'downsample_layers.0.0.weight' (the stem)"))
+    dw_pattern = r'stages\.\d+\.\d+\.dwconv\.weight'
+    dw_keys = "'stages.*.*.dwconv.weight' key"
+    if majority(dw_pattern, lambda v: v.dim(), 'the depthwise convolution type', dw_keys) == 4:
         kwargs['dwconv'] = 'dense'
     else:
         kwargs['dwconv'] = 'dcls'
-        kwargs['kernel_count'] = int(dw.shape[-1])
-        if 'stages.0.0.dwconv.SIG' in sd:
+        kwargs['kernel_count'] = majority(dw_pattern, lambda v: int(v.shape[-1]),
+                                          'the kernel count', dw_keys)
+        if any(k.endswith('.dwconv.SIG') for k in sd):
             kwargs['interpolation'] = 'gaussian'
         shared = True
         for i, depth in enumerate(depths):
             ps = [sd.get(f'stages.{i}.{j}.dwconv.P') for j in range(depth)]
             ps = [p for p in ps if p is not None]
-            if any(not torch.equal(p, ps[0]) for p in ps[1:]):
+            if any(p.shape != ps[0].shape or not torch.equal(p, ps[0]) for p in ps[1:]):
                 shared = False
         kwargs['share_positions'] = shared
     if 'stages.0.0.gamma' not in sd:
@@ -357,12 +417,11 @@ def use_checked_checkpoint_loader() -> None:
     torch >= 2.6 defaults to ``torch.load(weights_only=True)``, with which mmengine 0.10.7
     cannot read its OWN full training checkpoints (``--resume``, ``load_from``, the
     CHECKPOINT of tools/test.py): they pickle MessageHub/HistoryBuffer state and numpy
-    values. :func:`dcls_mm.models.load_checkpoint_file` tries ``weights_only=True`` first
-    and allows the full unpickle ONLY for files whose every non-tensor global comes from
-    mmengine / numpy / containers -- i.e. mmengine training checkpoints. Any other pickled
-    object is refused. This is the one place where dcls-mm enables full unpickling (for its
-    own tools, and for mmdet/mmseg tools and ``mim train`` once ``dcls_mm`` is imported):
-    only use checkpoints you trust. Remote URLs keep mmengine's own loaders.
+    values. :func:`dcls_mm.models.load_checkpoint_file` reads every local file with
+    ``weights_only=True``, extending torch's allow-list by exactly the objects such a
+    checkpoint holds, so mmengine's own tools, mmdet/mmseg tools and ``mim train`` (once
+    ``dcls_mm`` is imported) can resume while a crafted file is still refused. Remote
+    URLs keep mmengine's own loaders.
     """
     from mmengine.runner.checkpoint import CheckpointLoader
 

@@ -245,3 +245,31 @@ def test_converter_roundtrip(tmp_path):
     b = loaded(src)
     for x, y in zip(outputs(a), outputs(b)):
         torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize('damage, expected', [
+    (lambda s: s.pop('stages.1.0.norm.weight'), 'missing keys (1): stages.1.0.norm.weight'),
+    (lambda s: s.pop('downsample_layers.0.0.weight'),
+     "no key 'downsample_layers.0.0.weight' (the stem)"),
+    (lambda s: s.__setitem__('stages.0.0.norm.weight', torch.ones(9)),
+     'shape mismatches (1): stages.0.0.norm.weight: checkpoint (9,) vs model (8,)'),
+    (lambda s: s.__setitem__('stages.0.0.dwconv.weight', torch.ones(8, 1, K + 1)),
+     f'shape mismatches (1): stages.0.0.dwconv.weight: checkpoint (8, 1, {K + 1}) vs '
+     f'model (8, 1, {K})'),
+])
+def test_converter_reports_one_damaged_key_once(tmp_path, damage, expected):
+    """A single missing or wrong-shaped tensor is named alone (the architecture is
+    inferred by majority over every key, so one bad tensor cannot change it), in one
+    error line without a traceback."""
+    import subprocess
+    import sys
+    sd = trunk()
+    damage(sd)
+    src = tmp_path / 'damaged.pth'
+    torch.save({'model': add_classifier_head(sd, SMALL_ARCH['dims'])}, src)
+    out = subprocess.run([sys.executable, str(ROOT / 'tools/model_converters/convert_convnext_dcls.py'),
+                          str(src), str(tmp_path / 'out.pth'), '--dilated-kernel-size', str(DKS)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert 'Traceback' not in out.stderr and expected in out.stderr, out.stderr
+    assert not (tmp_path / 'out.pth').exists()

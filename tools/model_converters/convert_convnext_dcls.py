@@ -102,7 +102,11 @@ def main(argv=None) -> None:
                         help="override the inferred interpolation ('gaussian' if SIG, "
                              "else 'bilinear'), e.g. 'triangle'")
     args = parser.parse_args(argv)
-    out = convert(args.src, args.dst, args.format, args.dilated_kernel_size, args.interpolation)
+    try:
+        out = convert(args.src, args.dst, args.format, args.dilated_kernel_size,
+                      args.interpolation)
+    except (OSError, ValueError) as e:  # bad input: the message says what; no traceback
+        parser.exit(2, f'{parser.prog}: error: {e}\n')
     print(f'wrote {args.dst}: {len(out["state_dict"])} tensors, '
           f'backbone={out["meta"]["backbone"]}')
 
