@@ -140,7 +140,9 @@ def find_resumable_checkpoint(named: Optional[str],
     problem = checkpoint_problem(named)
     if problem is None:
         return named, None
-    search = ([osp.dirname(osp.abspath(named))] if named else []) + [osp.abspath(f) for f in folders]
+    search = [osp.abspath(f) for f in folders]
+    if named:
+        search.insert(0, osp.dirname(osp.abspath(named)))
     seen = set()
     for folder in search:
         if folder in seen:

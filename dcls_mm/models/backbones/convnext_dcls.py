@@ -8,6 +8,7 @@ and shared with the timm classifier in :mod:`dcls_mm.models.classifiers`.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -16,7 +17,7 @@ import torch.utils.checkpoint as cp
 from mmengine.model import BaseModule
 from torch import Tensor, nn
 
-from dcls_mm.ops import Dcls2d, canonical_interpolation
+from dcls_mm.ops import Dcls2d, canonical_interpolation, dcls_layers
 from dcls_mm.ops.kernel import WITH_SIGMA
 from dcls_mm.registry import MODELS
 
@@ -86,6 +87,41 @@ def iso_kernel_count(depths: Sequence[int], dims: Sequence[int], share_positions
     if count < 1:
         raise ValueError('no kernel_count >= 1 keeps the parameter count <= the dense model')
     return count
+
+
+def warn_above_dense_parameters(depths: Sequence[int], dims: Sequence[int], kernel_count: int,
+                                dilated_kernel_size: Union[int, Tuple[int, int]],
+                                interpolation: str, share_positions: bool) -> bool:
+    """Warn (one line) when the DCLS depthwise convs hold more parameters than dense
+    kernels of the full dilated size would: such a ``kernel_count`` defeats the method.
+
+    Args:
+        depths: blocks per stage.
+        dims: channels per stage.
+        kernel_count: DCLS elements per channel.
+        dilated_kernel_size: int or ``(height, width)``.
+        interpolation: interpolation name (``SIG`` doubles the position parameters).
+        share_positions: one ``P`` (and ``SIG``) per stage instead of per block.
+
+    Returns:
+        Whether it warned.
+    """
+    lh, lw = ((dilated_kernel_size, ) * 2 if isinstance(dilated_kernel_size, int)
+              else tuple(dilated_kernel_size))
+    n_pos = 2 if canonical_interpolation(interpolation) in WITH_SIGMA else 1
+    dense = sum(d * c * lh * lw for d, c in zip(depths, dims))
+    dcls = sum(d * c * kernel_count + n_pos * 2 * c * kernel_count * (1 if share_positions else d)
+               for d, c in zip(depths, dims))
+    if dcls <= dense:
+        return False
+    try:
+        iso = iso_kernel_count(depths, dims, share_positions, n_pos == 2)
+    except ValueError:  # no count keeps this arch at iso-parameters
+        iso = 'none'
+    warnings.warn(f'kernel_count={kernel_count} gives the DCLS depthwise convs {dcls} '
+                  f'parameters, more than dense {lh}x{lw} kernels ({dense}); '
+                  f'iso-parameters with 7x7 is kernel_count={iso}', stacklevel=3)
+    return True
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -270,6 +306,9 @@ def build_convnext_dcls_trunk(depths: Sequence[int], dims: Sequence[int], in_cha
     ``downsample_layers[0]`` is the stem (``Conv2d(k4, s4)``, channels-first LN), the
     others are ``LN, Conv2d(k2, s2)``. See :class:`ConvNeXtDCLS` for the arguments.
     """
+    if dwconv == 'dcls':
+        warn_above_dense_parameters(depths, dims, kernel_count, dilated_kernel_size,
+                                    interpolation, share_positions)
     downsample_layers = nn.ModuleList()
     downsample_layers.append(nn.Sequential(
         nn.Conv2d(in_channels, dims[0], kernel_size=4, stride=4), LayerNorm2d(dims[0])))
@@ -477,4 +516,4 @@ class ConvNeXtDCLS(BaseModule):
 
     def dcls_convs(self) -> List[Dcls2d]:
         """All DCLS depthwise convs (one per block; shared positions repeat)."""
-        return [m for m in self.modules() if isinstance(m, Dcls2d)]
+        return [m for _, m in dcls_layers(self)]
