@@ -188,12 +188,15 @@ class _DclsNd(nn.Module):
         so it never runs in bf16/fp16, whether the module was cast (``.bfloat16()``) or
         runs under autocast; the convolution that follows is autocast as usual.
 
-        Without autograd (inference) the kernel is reused while the parameters hold the
-        same values as when it was built (compared element by element, so updates through
-        ``.data``, e.g. an EMA / mean-teacher model, are seen too).
+        Without autograd (inference, on the CPU) the kernel is reused while the parameters
+        hold the same values as when it was built (compared element by element, so
+        updates through ``.data``, e.g. an EMA / mean-teacher model, are seen too).
         """
-        # Skipped under torch.compile, which traces the construction instead.
-        memo = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        # CPU only: comparing values on a GPU would synchronise the device at every layer,
+        # and building the kernel there is cheap and asynchronous anyway. Skipped under
+        # torch.compile, which traces the construction instead.
+        memo = (not torch.is_grad_enabled() and self.weight.device.type == 'cpu'
+                and not torch.compiler.is_compiling())
         params = [p for p in (self.weight, self.P, self.SIG) if p is not None]
         if memo:
             cached = self.__dict__.get('_kernel_memo')

@@ -108,7 +108,9 @@ class _ResumeBatchSampler:
         return len(self.batch_sampler)
 
     def __getattr__(self, name: str):
-        return getattr(self.__dict__['batch_sampler'], name)
+        if name == 'batch_sampler':  # not set yet (copy/unpickling)
+            raise AttributeError(name)
+        return getattr(self.batch_sampler, name)
 
 
 class _ResumeIterator:
@@ -133,7 +135,9 @@ class _ResumeIterator:
         return next(self.iterator)
 
     def __getattr__(self, name: str):
-        return getattr(self.__dict__['iterator'], name)
+        if name == 'iterator':  # not set yet (copy/unpickling)
+            raise AttributeError(name)
+        return getattr(self.iterator, name)
 
 
 def _sampler_of(dataloader):
