@@ -1,0 +1,91 @@
+"""The CLIs in tools/analysis over dcls_mm.analysis: specs, checkpoints, outputs, errors."""
+import importlib.util
+import json
+import os.path as osp
+
+import pytest
+import torch
+
+from dcls_mm.models import ConvNeXtDCLS
+
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+ARCH = "arch={'depths': [1, 1, 1, 1], 'dims': [8, 8, 8, 8]}"
+SPEC = f'convnext_dcls:{ARCH},dilated_kernel_size=7,kernel_count=3'
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(
+        f'dcls_mm_analysis_{name}', osp.join(ROOT, 'tools', 'analysis', f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A dcls-mm backbone checkpoint with hand-set positions (all at +3, the limit)."""
+    torch.manual_seed(0)
+    model = ConvNeXtDCLS(dict(depths=[1, 1, 1, 1], dims=[8, 8, 8, 8]), dilated_kernel_size=7,
+                         kernel_count=3)
+    with torch.no_grad():
+        for m in model.dcls_convs():
+            m.P.fill_(3.0)
+    path = str(tmp_path / 'backbone.pth')
+    torch.save({'state_dict': {f'backbone.{k}': v for k, v in model.state_dict().items()},
+                'meta': {'epoch': 1}}, path)
+    return path
+
+
+def test_erf_cli(tmp_path, capsys):
+    out = tmp_path / 'erf'
+    result = load_tool('erf').main([
+        '--model', SPEC, '--model', 'timm:test_convnext', '--label', 'dcls', '--label', 'timm',
+        '--num-images', '1', '--size', '32', '--stage', '1', '--out-dir', str(out)])
+    assert set(result['models']) == {'dcls', 'timm'}
+    assert (out / 'erf_dcls.npy').exists() and (out / 'erf_timm.npy').exists()
+    assert json.loads((out / 'erf.json').read_text())['generated_images'] is True
+
+
+def test_positions_cli_reads_the_checkpoint(tmp_path, checkpoint, capsys):
+    result = load_tool('positions').main(['--model', f'{SPEC}@{checkpoint}',
+                                          '--out-dir', str(tmp_path / 'pos')])
+    for stats in result['groups'].values():
+        assert stats['num_elements'] == 24 and stats['at_limit'] == 24
+        assert stats['cell_counts'][6][6] == 24
+    assert 'at limit 24 (100.0%)' in capsys.readouterr().out
+
+
+def test_position_dynamics_cli(tmp_path, checkpoint, capsys):
+    state = torch.load(checkpoint, weights_only=True)
+    moved = {k: (v - 1 if k.endswith('.P') else v) for k, v in state['state_dict'].items()}
+    second = str(tmp_path / 'second.pth')
+    torch.save({'state_dict': moved, 'meta': {'epoch': 5}}, second)
+    result = load_tool('position_dynamics').main(
+        ['--checkpoints', checkpoint, second, '--out-dir', str(tmp_path / 'dyn')])
+    # every element moved by (-1, -1) over 4 epochs
+    assert [r['speed'] for r in result['rows']] == pytest.approx([2 ** 0.5 / 4] * 4)
+    assert (tmp_path / 'dyn' / 'position_speeds.csv').exists()
+    with pytest.raises(SystemExit, match='at least two'):
+        load_tool('position_dynamics').main(['--checkpoints', checkpoint])
+
+
+def test_complexity_cli(tmp_path, capsys):
+    out = str(tmp_path / 'table.md')
+    table = load_tool('complexity').main([
+        '--model', SPEC, '--model', f'convnext_dcls:{ARCH},dwconv=dense', '--label', 'dcls',
+        '--label', 'dense', '--shape', '32', '32', '--batch-size', '1', '--repeats', '1',
+        '--out', out])
+    assert table.startswith('| model | input |') and '| `dcls` | 32x32 |' in table
+    assert 'CPU capability' in table
+    rows = json.loads(open(out[:-3] + '.json').read())
+    assert rows[1]['flops'] > 0 and rows[0]['throughput'] > 0
+
+
+def test_bad_specs_are_one_line_errors(tmp_path):
+    with pytest.raises(SystemExit, match="SOURCE must be one of"):
+        load_tool('complexity').main(['--model', 'resnet50', '--no-throughput'])
+    with pytest.raises(SystemExit, match='is not a file'):
+        load_tool('positions').main(['--model', f'{SPEC}@{tmp_path}/missing.pth'])
+    with pytest.raises(SystemExit, match='no DCLS layer'):
+        load_tool('positions').main(['--model', f'convnext_dcls:{ARCH},dwconv=dense',
+                                     '--out-dir', str(tmp_path)])

@@ -1,0 +1,71 @@
+"""Parameters, FLOPs, activations and throughput of models, as a Markdown table like
+the DCLS paper's Table 2.
+
+    python tools/analysis/complexity.py --model SPEC [--model SPEC ...] [--shape 224 224]
+        [--batch-size 8] [--device cpu] [--no-throughput] [--out table.md]
+
+SPEC is ``SOURCE[@CHECKPOINT]`` (see :mod:`dcls_mm.analysis.loading`); for a config
+the backbone is measured. FLOPs (multiply-accumulates, mmengine's ``FlopAnalyzer``)
+count a DCLS layer as the dense convolution with its dilated kernel plus the kernel's
+construction. Throughput is measured in this run; the last column is its ratio to the
+first model's, and the CPU capability is printed with it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from dcls_mm.analysis.complexity import complexity_table, run_complexity
+from dcls_mm.analysis.loading import build_analysis_model, default_label
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--model', action='append', required=True, metavar='SPEC',
+                        help='SOURCE[@CHECKPOINT]: config .py | timm:NAME | convnext_dcls:KEY=VALUE,...')
+    parser.add_argument('--label', action='append', default=None, help='row label per --model')
+    parser.add_argument('--shape', type=int, nargs=2, default=[224, 224], metavar=('H', 'W'),
+                        help='input size')
+    parser.add_argument('--batch-size', type=int, default=8, help='throughput batch size')
+    parser.add_argument('--repeats', type=int, default=5, help='timed throughput batches')
+    parser.add_argument('--device', default='cpu', help='throughput device (cpu, cuda)')
+    parser.add_argument('--no-throughput', action='store_true', help='skip the timing')
+    parser.add_argument('--threads', type=int, default=None, help='torch intra-op threads')
+    parser.add_argument('--out', default=None, help='also write the table to this .md file '
+                        '(and the rows to the same name with .json)')
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> str:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.label is not None and len(args.label) != len(args.model):
+        raise SystemExit(f'error: {len(args.label)} --label for {len(args.model)} --model')
+    try:
+        labels = args.label or [default_label(spec) for spec in args.model]
+        models = {label: build_analysis_model(spec) for label, spec in zip(labels, args.model)}
+        rows = run_complexity(models, (3, *args.shape), not args.no_throughput,
+                              args.batch_size, args.device, args.repeats)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f'error: {e}')
+    table = complexity_table(rows)
+    if not args.no_throughput:
+        where = (torch.cuda.get_device_name(args.device) if args.device.startswith('cuda')
+                 else f'CPU capability {torch.backends.cpu.get_cpu_capability()}, '
+                 f'{torch.get_num_threads()} threads')
+        table += (f'\nThroughput: batch {args.batch_size}, {where}, median of '
+                  f'{args.repeats} batches; ratios measured in the same run.\n')
+    print(table)
+    if args.out:
+        with open(args.out, 'w') as f:
+            f.write(table)
+        with open(args.out.rsplit('.', 1)[0] + '.json', 'w') as f:
+            json.dump(rows, f, indent=1)
+    return table
+
+
+if __name__ == '__main__':
+    main()
