@@ -9,6 +9,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from mmengine.evaluator import BaseMetric
 from mmengine.model import BaseModel
 from torch import nn
 
@@ -41,21 +42,38 @@ class DropoutModel(BaseModel):
 
     def forward(self, inputs, data_samples=None, mode='loss'):
         x = self.drop(self.fc(torch.stack(inputs)))
-        return dict(loss=(x ** 2).mean())
+        if mode == 'loss':
+            return dict(loss=(x ** 2).mean())
+        return [dict(score=float(v)) for v in x.sum(1)]  # 'predict': dropout in eval is off
 
 
-def _run(work_dir, loop, max_len, resume=None, ckpt_interval=1, rng_hook=True, seed=None):
+class MeanScore(BaseMetric):
+    def process(self, data_batch, data_samples):
+        self.results.extend(s['score'] for s in data_samples)
+
+    def compute_metrics(self, results):
+        return dict(score=sum(results) / len(results))
+
+
+def _run(work_dir, loop, max_len, resume=None, ckpt_interval=1, rng_hook=True, seed=None,
+         val=False, ckpt_by_epoch=False):
+    from mmengine.evaluator import Evaluator
     from mmengine.runner import Runner
     train_cfg = (dict(by_epoch=True, max_epochs=max_len) if loop == 'epoch' else
-                 dict(type='IterBasedTrainLoop', max_iters=max_len))
+                 dict(type='IterBasedTrainLoop', max_iters=max_len, val_interval=3))
+    loader = dict(dataset=RandomAugmentDataset(), batch_size=2, num_workers=0,
+                  sampler=dict(type='DefaultSampler', shuffle=True))
     runner = Runner(
         model=DropoutModel(), work_dir=str(work_dir), experiment_name=f'resume{next(_names)}',
-        train_dataloader=dict(dataset=RandomAugmentDataset(), batch_size=2, num_workers=0,
-                              sampler=dict(type='DefaultSampler', shuffle=True)),
+        train_dataloader=loader,
+        # validation draws from every generator too (its pipeline and its loader's seed)
+        val_dataloader=dict(loader, sampler=dict(type='DefaultSampler', shuffle=False))
+        if val else None, val_cfg=dict() if val else None,
+        val_evaluator=Evaluator([MeanScore()]) if val else None,
         optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1, momentum=0.9)),
         train_cfg=train_cfg,
         default_hooks=dict(checkpoint=dict(type='dcls_mm.AtomicCheckpointHook',
-                                           interval=ckpt_interval, by_epoch=False),
+                                           interval=ckpt_interval, by_epoch=ckpt_by_epoch),
                            logger=dict(type='LoggerHook', interval=100)),
         custom_hooks=[dict(type='dcls_mm.RNGStateHook')] if rng_hook else [],
         randomness=dict(seed=seed), resume=resume is not None,
@@ -83,6 +101,22 @@ def test_resumed_run_equals_straight_run_bit_for_bit(tmp_path, loop, max_len, re
     straight = _params(_run(tmp_path / 'a', loop, max_len, seed=seed))
     ckpt = str(tmp_path / 'a' / f'iter_{resume_at}.pth')
     resumed = _params(_run(tmp_path / 'b', loop, max_len, resume=ckpt, seed=seed))
+    _assert_bitwise_equal(straight, resumed)
+
+
+@pytest.mark.parametrize('loop,max_len,ckpt,by_epoch', [
+    ('epoch', 3, 'iter_4.pth', False),   # saved before the epoch's validation
+    ('epoch', 3, 'epoch_1.pth', True),   # saved at the end of the epoch
+    ('iter', 7, 'iter_3.pth', False),    # saved before a validation (val_interval 3)
+])
+def test_validation_between_checkpoint_and_next_iteration(tmp_path, loop, max_len, ckpt,
+                                                          by_epoch):
+    """The straight run validates after the checkpoint, the resumed one does not repeat
+    it: validation must not shift the training stream."""
+    kwargs = dict(val=True, seed=0, ckpt_by_epoch=by_epoch)
+    straight = _params(_run(tmp_path / 'a', loop, max_len, **kwargs))
+    resumed = _params(_run(tmp_path / 'b', loop, max_len, resume=str(tmp_path / 'a' / ckpt),
+                           **kwargs))
     _assert_bitwise_equal(straight, resumed)
 
 

@@ -160,6 +160,10 @@ class RNGStateHook(Hook):
     draws a new seed per run; the resumed run gets the checkpoint's seed back (mmengine
     re-seeds, this hook resets the data sampler's seed too).
 
+    Validation passes during training leave the generators as they found them, so the
+    training stream does not depend on when (or whether) validation runs: a resumed run
+    does not repeat the validation that followed its checkpoint.
+
     Saved under ``checkpoint['dcls_mm_resume_state']``: the world size, one state dict
     per rank (gathered from all ranks in distributed runs: one small all-gather per
     iteration), the epoch and the number of batches trained in it. Exactness holds with
@@ -181,13 +185,39 @@ class RNGStateHook(Hook):
         self._resumed_batches = 0  # batches of the resumed epoch trained before the resume
         self._gathered: Optional[Sequence[dict]] = None
         self._pending: Optional[dict] = None
+        self._val_snapshot: Optional[dict] = None
+
+    # --- validation does not touch the training stream ---------------------------------
+    def before_val(self, runner) -> None:
+        """Remember the generators' states before a validation pass.
+
+        Args:
+            runner: the mmengine runner.
+        """
+        self._val_snapshot = get_rng_state()
+
+    def after_val(self, runner) -> None:
+        """Put the states back: training continues as if validation had not run (a
+        resumed run, which does not repeat that validation, then continues identically).
+
+        Args:
+            runner: the mmengine runner.
+        """
+        if self._val_snapshot is not None:
+            set_rng_state(self._val_snapshot)
+            self._val_snapshot = None
 
     # --- saving -----------------------------------------------------------------------
+    def _training_state(self) -> dict:
+        """The states the training stream continues with (pre-validation ones during a
+        validation pass, e.g. for a best-metric checkpoint)."""
+        return self._val_snapshot if self._val_snapshot is not None else get_rng_state()
+
     def _gather(self) -> None:
         # before_save_checkpoint runs on rank 0 only: collect every rank's states while
         # all ranks are here
         if get_world_size() > 1:
-            self._gathered = all_gather_object(get_rng_state())
+            self._gathered = all_gather_object(self._training_state())
 
     def before_train_epoch(self, runner) -> None:
         """Start counting the batches of the epoch.
@@ -235,7 +265,7 @@ class RNGStateHook(Hook):
             checkpoint: the dict about to be saved (modified in place).
         """
         world_size = get_world_size()
-        ranks = list(self._gathered) if world_size > 1 else [get_rng_state()]
+        ranks = list(self._gathered) if world_size > 1 else [self._training_state()]
         sampler = _sampler_of(runner.train_dataloader)
         checkpoint[STATE_KEY] = dict(
             version=1, world_size=world_size, rng=ranks, epoch=runner.epoch,
