@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ast
 import os.path as osp
-from typing import Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -144,3 +144,26 @@ def default_label(spec: str) -> str:
     name = osp.splitext(osp.basename(arg))[0] if kind == 'config' else (
         arg if kind == 'timm' else f'ConvNeXtDCLS({arg})')
     return name + (f' @ {osp.basename(checkpoint)}' if checkpoint else '')
+
+
+def build_labelled_models(specs: Sequence[str], labels: Optional[Sequence[str]] = None,
+                          threads: Optional[int] = None) -> Dict[str, nn.Module]:
+    """``{label: model}`` for the ``--model``/``--label`` options of the analysis tools.
+
+    Args:
+        specs: model specs (see the module docstring).
+        labels: one label per spec, or ``None`` for :func:`default_label`.
+        threads: torch intra-op threads to use from now on (``None``: unchanged).
+
+    Raises:
+        ValueError: a label count that does not match, two equal labels, a bad spec.
+    """
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+    if labels is not None and len(labels) != len(specs):
+        raise ValueError(f'{len(labels)} --label for {len(specs)} --model')
+    labels = list(labels) if labels is not None else [default_label(s) for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f'labels must differ, got {labels}: pass --label per --model')
+    return {label: build_analysis_model(spec) for label, spec in zip(labels, specs)}

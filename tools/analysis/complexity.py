@@ -18,13 +18,14 @@ import json
 import torch
 
 from dcls_mm.analysis.complexity import complexity_table, run_complexity
-from dcls_mm.analysis.loading import build_analysis_model, default_label
+from dcls_mm.analysis.loading import build_labelled_models
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--model', action='append', required=True, metavar='SPEC',
-                        help='SOURCE[@CHECKPOINT]: config .py | timm:NAME | convnext_dcls:KEY=VALUE,...')
+                        help='SOURCE[@CHECKPOINT]: config .py | timm:NAME | '
+                        'convnext_dcls:KEY=VALUE,...')
     parser.add_argument('--label', action='append', default=None, help='row label per --model')
     parser.add_argument('--shape', type=int, nargs=2, default=[224, 224], metavar=('H', 'W'),
                         help='input size')
@@ -40,13 +41,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> str:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.label is not None and len(args.label) != len(args.model):
-        raise SystemExit(f'error: {len(args.label)} --label for {len(args.model)} --model')
     try:
-        labels = args.label or [default_label(spec) for spec in args.model]
-        models = {label: build_analysis_model(spec) for label, spec in zip(labels, args.model)}
+        models = build_labelled_models(args.model, args.label, args.threads)
         rows = run_complexity(models, (3, *args.shape), not args.no_throughput,
                               args.batch_size, args.device, args.repeats)
     except (ValueError, FileNotFoundError) as e:

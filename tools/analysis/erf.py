@@ -16,7 +16,7 @@ import json
 import sys
 
 from dcls_mm.analysis.erf import run_erf
-from dcls_mm.analysis.loading import build_analysis_model, default_label
+from dcls_mm.analysis.loading import build_labelled_models
 
 
 def parse_args(argv=None):
@@ -42,14 +42,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
-    if args.label is not None and len(args.label) != len(args.model):
-        raise SystemExit(f'error: {len(args.label)} --label for {len(args.model)} --model')
     try:
-        labels = args.label or [default_label(spec) for spec in args.model]
-        models = {label: build_analysis_model(spec) for label, spec in zip(labels, args.model)}
+        models = build_labelled_models(args.model, args.label, args.threads)
         result = run_erf(models, args.out_dir, args.images, args.num_images, args.size,
                          args.layer, args.stage, args.seed)
     except (ValueError, FileNotFoundError) as e:

@@ -12,7 +12,6 @@ limit, overlaps, learned widths), ``positions.png`` and ``kernels.png``.
 from __future__ import annotations
 
 import argparse
-import json
 
 from dcls_mm.analysis.loading import build_analysis_model, default_label
 from dcls_mm.analysis.positions import run_positions
@@ -21,7 +20,8 @@ from dcls_mm.analysis.positions import run_positions
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--model', required=True, metavar='SPEC',
-                        help='SOURCE[@CHECKPOINT]: config .py | timm:NAME | convnext_dcls:KEY=VALUE,...')
+                        help='SOURCE[@CHECKPOINT]: config .py | timm:NAME | '
+                        'convnext_dcls:KEY=VALUE,...')
     parser.add_argument('--channels', type=int, nargs='+', default=[0, 1, 2, 3],
                         help='output channels whose constructed kernels are drawn')
     parser.add_argument('--out-dir', default='work_dirs/analysis/positions', help='output folder')
