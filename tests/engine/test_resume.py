@@ -209,8 +209,9 @@ def test_find_resumable_checkpoint_cases(tmp_path):
     empty = tmp_path / 'iter_2.pth'
     empty.write_bytes(b'')
     assert find_resumable_checkpoint(str(good), ()) == (str(good), None)
-    path, problem = find_resumable_checkpoint(str(empty), ())
+    path, problem = find_resumable_checkpoint(str(empty), (str(tmp_path), ))
     assert path == str(good) and problem == 'the file is empty'
+    assert find_resumable_checkpoint(str(empty), ()) == (None, 'the file is empty')
     assert find_resumable_checkpoint('', (str(tmp_path), ))[0] == str(good)
 
 

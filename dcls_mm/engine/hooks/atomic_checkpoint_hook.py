@@ -127,11 +127,12 @@ def _newest_first(folder: str) -> List[str]:
 def find_resumable_checkpoint(named: Optional[str],
                               folders: Tuple[str, ...]) -> Tuple[Optional[str], Optional[str]]:
     """The checkpoint to resume from: ``named`` if it is complete, else the newest complete
-    checkpoint (``*.pth``/``*.pt``/``*.ckpt``) in ``named``'s folder or ``folders``.
+    checkpoint (``*.pth``/``*.pt``/``*.ckpt``) in ``folders``.
 
     Args:
         named: the checkpoint asked for (``--resume CKPT`` or ``last_checkpoint``).
-        folders: other folders to search (the work dir).
+        folders: where to look for another one, in order (the work dir, the folder of
+            the checkpoints ``last_checkpoint`` names).
 
     Returns:
         ``(path, problem)``: ``problem`` is ``None`` when ``named`` itself is used, else
@@ -140,11 +141,8 @@ def find_resumable_checkpoint(named: Optional[str],
     problem = checkpoint_problem(named)
     if problem is None:
         return named, None
-    search = [osp.abspath(f) for f in folders]
-    if named:
-        search.insert(0, osp.dirname(osp.abspath(named)))
     seen = set()
-    for folder in search:
+    for folder in (osp.abspath(f) for f in folders):
         if folder in seen:
             continue
         seen.add(folder)
@@ -176,8 +174,8 @@ class AtomicCheckpointHook(CheckpointHook):
       ``last_checkpoint`` text file in place; a broken one is handled as below);
     * before a resume (``--resume [CKPT]``), if the named checkpoint, or the one
       ``last_checkpoint`` names, is empty or truncated (or, for ``last_checkpoint``,
-      missing), the newest complete checkpoint in its folder or the work dir is resumed
-      instead, with one warning line; if there is none, a ``RuntimeError`` says so. A
+      missing), the newest complete checkpoint in the work dir (or in the folder
+      ``last_checkpoint`` points to) is resumed instead, with one warning line; if there is none, a ``RuntimeError`` says so. A
       ``--resume CKPT`` that does not exist is a ``FileNotFoundError``.
 
     Args:
@@ -208,6 +206,7 @@ class AtomicCheckpointHook(CheckpointHook):
         if not getattr(runner, '_resume', False):
             return
         named = runner._load_from
+        folders = [runner.work_dir]  # never another run's folder next to a named file
         if named is not None and not osp.exists(named):
             # a typo, not a kill (files appear complete or not at all): no guessing
             raise FileNotFoundError(f'cannot resume: checkpoint {named!r} does not exist')
@@ -215,7 +214,9 @@ class AtomicCheckpointHook(CheckpointHook):
             named = _read_last_checkpoint(runner.work_dir)
             if named is None:  # no checkpoint yet: mmengine starts from scratch
                 return
-        path, problem = find_resumable_checkpoint(named, (runner.work_dir, ))
+            if named:  # checkpoints may live in an out_dir outside the work dir
+                folders.append(osp.dirname(osp.abspath(named)))
+        path, problem = find_resumable_checkpoint(named, tuple(folders))
         if problem is None:
             return
         if path is None:
