@@ -5,8 +5,8 @@ mmengine's ``CheckpointHook`` writes a checkpoint straight to its final name, so
 writes each file under a temporary name in the same folder, ``fsync``s it and renames it
 (``os.replace``, atomic on POSIX): a checkpoint file is either complete or absent.
 Before a resume it checks the named checkpoint (``--resume CKPT``, or the work dir's
-``last_checkpoint``) and, when that one is missing, empty or truncated, resumes from the
-newest checkpoint next to it that is complete, with one warning line.
+``last_checkpoint``) and, when that one is empty or truncated, resumes from the newest
+complete checkpoint of the work dir, with one warning line.
 """
 from __future__ import annotations
 
