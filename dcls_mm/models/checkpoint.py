@@ -233,11 +233,9 @@ def _select_prefix(state_dict: Dict[str, Tensor], prefix: Optional[str]) -> Dict
 
 
 def _dilated_kernel_size(model: nn.Module):
-    from dcls_mm.ops import Dcls2d
-    for module in model.modules():
-        if isinstance(module, Dcls2d):
-            return module.dilated_kernel_size
-    return 1
+    from dcls_mm.ops import Dcls2d, dcls_layers
+    sizes = [m.dilated_kernel_size for _, m in dcls_layers(model) if isinstance(m, Dcls2d)]
+    return sizes[0] if sizes else 1
 
 
 def _fmt(keys: Iterable[str], limit: int = 20) -> str:

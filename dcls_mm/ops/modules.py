@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn import init
 
 from .depthwise import depthwise_conv2d
+from .introspect import dcls_layers
 from .kernel import (SIGMA_INIT, WITH_SIGMA, canonical_interpolation, construct_kernel)
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -436,7 +437,7 @@ def set_impl(model: nn.Module, impl: str) -> nn.Module:
     """Set ``impl`` (``'auto'`` or ``'plain'``) on every :class:`Dcls2d` in ``model``."""
     if impl not in IMPLS:
         raise ValueError(f'impl must be one of {IMPLS}, got {impl!r}')
-    for m in model.modules():
+    for _, m in dcls_layers(model):
         if isinstance(m, Dcls2d):
             m.impl = impl
     return model
