@@ -197,8 +197,9 @@ def run_complexity(models: Mapping[str, nn.Module], input_shape: Sequence[int] =
     Returns:
         One row per model for :func:`complexity_table`.
     """
+    from tqdm import tqdm
     rows = []
-    for label, model in models.items():
+    for label, model in tqdm(models.items(), desc='complexity', unit='model'):
         row = dict(model=label, input='x'.join(str(s) for s in input_shape[1:]),
                    **measure_complexity(model, input_shape))
         row['throughput'] = (measure_throughput(model, input_shape, batch_size, device, repeats)

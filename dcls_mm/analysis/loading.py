@@ -120,8 +120,13 @@ def build_analysis_model(spec: str) -> nn.Module:
         prefix = 'backbone.' if 'backbone' in model_cfg else ''
         part = part.copy()
         part['init_cfg'] = None  # weights come from CHECKPOINT, never from the config's paths
-        init_default_scope(cfg.get('default_scope', 'mmengine'))
-        model = MODELS.build(part)
+        if str(part.get('type', '')).startswith('dcls_mm.'):
+            # our own registry: no need to import the downstream package (mmdet/mmseg)
+            from dcls_mm.registry import MODELS as DCLS_MODELS
+            model = DCLS_MODELS.build(part)
+        else:
+            init_default_scope(cfg.get('default_scope', 'mmengine'))
+            model = MODELS.build(part)
     elif kind == 'timm':
         import timm
         model = timm.create_model(arg, pretrained=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -40,8 +41,22 @@ def _ntuple(value, n: int, name: str, minimum: int) -> Tuple[int, ...]:
     return values
 
 
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: Tensor) -> np.ndarray:
+    """The bits of a CPU tensor's values, as a flat NumPy integer array (a view when
+    ``t`` is contiguous)."""
+    return t.detach().reshape(-1).view(_INT_OF_SIZE[t.element_size()]).numpy()
+
+
 def _same_values(saved: Sequence[Tensor], params: Sequence[Tensor]) -> bool:
-    """Whether ``params`` hold exactly the values (dtype, device, shape) of ``saved``.
+    """Whether the CPU tensors ``params`` hold bit for bit the values (and dtype, shape)
+    of ``saved``.
+
+    NumPy compares on one thread: ``torch.equal`` goes parallel above 32k elements, and
+    its OpenMP start-up costs milliseconds on a busy machine (measured 12 ms vs 0.1 ms
+    for a ``(2, 768, 1, 34)`` position tensor at load 9 on 2 cores).
 
     Args:
         saved: copies taken when a kernel was built.
@@ -190,8 +205,8 @@ class _DclsNd(nn.Module):
         runs under autocast; the convolution that follows is autocast as usual.
 
         Without autograd (inference, on the CPU) the kernel is reused while the parameters
-        hold the same values as when it was built (compared element by element, so
-        updates through ``.data``, e.g. an EMA / mean-teacher model, are seen too).
+        hold the same values as when it was built (compared bit for bit, so updates
+        through ``.data``, e.g. an EMA / mean-teacher model, are seen too).
         """
         # CPU only: comparing values on a GPU would synchronise the device at every layer,
         # and building the kernel there is cheap and asynchronous anyway. Skipped under

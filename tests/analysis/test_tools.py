@@ -89,3 +89,26 @@ def test_bad_specs_are_one_line_errors(tmp_path):
     with pytest.raises(SystemExit, match='no DCLS layer'):
         load_tool('positions').main(['--model', f'convnext_dcls:{ARCH},dwconv=dense',
                                      '--out-dir', str(tmp_path)])
+
+
+def test_config_backbone_with_a_downstream_checkpoint(tmp_path, capsys):
+    """The demo detector config's backbone (atto, dilated kernel 9) with the weights of
+    a whole-detector checkpoint (backbone under ``backbone.``, other keys ignored)."""
+    from dcls_mm.analysis.loading import build_analysis_model
+    config = osp.join(ROOT, 'configs', 'demo',
+                      'cascade-mask-rcnn_convnext-dcls-atto_fpn_demo-coco.py')
+    source = build_analysis_model(config)
+    with torch.no_grad():
+        for m in source.dcls_convs():
+            m.P.uniform_(-4, 4)
+    state = {f'backbone.{k}': v for k, v in source.state_dict().items()}
+    state['neck.lateral_convs.0.conv.weight'] = torch.zeros(32, 40, 1, 1)
+    path = str(tmp_path / 'epoch_1.pth')
+    torch.save({'state_dict': state, 'meta': {'epoch': 1}}, path)
+    loaded = build_analysis_model(f'{config}@{path}')
+    assert loaded.dilated_kernel_size == 9 and not loaded.training
+    for a, b in zip(source.dcls_convs(), loaded.dcls_convs()):
+        assert torch.equal(a.P, b.P)
+    result = load_tool('positions').main(['--model', f'{config}@{path}',
+                                          '--out-dir', str(tmp_path / 'pos')])
+    assert result['groups']['stage0']['dilated_kernel_size'] == [9, 9]
