@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import os
 import os.path as osp
-from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from functools import partial
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -82,25 +83,46 @@ def _layer_output(model: nn.Module, layer: Optional[str], x: Tensor) -> Tensor:
     return captured['out']
 
 
-def compute_erf(model: nn.Module, images: Iterable[Tensor], layer: Optional[str] = None,
-                progress: bool = True, total: Optional[int] = None) -> np.ndarray:
-    """Accumulated ERF of ``layer`` over ``images``.
+def _save_state(path: str, key: str, accumulated: np.ndarray, done: int) -> None:
+    """Write the partial sum atomically (a killed run leaves the previous state intact)."""
+    tmp = path + '.tmp.npz'
+    np.savez(tmp, accumulated=accumulated, done=done, key=key)
+    os.replace(tmp, path)
+
+
+def compute_erf(model: nn.Module, images: Sequence[Union[Tensor, Callable[[], Tensor]]],
+                layer: Optional[str] = None, progress: bool = True,
+                state_path: Optional[str] = None, state_key: str = '',
+                save_every: int = 10) -> np.ndarray:
+    """Accumulated ERF of ``layer`` over ``images``, resumable.
 
     Args:
         model: the model, used as is (call ``.eval()`` first for the usual protocol).
-        images: normalised images ``(3, H, W)`` or ``(1, 3, H, W)``, all of one size.
+        images: normalised images ``(3, H, W)`` or ``(1, 3, H, W)`` of one size, or
+            functions returning them (read only when needed, see :func:`load_erf_images`).
         layer: name of the module (``model.named_modules()``) whose output is analysed;
             ``None``: the model's output (its last element for tuple outputs).
         progress: show a progress bar over the images.
-        total: number of images, for the progress bar.
+        state_path: ``.npz`` file holding the partial sum, written every ``save_every``
+            images; a later call with the same ``state_key`` continues after the images
+            it counts (a killed run loses at most ``save_every`` images of work).
+        state_key: describes the computation (model, layer, images); a state file with
+            another key is ignored and overwritten.
+        save_every: images between two writes of ``state_path``.
 
     Returns:
         ``(H, W)`` float64 array: sum over images of ``|d out[:, :, h//2, w//2].sum() / d x|``
         summed over the input channels (``h, w``: the output's spatial size).
     """
     from tqdm import tqdm
-    accumulated = None
-    for image in tqdm(images, total=total, desc='ERF', unit='img', disable=not progress):
+    accumulated, done = None, 0
+    if state_path is not None and osp.isfile(state_path):
+        with np.load(state_path) as state:
+            if str(state['key']) == state_key and int(state['done']) <= len(images):
+                accumulated, done = state['accumulated'].copy(), int(state['done'])
+    bar = tqdm(total=len(images), initial=done, desc='ERF', unit='img', disable=not progress)
+    for index in range(done, len(images)):
+        image = images[index]() if callable(images[index]) else images[index]
         x = (image if image.dim() == 4 else image.unsqueeze(0)).detach().clone()
         x.requires_grad_(True)
         out = _layer_output(model, layer, x)
@@ -113,9 +135,13 @@ def compute_erf(model: nn.Module, images: Iterable[Tensor], layer: Optional[str]
             accumulated = contribution
         elif accumulated.shape != contribution.shape:
             raise ValueError(f'all images must have one size: {accumulated.shape} then '
-                             f'{contribution.shape}')
+                             f'{contribution.shape} (image {index})')
         else:
             accumulated += contribution
+        bar.update()
+        if state_path is not None and ((index + 1) % save_every == 0 or index + 1 == len(images)):
+            _save_state(state_path, state_key, accumulated, index + 1)
+    bar.close()
     if accumulated is None:
         raise ValueError('no image to compute the ERF on')
     return accumulated
@@ -172,43 +198,45 @@ def _image_paths(folder: str) -> List[str]:
 
 
 def load_erf_images(folder: Optional[str], num_images: int, size: int,
-                    seed: int = 0) -> Tuple[Iterator[Tensor], int, bool]:
-    """Images for :func:`compute_erf`, ImageNet-normalised, ``size`` x ``size``.
+                    seed: int = 0) -> Tuple[List[Callable[[], Tensor]], bool]:
+    """Images for :func:`compute_erf`, ImageNet-normalised, ``size`` x ``size``, as
+    functions that make them (so a resumed run skips images without reading them).
 
     Args:
         folder: image folder (searched recursively, sorted paths; each image resized so
             its shorter side is ``size``, then centre-cropped), or ``None`` for generated
-            images (standard normal noise in the normalised space, seeded).
+            images (standard normal noise in the normalised space, image ``i`` seeded
+            with ``seed + i``).
         num_images: how many images (the first ones of the folder).
         size: side in pixels.
         seed: seed of the generated images.
 
     Returns:
-        ``(iterator over (3, size, size) tensors, number of images, generated?)``.
+        ``(list of functions returning (3, size, size) tensors, generated?)``.
     """
     if num_images < 1:
         raise ValueError(f'num_images must be >= 1, got {num_images}')
     if folder is None:
-        generator = torch.Generator().manual_seed(seed)
-        return (torch.randn(3, size, size, generator=generator)
-                for _ in range(num_images)), num_images, True
-    from PIL import Image
+        return [partial(_noise_image, size, seed + i) for i in range(num_images)], True
     paths = _image_paths(folder)[:num_images]
-    mean = torch.tensor(MEAN).view(3, 1, 1)
-    std = torch.tensor(STD).view(3, 1, 1)
+    return [partial(_read_image, p, size) for p in paths], False
 
-    def read(path: str) -> Tensor:
-        with Image.open(path) as img:
-            img = img.convert('RGB')
-            scale = size / min(img.size)
-            w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
-            img = img.resize((w, h), Image.BICUBIC)
-            left, top = (w - size) // 2, (h - size) // 2
-            img = img.crop((left, top, left + size, top + size))
-            x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255
-        return (x - mean) / std
 
-    return (read(p) for p in paths), len(paths), False
+def _noise_image(size: int, seed: int) -> Tensor:
+    return torch.randn(3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _read_image(path: str, size: int) -> Tensor:
+    from PIL import Image
+    with Image.open(path) as img:
+        img = img.convert('RGB')
+        scale = size / min(img.size)
+        w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+        img = img.resize((w, h), Image.BICUBIC)
+        left, top = (w - size) // 2, (h - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255
+    return (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
 
 
 def plot_erfs(maps: Mapping[str, np.ndarray], path: str, note: str = '',
@@ -246,6 +274,10 @@ def run_erf(models: Mapping[str, nn.Module], out_dir: str, image_folder: Optiona
     """ERF of several models on the same images: ``erf_<label>.npy`` (accumulated),
     ``erf.png`` (normalised heatmaps side by side), ``erf.json`` (area ratios).
 
+    Resumable: each model's partial sum is kept in ``erf_<label>.state.npz`` (see
+    :func:`compute_erf`); running the same command again after a kill continues where it
+    stopped, and a finished model is not recomputed.
+
     Args:
         models: ``{label: model}`` (put in eval mode here).
         out_dir: output folder.
@@ -265,9 +297,14 @@ def run_erf(models: Mapping[str, nn.Module], out_dir: str, image_folder: Optiona
     for label, model in models.items():
         model.eval()
         name = layer if layer is not None else default_layer(model, stage)
-        images, count, generated = load_erf_images(image_folder, num_images, size, seed)
-        raw = compute_erf(model, images, name, progress=progress, total=count)
+        images, generated = load_erf_images(image_folder, num_images, size, seed)
+        count = len(images)
         safe = ''.join(c if c.isalnum() or c in '-_.' else '_' for c in label)
+        # what the partial sum depends on: a changed model or image set starts afresh
+        key = json.dumps([label, name, image_folder, count, size, seed,
+                          float(sum(p.detach().double().sum() for p in model.parameters()))])
+        raw = compute_erf(model, images, name, progress=progress,
+                          state_path=osp.join(out_dir, f'erf_{safe}.state.npz'), state_key=key)
         np.save(osp.join(out_dir, f'erf_{safe}.npy'), raw)
         maps[label] = normalize_erf(raw)
         ratios[label] = area_ratios(maps[label])

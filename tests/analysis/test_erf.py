@@ -2,6 +2,7 @@
 over channels of its kernel's magnitude, placed around the centre output pixel."""
 import json
 import os.path as osp
+from functools import partial
 
 import numpy as np
 import pytest
@@ -79,9 +80,9 @@ def test_images_from_a_folder_are_resized_and_normalised(tmp_path):
     folder.mkdir(parents=True)
     Image.new('RGB', (40, 20), (255, 0, 0)).save(folder / 'a.png')
     Image.new('RGB', (16, 16), (0, 0, 0)).save(folder / 'b.jpg')
-    images, count, generated = load_erf_images(str(tmp_path / 'imgs'), 5, 8)
-    images = list(images)
-    assert count == 2 and not generated and all(x.shape == (3, 8, 8) for x in images)
+    loaders, generated = load_erf_images(str(tmp_path / 'imgs'), 5, 8)
+    images = [load() for load in loaders]
+    assert len(images) == 2 and not generated and all(x.shape == (3, 8, 8) for x in images)
     red = torch.tensor([(1 - 0.485) / 0.229, -0.456 / 0.224, -0.406 / 0.225])
     torch.testing.assert_close(images[0][:, 4, 4], red, atol=1e-4, rtol=0)
     (tmp_path / 'empty').mkdir()
@@ -108,3 +109,34 @@ def test_run_erf_side_by_side(tmp_path):
     assert osp.getsize(tmp_path / 'erf.png') > 0
     with pytest.raises(ValueError, match='no layer'):
         compute_erf(models['dcls'], [torch.randn(3, 32, 32)], 'stages.9', progress=False)
+
+
+def test_a_killed_run_resumes_where_it_stopped(tmp_path):
+    torch.manual_seed(0)
+    model = ConvNeXtDCLS(TINY, dilated_kernel_size=7, kernel_count=3, layer_scale_init_value=1.0)
+    loaders, _ = load_erf_images(None, 5, 32)
+    full = compute_erf(model, loaders, 'stages.1', progress=False)
+    calls = []
+
+    def killed_after(n):
+        def load(i):
+            if len(calls) == n:
+                raise KeyboardInterrupt  # the kill
+            calls.append(i)
+            return loaders[i]()
+        return [partial(load, i) for i in range(5)]
+
+    state = str(tmp_path / 'state.npz')
+    with pytest.raises(KeyboardInterrupt):
+        compute_erf(model, killed_after(3), 'stages.1', progress=False, state_path=state,
+                    state_key='k', save_every=2)
+    assert calls == [0, 1, 2]  # image 2 was lost with the kill, images 0-1 were saved
+    calls.clear()
+    resumed = compute_erf(model, killed_after(99), 'stages.1', progress=False,
+                          state_path=state, state_key='k', save_every=2)
+    assert calls == [2, 3, 4]
+    np.testing.assert_allclose(resumed, full, rtol=1e-12)
+    calls.clear()  # another key (other model/images): starts afresh
+    compute_erf(model, killed_after(99), 'stages.1', progress=False, state_path=state,
+                state_key='other')
+    assert calls == [0, 1, 2, 3, 4]
