@@ -13,13 +13,14 @@ ROUTES = ['direct', 'fft']
 
 
 def _force_route(monkeypatch, route):
-    """Make the cost model pick one kernel-gradient route (direct C++ sum or FFT)."""
+    """Make the fast path use one kernel-gradient route (direct C++ sum or FFT): through
+    ``DCLS_MM_ROUTES`` (measured routes) or the cost-model threshold (before them)."""
     if route == 'direct':
         assert extension.available(), (
             'the compiled CPU kernels are not built: run bash tools/env/setup.sh')
-        monkeypatch.setattr(depthwise_module, 'DIRECT_MACS_PER_FFT_POINT', float('inf'))
-    else:
-        monkeypatch.setattr(depthwise_module, 'DIRECT_MACS_PER_FFT_POINT', -1)
+    monkeypatch.setenv('DCLS_MM_ROUTES', f'kernel_grad={route}')
+    monkeypatch.setattr(depthwise_module, 'DIRECT_MACS_PER_FFT_POINT',
+                        float('inf') if route == 'direct' else -1, raising=False)
 
 
 def _layer(version='gauss', dtype=torch.float32, stride=1):
