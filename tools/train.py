@@ -50,6 +50,9 @@ def main(argv=None):
     elif args.resume is not None:
         cfg.resume, cfg.load_from = True, args.resume
     setup_dcls_mm(cfg)
+    # empty datasets / labels of the wrong size: one line naming the file, before any work
+    from dcls_mm.datasets.checks import check_datasets
+    check_datasets(cfg, splits=('train', 'val'))
     # atomic checkpoints, resume falling back past a truncated one, exact resume (RNG
     # states + sampler position): also for configs that do not inherit ours
     from dcls_mm.engine.hooks import use_reliable_hooks
