@@ -5,7 +5,7 @@ import os.path as osp
 import subprocess
 import sys
 
-import pytest
+from dcls_mm.evaluation.classification import EvalConfig, run_evaluation
 
 from ._robustness_data import MODEL, build_data_root, save_model_checkpoint
 
@@ -13,7 +13,7 @@ ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOOL = osp.join(ROOT, 'tools', 'robustness', 'evaluate.py')
 
 
-def _run(prefix, out, data_root, ckpt):
+def _torchrun(prefix, out, data_root, ckpt):
     cmd = prefix + [TOOL, MODEL, '--checkpoint', ckpt, '--benchmark', 'imagenet', 'imagenet-c',
                     'imagenet-a', '--data-root', data_root, '--out-dir', out,
                     '--batch-size', '2', '--workers', '0', '--no-progress']
@@ -27,10 +27,15 @@ def _run(prefix, out, data_root, ckpt):
 def test_two_processes_equal_one(tmp_path):
     ckpt = save_model_checkpoint(str(tmp_path / 'model.pth'))
     data_root = build_data_root(str(tmp_path / 'data'), ckpt)
-    one, _ = _run([sys.executable], str(tmp_path / 'one'), data_root, ckpt)
+    # the single-process run in this process (one interpreter start less)
+    run_evaluation(EvalConfig(model=MODEL, benchmarks=['imagenet', 'imagenet-c', 'imagenet-a'],
+                              out_dir=str(tmp_path / 'one'), data_root=data_root,
+                              checkpoint=ckpt, batch_size=2, workers=0, progress=False))
+    with open(osp.join(tmp_path, 'one', 'results.json')) as f:
+        one = json.load(f)
     torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
                 '--nproc_per_node', '2']
-    two, proc = _run(torchrun, str(tmp_path / 'two'), data_root, ckpt)
+    two, proc = _torchrun(torchrun, str(tmp_path / 'two'), data_root, ckpt)
     assert two['world_size'] == 2 and one['world_size'] == 1
     # odd set sizes (3 images per ImageNet-C set): unequal shards, still exact
     assert two['benchmarks'] == one['benchmarks']
