@@ -166,14 +166,19 @@ def test_entry_point_converter(tmp_path):
 
 @pytest.mark.parametrize('how', ['test', 'resume'])
 def test_entry_point_train_and_test_tools(tmp_path, how):
+    from dcls_mm.datasets import make_coco_demo
     path, marker = _write_evil(tmp_path, 'raw-pickle')
     config = str(ROOT / 'configs/demo/cascade-mask-rcnn_convnext-dcls-atto_fpn_demo-coco.py')
-    # the tools build the runner (no data needed) and read the checkpoint before any data
+    data = make_coco_demo(str(tmp_path / 'coco'), num_images=1, num_val_images=1,
+                          image_size=(64, 48))
+    options = ['--cfg-options'] + [f'{s}_dataloader.dataset.data_root={data["data_root"]}'
+                                   for s in ('train', 'val', 'test')] + [
+        f'{s}_evaluator.ann_file={data["data_root"]}/{data["val_ann"]}' for s in ('val', 'test')]
     if how == 'test':
         args = [str(ROOT / 'tools/test.py'), config, str(path)]
     else:
         args = [str(ROOT / 'tools/train.py'), config, '--resume', str(path)]
-    out = _run_tool(args + ['--work-dir', str(tmp_path / 'wd')], tmp_path)
+    out = _run_tool(args + ['--work-dir', str(tmp_path / 'wd')] + options, tmp_path)
     assert out.returncode != 0
     assert 'refusing to unpickle' in out.stderr + out.stdout
     assert not marker.exists()
