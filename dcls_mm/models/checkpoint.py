@@ -278,7 +278,8 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module,
         sd = OrderedDict(convert_reference_state_dict(sd, _dilated_kernel_size(model)))
 
     target = model.state_dict()
-    is_classifier = 'head.weight' in target
+    # a classifier built with num_classes=0 has the final norm but no head weights
+    is_classifier = 'head.weight' in target or 'norm.weight' in target
     out_norms = {k.split('.', 1)[0] for k in target if re.match(r'norm\d+\.', k)}
     dropped = []
     adapted = OrderedDict()
@@ -288,8 +289,8 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module,
             if re.fullmatch(r'norm\d+', root):  # downstream output norms
                 dropped.append(key)
                 continue
-            if root == 'head' and key in target and target[key].shape != value.shape:
-                dropped.append(key)  # another num_classes: a new head
+            if root == 'head' and (key not in target or target[key].shape != value.shape):
+                dropped.append(key)  # another num_classes (or none): a new head
                 continue
         else:
             if root == 'head':

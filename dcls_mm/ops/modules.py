@@ -67,6 +67,23 @@ def _same_values(saved: Sequence[Tensor], params: Sequence[Tensor]) -> bool:
         and np.array_equal(_bits(a), _bits(b)) for a, b in zip(saved, params))
 
 
+def _dcls_forward(module: '_DclsNd', x: Tensor) -> Tensor:
+    """A DCLS layer's forward (see :meth:`_DclsNd.forward`).
+
+    Args:
+        module: the layer.
+        x: its input.
+    """
+    module._check_input(x)
+    return module.conv(x, module.construct_kernel())
+
+
+# torch.fx (torchvision's create_feature_extractor, timm's FeatureGraphNet) records the
+# call as one node: the input checks and the fast path's choices depend on shapes,
+# which symbolic tracing cannot branch on.
+torch.fx.wrap('_dcls_forward')
+
+
 class _DclsNd(nn.Module):
     """Base class of all DCLS convolutions (not meant to be used directly).
 
@@ -278,8 +295,13 @@ class _DclsNd(nn.Module):
         Returns:
             ``(N, C_out, *spatial_out)`` (or unbatched).
         """
-        self._check_input(x)
-        return self.conv(x, self.construct_kernel())
+        return _dcls_forward(self, x)
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: one clear line instead of TorchScript's
+        # errors on the property, the kernel memo and the custom autograd function
+        raise RuntimeError(f'{type(self).__name__} cannot be compiled by torch.jit.script; '
+                           'use torch.compile, torch.export.export or torch.fx instead')
 
     def extra_repr(self) -> str:
         s = (f'{self.in_channels}, {self.out_channels}, kernel_count={self.kernel_count}, '

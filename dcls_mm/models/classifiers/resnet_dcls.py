@@ -18,14 +18,17 @@ which needs one element per tap: ``init='exact'`` implies it, as timm drops
 """
 from __future__ import annotations
 
+from typing import Set
+
+import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import Bottleneck, ResNet
 from torch import nn
 
-from dcls_mm.ops import convert_dense_state_dict, convert_to_dcls
+from dcls_mm.ops import convert_dense_state_dict, convert_to_dcls, dcls_position_parameters
 
-__all__ = ['RESNET50_DCLS_CONVERSION', 'resnet50_dcls']
+__all__ = ['RESNET50_DCLS_CONVERSION', 'ResNetDCLS', 'resnet50_dcls']
 
 #: the paper's ResNet-50-dcls: every bottleneck 3x3 conv, dilated kernel 7,
 #: iso-parameters with positions shared per stage
@@ -33,6 +36,16 @@ RESNET50_DCLS_CONVERSION = dict(
     dilated_kernel_size=7, kernel_count='iso', interpolation='bilinear',
     select='layer*.conv2', init='random',
     share_positions=['layer1.*', 'layer2.*', 'layer3.*', 'layer4.*'])
+
+
+class ResNetDCLS(ResNet):
+    """timm's ResNet (to be converted by :func:`dcls_mm.ops.convert_to_dcls`) whose
+    ``no_weight_decay()`` names the DCLS positions, as the paper trains them (timm's
+    optimizer factory only exempts 1-D parameters by itself)."""
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        return {name for name, _ in dcls_position_parameters(self)}
 
 
 def _filter(state_dict: dict, model: nn.Module) -> dict:
@@ -49,7 +62,7 @@ def _create(variant: str, pretrained: bool, conversion: dict, **kwargs) -> nn.Mo
     conversion.update(given)
 
     def build(**model_kwargs) -> nn.Module:
-        return convert_to_dcls(ResNet(**model_kwargs), **conversion)
+        return convert_to_dcls(ResNetDCLS(**model_kwargs), **conversion)
 
     return build_model_with_cfg(build, variant, pretrained, pretrained_filter_fn=_filter,
                                 **kwargs)
@@ -58,7 +71,8 @@ def _create(variant: str, pretrained: bool, conversion: dict, **kwargs) -> nn.Mo
 default_cfgs = generate_default_cfgs({
     'resnet50_dcls': {
         'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bilinear', 'mean': IMAGENET_DEFAULT_MEAN,
+        'crop_pct': 0.875, 'test_input_size': (3, 224, 224), 'test_crop_pct': 0.875,
+        'interpolation': 'bilinear', 'mean': IMAGENET_DEFAULT_MEAN,
         'std': IMAGENET_DEFAULT_STD, 'first_conv': 'conv1', 'classifier': 'fc',
         'paper_ids': 'arXiv:2112.03740',
         'paper_name': 'Dilated Convolution with Learnable Spacings'},

@@ -11,52 +11,94 @@ builds the classifier with the published key names (``downsample_layers``, ``sta
 :func:`dcls_mm.models.checkpoint.checkpoint_filter_fn`. ``checkpoint_path=`` also works
 for files in dcls-mm axis order (the published bilinear ones), but it bypasses the
 filter: reference gaussian files need ``pretrained_cfg_overlay`` (or the converter).
+
+The classifiers answer timm's model API like timm's own ``convnext_*``: every
+``global_pool`` that ``convnext`` takes (``''`` keeps the map: a 1x1 head per pixel),
+``features_only=True`` / ``out_indices`` (through ``forward_intermediates``, timm's
+``'getter'`` feature class; ``'hook'`` and ``'fx'`` work too), ``forward_intermediates``,
+``prune_intermediate_layers``, ``set_grad_checkpointing``, ``group_matcher`` (layer-wise
+lr decay) and ``no_weight_decay`` (the DCLS positions). torch.fx traces them (each DCLS
+layer is one node), ``torch.jit.script`` refuses them with one line naming
+``torch.compile`` / ``torch.export``.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Dict, List, Optional, Set, Tuple, Union
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import SelectAdaptivePool2d
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from ..backbones.convnext_dcls import (build_convnext_dcls_trunk, default_kernel_count,
                                        resolve_arch)
 from ..checkpoint import CHECKPOINT_FORMATS, checkpoint_filter_fn
-from dcls_mm.ops import canonical_interpolation
+from dcls_mm.ops import canonical_interpolation, dcls_position_parameters
 
 __all__ = ['ConvNeXtDCLSClassifier']
 
 
+def make_global_pool(pool_type: str) -> SelectAdaptivePool2d:
+    """timm's global pooling of ``pool_type``, as timm's ConvNeXt head accepts it.
+
+    Args:
+        pool_type: ``'avg'``, ``'max'``, ``'avgmax'``, the ``'fast*'`` variants, or ``''``
+            (no pooling).
+
+    Raises:
+        ValueError: for an unknown type, or ``'catavgmax'`` (it doubles the pooled width;
+            timm's ConvNeXt refuses it too).
+    """
+    if not isinstance(pool_type, str):
+        raise ValueError(f'global_pool must be a str, got {pool_type!r}')
+    try:
+        pool = SelectAdaptivePool2d(pool_type=pool_type)
+    except AssertionError:
+        pool = None
+    if pool is None or pool.feat_mult() != 1:
+        raise ValueError(f"global_pool={pool_type!r} is not supported; use 'avg', 'max', "
+                         "'avgmax', a 'fast' variant of these, or '' (no pooling)")
+    return pool
+
+
 class ConvNeXtDCLSClassifier(nn.Module):
-    """ConvNeXt-dcls image classifier (trunk + global average pool + LayerNorm + Linear).
+    """ConvNeXt-dcls image classifier (trunk + global pool + LayerNorm + Linear).
 
     Args:
         arch: arch name or dict, as in :class:`~dcls_mm.models.ConvNeXtDCLS`.
         in_chans: input channels (timm name).
         num_classes: classes of the head; 0 for no head (``head`` is an ``Identity``).
-        global_pool: only ``'avg'`` is supported.
+        global_pool: timm pooling type (see :func:`make_global_pool`). With ``''`` the
+            norm and the head run on every pixel: ``(N, num_classes, H, W)`` outputs,
+            like timm's ConvNeXt (whose head is then a 1x1 conv; here the same
+            ``Linear``, so state dicts do not depend on the pooling).
+        output_stride: only 32 (DCLS convolutions have no dilation to trade stride for).
         drop_rate: dropout before the head.
         drop_path_rate: stochastic depth rate (linear over the blocks).
         layer_scale_init_value: initial layer scale ``gamma``.
         head_init_scale: multiplies the head's initial weights and bias.
-        dwconv, dilated_kernel_size, kernel_count, interpolation, share_positions: as in
-            :class:`~dcls_mm.models.ConvNeXtDCLS`.
+        dwconv: ``'dcls'`` or ``'dense'``, as in :class:`~dcls_mm.models.ConvNeXtDCLS`.
+        dilated_kernel_size: as in :class:`~dcls_mm.models.ConvNeXtDCLS`.
+        kernel_count: as in :class:`~dcls_mm.models.ConvNeXtDCLS`.
+        interpolation: as in :class:`~dcls_mm.models.ConvNeXtDCLS`.
+        share_positions: as in :class:`~dcls_mm.models.ConvNeXtDCLS`.
         checkpoint_format: used by the pretrained filter, see
             :mod:`dcls_mm.models.checkpoint`.
     """
 
     def __init__(self, arch: Union[str, dict] = 'tiny', in_chans: int = 3,
-                 num_classes: int = 1000, global_pool: str = 'avg', drop_rate: float = 0.,
-                 drop_path_rate: float = 0., layer_scale_init_value: float = 1e-6,
-                 head_init_scale: float = 1., dwconv: str = 'dcls',
-                 dilated_kernel_size: int = 17, kernel_count: Optional[int] = None,
-                 interpolation: str = 'bilinear', share_positions: bool = True,
-                 checkpoint_format: str = 'auto') -> None:
+                 num_classes: int = 1000, global_pool: str = 'avg', output_stride: int = 32,
+                 drop_rate: float = 0., drop_path_rate: float = 0.,
+                 layer_scale_init_value: float = 1e-6, head_init_scale: float = 1.,
+                 dwconv: str = 'dcls', dilated_kernel_size: int = 17,
+                 kernel_count: Optional[int] = None, interpolation: str = 'bilinear',
+                 share_positions: bool = True, checkpoint_format: str = 'auto') -> None:
         super().__init__()
-        if global_pool != 'avg':
-            raise ValueError(f"only global_pool='avg' is supported, got {global_pool!r}")
+        if output_stride != 32:
+            raise ValueError(f'output_stride={output_stride} is not supported, only 32 '
+                             '(DCLS convolutions have no dilation)')
         if checkpoint_format not in CHECKPOINT_FORMATS:
             raise ValueError(f'checkpoint_format must be one of {CHECKPOINT_FORMATS}')
         arch_name, depths, dims = resolve_arch(arch)
@@ -67,12 +109,13 @@ class ConvNeXtDCLSClassifier(nn.Module):
         self.kernel_count = kernel_count
         self.checkpoint_format = checkpoint_format
         self.num_classes = num_classes
-        self.global_pool = global_pool
+        self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.num_features = self.head_hidden_size = dims[-1]
         self.downsample_layers, self.stages = build_convnext_dcls_trunk(
             depths, dims, in_chans, dwconv, kernel_count, dilated_kernel_size, interpolation,
             share_positions, drop_path_rate, layer_scale_init_value)
+        self.global_pool = make_global_pool(global_pool)
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = self._make_head(num_classes)
@@ -92,19 +135,120 @@ class ConvNeXtDCLSClassifier(nn.Module):
         return head
 
     # timm model API -------------------------------------------------------------------
-    def get_classifier(self) -> nn.Module:
-        return self.head
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
+        """Regexes grouping the parameters by depth (timm's layer-wise lr decay).
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool not in (None, 'avg'):
-            raise ValueError(f"only global_pool='avg' is supported, got {global_pool!r}")
-        self.num_classes = num_classes
-        self.head = self._make_head(num_classes)
+        The groups are timm's ConvNeXt ones under the published key names: the stem
+        (``downsample_layers.0``), then stage by stage the downsampling layer (with the
+        stage's first block) and each block; the final norm and head come last.
+
+        Args:
+            coarse: one group per stage instead of per block.
+        """
+        return dict(
+            stem=r'^downsample_layers\.0\.',
+            blocks=r'^(?:downsample_layers|stages)\.(\d+)' if coarse else [
+                (r'^downsample_layers\.(\d+)', (0,)),
+                (r'^stages\.(\d+)\.(\d+)\.', None),
+            ])
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """Names of the DCLS positions (``P``, and ``SIG``): the paper trains them without
+        weight decay (1-D parameters are excluded by timm's optimizer factory anyway)."""
+        return {name for name, _ in dcls_position_parameters(self)}
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Run every block under ``torch.utils.checkpoint`` when training (or not).
+
+        Args:
+            enable: on or off.
+        """
         for stage in self.stages:
             stage.with_cp = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """The final ``Linear`` (an ``Identity`` without classes)."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None,
+                         reset_other: bool = False) -> None:
+        """Replace the head, as timm's ConvNeXt does.
+
+        Args:
+            num_classes: classes of the new head; 0 for none.
+            global_pool: new pooling type (see :func:`make_global_pool`); ``None`` keeps it.
+            reset_other: also drop the final LayerNorm (replaced by an ``Identity``).
+        """
+        if global_pool is not None:
+            self.global_pool = make_global_pool(global_pool).train(self.training)
+        if reset_other:
+            self.norm = nn.Identity()
+        self.num_classes = num_classes
+        self.head = self._make_head(num_classes).train(self.training)
+        self.head_hidden_size = self.num_features
+
+    def forward_intermediates(
+            self, x: Tensor, indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
+            intermediates_only: bool = False) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
+        """Stage outputs, as timm's ConvNeXt returns them.
+
+        Args:
+            x: images ``(N, in_chans, H, W)``.
+            indices: the last ``n`` stages if an int, all if ``None``, else these stages
+                (negative ones count from the end).
+            norm: accepted for timm's API; no effect (the final LayerNorm runs after the
+                pooling, in the head, as in timm's ConvNeXt whose ``norm_pre`` is an
+                ``Identity``).
+            stop_early: stop after the last stage asked for.
+            output_fmt: only ``'NCHW'``.
+            intermediates_only: return only the intermediates.
+
+        Returns:
+            The list of ``(N, C_i, H / 2^(i+2), W / 2^(i+2))`` stage outputs, or
+            ``(final features, that list)``.
+        """
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last = len(self.stages) - 1 if not stop_early else max_index
+        intermediates = []
+        for i in range(last + 1):
+            x = self.stages[i](self.downsample_layers[i](x))
+            if i in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1,
+                                  prune_norm: bool = False, prune_head: bool = True) -> List[int]:
+        """Drop the stages after the last one in ``indices`` (and the head), as timm's
+        ConvNeXt does.
+
+        Args:
+            indices: stages to keep available, as in :meth:`forward_intermediates`.
+            prune_norm: accepted for timm's API (the final norm belongs to the head).
+            prune_head: drop the head (pooling, norm and classifier) even if the last
+                stage stays.
+
+        Returns:
+            The absolute indices of ``indices``.
+        """
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.downsample_layers = self.downsample_layers[:max_index + 1]
+        self.stages = self.stages[:max_index + 1]
+        if prune_end:
+            # the head is sized for the last stage, so it goes with it
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or prune_end:
+            self.reset_classifier(0, '', reset_other=True)
+        return take_indices
 
     def forward_features(self, x: Tensor) -> Tensor:
         for downsample, stage in zip(self.downsample_layers, self.stages):
@@ -112,9 +256,25 @@ class ConvNeXtDCLSClassifier(nn.Module):
         return x
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = self.norm(x.mean((-2, -1)))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
+        """Pool, LayerNorm, dropout, head.
+
+        Args:
+            x: :meth:`forward_features` output ``(N, C, H, W)``.
+            pre_logits: stop before the head.
+
+        Returns:
+            ``(N, classes)`` (``(N, C)`` with ``pre_logits``); without pooling the same
+            per pixel, ``(N, classes | C, H, W)``.
+        """
+        pooled = not self.global_pool.is_identity()
+        x = self.global_pool(x)
+        # the LayerNorm and the Linear act on the channels: a (N, C) vector after
+        # pooling, the channels-last view of every pixel without it
+        x = x.flatten(1) if pooled else x.permute(0, 2, 3, 1)
+        x = self.head_drop(self.norm(x))
+        if not pre_logits:
+            x = self.head(x)
+        return x if pooled else x.permute(0, 3, 1, 2)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
@@ -122,8 +282,10 @@ class ConvNeXtDCLSClassifier(nn.Module):
 
 def _cfg(**kwargs) -> dict:
     return {
+        # the published models were evaluated at 224 only (crop 0.875)
         'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bicubic', 'mean': IMAGENET_DEFAULT_MEAN,
+        'crop_pct': 0.875, 'test_input_size': (3, 224, 224), 'test_crop_pct': 0.875,
+        'interpolation': 'bicubic', 'mean': IMAGENET_DEFAULT_MEAN,
         'std': IMAGENET_DEFAULT_STD, 'first_conv': 'downsample_layers.0.0',
         'classifier': 'head', 'license': 'mit',
         'paper_ids': 'arXiv:2112.03740', 'paper_name': 'Dilated Convolution with Learnable Spacings',
@@ -140,10 +302,17 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> ConvNeXtDCLSClassifier:
-    if kwargs.get('features_only'):
-        raise ValueError('features_only is not supported; use dcls_mm.models.ConvNeXtDCLS')
+    feature_cls = kwargs.get('feature_cls')
+    if (kwargs.get('features_only') and isinstance(feature_cls, str)
+            and feature_cls.lower() in ('list', 'dict')):
+        # those rebuild the model as one sequence of its children, and the published
+        # key names keep the downsampling layers apart from the stages
+        raise ValueError(f"feature_cls={feature_cls!r} is not supported by {variant}; use "
+                         "'getter' (the default), 'hook' or 'fx'")
     return build_model_with_cfg(ConvNeXtDCLSClassifier, variant, pretrained,
-                                pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+                                pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
+                                **kwargs)
 
 
 @register_model
