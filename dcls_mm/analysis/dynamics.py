@@ -106,17 +106,30 @@ def _interval(a: dict, b: dict, path_a: str, path_b: str) -> Tuple[float, str]:
                      'cannot tell the training time between them')
 
 
-def position_speeds(checkpoints: Sequence[str]) -> List[dict]:
+def _interval_lr(lrs: Sequence[Tuple[int, float]], a: dict, b: dict) -> Optional[float]:
+    """Mean logged lr of the iterations between checkpoints ``a`` and ``b`` (those that
+    moved the positions), else the lr ``a`` saved for its next iteration."""
+    if lrs and a['iter'] is not None and b['iter'] is not None:
+        values = [lr for step, lr in lrs if a['iter'] < step <= b['iter']]
+        if values:
+            return sum(values) / len(values)
+    return a['lr']
+
+
+def position_speeds(checkpoints: Sequence[str],
+                    lrs: Sequence[Tuple[int, float]] = ()) -> List[dict]:
     """Average position speed per group between consecutive checkpoints.
 
     Args:
         checkpoints: checkpoint files in training order (at least two).
+        lrs: ``(step, lr)`` logged by the run (:func:`read_learning_rates`), if any.
 
     Returns:
         One row per (interval, group): ``from``, ``to`` (file names), ``epoch``/``iter``
         at ``to``, ``interval`` and ``unit`` (``'epoch'``/``'iter'``), ``group``,
-        ``mean_displacement`` (cells), ``speed`` (cells per unit), ``lr`` (from ``to``'s
-        optimizer state, or None).
+        ``mean_displacement`` (cells), ``speed`` (cells per unit), ``lr``: the mean
+        logged lr of the iterations in the interval, else the lr that ``from``'s saved
+        optimizer state holds for the next iteration, else None.
 
     Raises:
         ValueError: fewer than two checkpoints, or position keys/shapes that differ
@@ -145,7 +158,7 @@ def position_speeds(checkpoints: Sequence[str]) -> List[dict]:
             rows.append({'from': osp.basename(prev_path), 'to': osp.basename(path),
                          'epoch': info['epoch'], 'iter': info['iter'], 'interval': dt,
                          'unit': unit, 'group': group, 'mean_displacement': mean,
-                         'speed': mean / dt, 'lr': info['lr']})
+                         'speed': mean / dt, 'lr': _interval_lr(lrs, prev_info, info)})
         prev, prev_info, prev_path = cur, info, path
     return rows
 
@@ -233,8 +246,8 @@ def run_position_dynamics(out_dir: str, work_dir: Optional[str] = None,
         if work_dir is None:
             raise ValueError('give a work dir or a list of checkpoints')
         checkpoints = find_checkpoints(work_dir)
-    rows = position_speeds(checkpoints)
     lrs = read_learning_rates(work_dir) if work_dir is not None else []
+    rows = position_speeds(checkpoints, lrs)
     os.makedirs(out_dir, exist_ok=True)
     files = [osp.join(out_dir, 'position_speeds.csv')]
     with open(files[0], 'w', newline='') as f:

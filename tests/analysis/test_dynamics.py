@@ -14,8 +14,11 @@ from dcls_mm.models import ConvNeXtDCLS
 _names = itertools.count()
 
 
-def _save(path, state, epoch, it):
-    torch.save({'state_dict': state, 'meta': {'epoch': epoch, 'iter': it}}, path)
+def _save(path, state, epoch, it, lr=None):
+    checkpoint = {'state_dict': state, 'meta': {'epoch': epoch, 'iter': it}}
+    if lr is not None:  # mmengine's optimizer state: the lr of the next iteration
+        checkpoint['optimizer'] = {'state': {}, 'param_groups': [{'lr': lr, 'params': [0]}]}
+    torch.save(checkpoint, path)
 
 
 def test_speed_formula_on_hand_made_checkpoints(tmp_path):
@@ -29,9 +32,12 @@ def test_speed_formula_on_hand_made_checkpoints(tmp_path):
     state1 = dict(state0, **{'backbone.stages.0.0.dwconv.P': P1,
                              'backbone.stages.0.1.dwconv.P': P1})
     a, b = str(tmp_path / 'a.pth'), str(tmp_path / 'b.pth')
-    _save(a, state0, 1, 10)
-    _save(b, state1, 3, 30)
+    _save(a, state0, 1, 10, lr=0.1)
+    _save(b, state1, 3, 30, lr=0.01)
     rows = position_speeds([a, b])
+    assert rows[0]['lr'] == 0.1  # no log: the lr `a` holds for the iterations after it
+    assert position_speeds([a, b], [(10, 9.0), (11, 0.2), (30, 0.4), (31, 9.0)])[0]['lr'] \
+        == pytest.approx(0.3)  # logged: mean over the iterations 11..30
     assert [r['group'] for r in rows] == ['stage0', 'stage1']
     # stage 0: 24 elements (two blocks of 12, shared), displacements 5 and 1 in each block
     assert rows[0]['mean_displacement'] == pytest.approx(2 * (5 + 1) / 24)
@@ -98,7 +104,8 @@ def test_real_run_speeds_and_learning_rate(tmp_path):
                  for c in range(4) for e in range(3)]
         assert row['speed'] == pytest.approx(sum(dists) / len(dists))
         assert row['speed'] > 0
-    assert rows[-1]['lr'] == pytest.approx(0.05)
+    # the lr of the iterations that moved the positions: 3-4 at 0.5, 5-6 at 0.05
+    assert rows[0]['lr'] == pytest.approx(0.5) and rows[-1]['lr'] == pytest.approx(0.05)
     with open(tmp_path / 'out' / 'position_speeds.csv') as f:
         assert len(list(csv.DictReader(f))) == 8
     assert (tmp_path / 'out' / 'learning_rate.csv').exists()
