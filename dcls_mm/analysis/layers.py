@@ -6,19 +6,20 @@ from typing import List, Tuple
 
 from torch import nn
 
-from dcls_mm.engine.utils import is_dcls_module
+from dcls_mm.ops import dcls_layers
 
 _STAGE = re.compile(r'(?:^|\.)stages\.(\d+)\.')
 
 
 def named_dcls_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     """``(name, layer)`` of every DCLS layer of ``model`` in traversal order (each module
-    once). The one place the analysis tools look for DCLS layers.
+    once): :func:`dcls_mm.ops.dcls_layers`, the project's one DCLS-layer finder (so
+    models converted by :func:`dcls_mm.ops.convert_to_dcls` are analysed too).
 
     Args:
         model: any module.
     """
-    return [(name, m) for name, m in model.named_modules() if is_dcls_module(m)]
+    return dcls_layers(model)
 
 
 def group_name(name: str) -> str:
