@@ -5,7 +5,7 @@ Importing this package registers the backbone; if timm is installed it also regi
 the timm models.
 """
 from .backbones import (ARCH_SETTINGS, ConvNeXtDCLS, ConvNeXtDCLSBlock, ConvNeXtDCLSStage,
-                        LayerNorm2d, build_convnext_dcls_trunk, iso_kernel_count)
+                        DCLSConverted, LayerNorm2d, build_convnext_dcls_trunk, iso_kernel_count)
 from .checkpoint import (checkpoint_filter_fn, infer_backbone_kwargs, load_checkpoint_file,
                          load_pretrained, use_checked_checkpoint_loader)
 
@@ -13,7 +13,7 @@ __all__ = [
     'ConvNeXtDCLS', 'ConvNeXtDCLSBlock', 'ConvNeXtDCLSStage', 'LayerNorm2d', 'ARCH_SETTINGS',
     'build_convnext_dcls_trunk', 'iso_kernel_count', 'checkpoint_filter_fn',
     'infer_backbone_kwargs', 'load_checkpoint_file', 'load_pretrained',
-    'use_checked_checkpoint_loader'
+    'use_checked_checkpoint_loader', 'DCLSConverted'
 ]
 
 # torch >= 2.6 loads with weights_only=True, which cannot read mmengine's own training

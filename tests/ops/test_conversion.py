@@ -50,12 +50,17 @@ def _randomize_norms(model):
     return model
 
 
-def test_resnet18_exact_float64():
+def _timm_pair(name, dilated_kernel_size):
+    """A float64 timm model with non-trivial norms and its exact DCLS conversion."""
     torch.manual_seed(0)
-    dense = _randomize_norms(timm.create_model('resnet18', num_classes=7)).double().eval()
-    model = timm.create_model('resnet18', num_classes=7).double().eval()
+    dense = _randomize_norms(timm.create_model(name, num_classes=5)).double().eval()
+    model = timm.create_model(name, num_classes=5).double().eval()
     model.load_state_dict(dense.state_dict())
-    model = convert_to_dcls(model, dilated_kernel_size=7)
+    return dense, convert_to_dcls(model, dilated_kernel_size=dilated_kernel_size)
+
+
+def test_resnet18_exact_float64():
+    dense, model = _timm_pair('resnet18', 7)
     layers = dcls_layers(model)
     # the 7x7 stem and the 16 3x3 convs of the 8 BasicBlocks; the 1x1 downsamples stay dense
     assert len(layers) == 17
@@ -75,11 +80,7 @@ def test_resnet18_exact_float64():
 
 
 def test_convnext_atto_exact_float64_even_kernels():
-    torch.manual_seed(0)
-    dense = _randomize_norms(timm.create_model('convnext_atto', num_classes=5)).double().eval()
-    model = timm.create_model('convnext_atto', num_classes=5).double().eval()
-    model.load_state_dict(dense.state_dict())
-    model = convert_to_dcls(model, dilated_kernel_size=9)
+    dense, model = _timm_pair('convnext_atto', 9)
     names = [n for n, _ in dcls_layers(model)]
     # stem 4x4/s4, 3 downsamples 2x2/s2 and 12 depthwise 7x7 convs
     assert len(names) == 16 and 'stem.0' in names and 'stages.1.downsample.1' in names
