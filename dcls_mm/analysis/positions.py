@@ -172,6 +172,8 @@ def plot_positions(groups: Mapping[str, GroupPositions], stats: Mapping[str, dic
     for row, (name, group) in zip(axes, groups.items()):
         s = stats[name]
         counts = np.array(s['cell_counts'])
+        if counts.ndim > 2:  # 3-D kernels: the (height, width) projection
+            counts = counts.reshape(-1, *counts.shape[-2:]).sum(0)
         if counts.ndim == 2:
             im = row[0].imshow(counts, cmap='viridis', origin='upper')
             fig.colorbar(im, ax=row[0], shrink=0.8)
@@ -200,9 +202,11 @@ def plot_positions(groups: Mapping[str, GroupPositions], stats: Mapping[str, dic
     return save_figure(fig, path)
 
 
-def plot_kernels(model: nn.Module, channels: Sequence[int], path: str, title: str = '') -> str:
+def plot_kernels(model: nn.Module, channels: Sequence[int], path: str,
+                 title: str = '') -> Optional[str]:
     """Grid of constructed 2-D kernels: one row per group (its first layer), one column
-    per channel (output channel ``c``, first input channel of its group).
+    per channel (output channel ``c``, first input channel of its group). Returns
+    ``path``, or ``None`` (nothing written) when the model has no 2-D DCLS kernel.
 
     Args:
         model: the model.
@@ -216,7 +220,7 @@ def plot_kernels(model: nn.Module, channels: Sequence[int], path: str, title: st
         firsts.setdefault(group_name(name), (name, layer))
     rows = [(g, n, m) for g, (n, m) in firsts.items() if len(m.kernel_size) == 2]
     if not rows:
-        raise ValueError('no 2-D DCLS layer to draw kernels of')
+        return None
     fig, axes = plt.subplots(len(rows), len(channels),
                              figsize=(1.8 * len(channels), 1.9 * len(rows)), squeeze=False)
     for ax_row, (group, name, layer) in zip(axes, rows):
@@ -240,7 +244,7 @@ def plot_kernels(model: nn.Module, channels: Sequence[int], path: str, title: st
 def run_positions(model: nn.Module, out_dir: str, channels: Sequence[int] = (0, 1, 2, 3),
                   label: str = 'model') -> dict:
     """Positions and kernels of one model: ``positions.json``, ``positions.png``,
-    ``kernels.png`` in ``out_dir``.
+    ``kernels.png`` (models with 2-D kernels) in ``out_dir``.
 
     Args:
         model: the model (e.g. from :func:`dcls_mm.analysis.build_analysis_model`).
@@ -249,14 +253,15 @@ def run_positions(model: nn.Module, out_dir: str, channels: Sequence[int] = (0, 
         label: model name in titles and in the JSON.
 
     Returns:
-        The content of ``positions.json``: ``{'model': label, 'groups': {name: stats}}``.
+        The content of ``positions.json``: ``{'model': label, 'groups': {name: stats},
+        'kernels_png': whether kernels.png was drawn}``.
     """
     os.makedirs(out_dir, exist_ok=True)
     groups = collect_positions(model)
     stats = {name: position_stats(g) for name, g in groups.items()}
     plot_positions(groups, stats, osp.join(out_dir, 'positions.png'), title=label)
-    plot_kernels(model, channels, osp.join(out_dir, 'kernels.png'), title=label)
-    result = dict(model=label, groups=stats)
+    kernels = plot_kernels(model, channels, osp.join(out_dir, 'kernels.png'), title=label)
+    result = dict(model=label, groups=stats, kernels_png=kernels is not None)
     with open(osp.join(out_dir, 'positions.json'), 'w') as f:
         json.dump(result, f, indent=1)
     return result

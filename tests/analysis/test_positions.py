@@ -78,3 +78,22 @@ def test_run_positions_writes_json_and_pictures(tmp_path):
     assert (tmp_path / 'kernels.png').stat().st_size > 0
     with pytest.raises(ValueError, match='no DCLS layer'):
         run_positions(nn.Conv2d(1, 1, 3), str(tmp_path))
+
+
+def test_1d_and_3d_layers(tmp_path):
+    from dcls_mm.ops import Dcls1d, Dcls3d
+    one = Dcls1d(1, 1, 4, padding=2, dilated_kernel_size=5)
+    three = Dcls3d(1, 1, 2, padding=1, dilated_kernel_size=3)
+    with torch.no_grad():
+        one.P.copy_(torch.tensor([-2.0, -0.4, 0.2, 1.6]).view(1, 1, 1, 4))
+        three.P.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.2, 0.0]]).view(3, 1, 1, 2))
+    s1 = position_stats(collect_positions(one)[''])
+    assert s1['cell_counts'] == [1, 0, 2, 0, 1]  # cells of -2, -0.4/0.2, 1.6 -> 0, 2, 4
+    assert s1['at_limit'] == 1 and s1['overlapping'] == 2
+    s3 = position_stats(collect_positions(three)[''])
+    counts = np.array(s3['cell_counts'])
+    assert counts.shape == (3, 3, 3) and counts[2, 0, 1] == 1 and counts[1, 1, 1] == 1
+    assert s3['at_limit'] == 1
+    result = run_positions(nn.Sequential(one), str(tmp_path / 'one'))
+    assert not result['kernels_png'] and not (tmp_path / 'one' / 'kernels.png').exists()
+    assert run_positions(nn.Sequential(three), str(tmp_path / 'three'))['groups']['0']
