@@ -44,7 +44,21 @@ def check_model(model, base_wd, optim_cfg):
     for group in optimizer.param_groups:
         for p in group['params']:
             assert group['weight_decay'] == (0.0 if id(p) in positions else base_wd)
+    # the DCLS lr-decay constructor finds the converted layers in the real model too
+    lr_decay = dict(type='OptimWrapper',
+                    optimizer=dict(type='AdamW', lr=1e-4, weight_decay=0.05),
+                    constructor='dcls_mm.DCLSLearningRateDecayOptimizerConstructor',
+                    paramwise_cfg=dict(decay_rate=0.9, num_layers=6))
+    groups = build_optim_wrapper(model, lr_decay).optimizer.param_groups
+    trainable = {id(p) for p in positions_of(layers) if p.requires_grad}
+    assert {id(p) for g in groups if g['group_name'].endswith('_position')
+            for p in g['params']} == trainable
+    assert all(g['weight_decay'] == 0.0 for g in groups if g['group_name'].endswith('_position'))
     return inner
+
+
+def positions_of(layers):
+    return list({id(m.P): m.P for _, m in layers}.values())
 
 
 def test_cascade_mask_rcnn_r50_dcls():
