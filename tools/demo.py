@@ -2,6 +2,7 @@
 
     bash tools/demo.sh            # sets up .venv if needed, then runs this file
     python tools/demo.py [--work-dir work_dirs/demo] [--skip-det] [--skip-seg]
+        [--skip-robustness]
 
 Steps:
   1. a DCLS layer: how ``Dcls2d`` turns K weights + learned positions into a dense
@@ -9,7 +10,10 @@ Steps:
   2. a tiny ConvNeXt-dcls backbone: forward/backward, gradients reach the positions;
   3. COCO-format demo data -> a tiny Cascade Mask R-CNN (configs/demo) trained for a few
      iterations, then one validation pass with the real CocoMetric (bbox/segm AP);
-  4. ADE20K-format demo data -> a tiny UperNet (configs/demo), same, IoUMetric (mIoU).
+  4. ADE20K-format demo data -> a tiny UperNet (configs/demo), same, IoUMetric (mIoU);
+  6. ImageNet-C: ConvNeXt-dcls-atto vs dense ConvNeXt-atto (random weights) on a tiny
+     generated ImageNet-C-layout set, mCE table (as tools/robustness/evaluate.py and
+     compare.py; skip with --skip-robustness).
 
 After a few iterations on toy data the AP / mIoU values are near zero or noisy; they
 show that the real training and evaluation pipelines run end to end, not accuracy.
@@ -42,6 +46,8 @@ def parse_args(argv=None):
                         help='data, logs, checkpoints and summary.json go here')
     parser.add_argument('--skip-det', action='store_true', help='skip Cascade Mask R-CNN')
     parser.add_argument('--skip-seg', action='store_true', help='skip UperNet')
+    parser.add_argument('--skip-robustness', action='store_true',
+                        help='skip the ImageNet-C classifier step')
     parser.add_argument('--num-images', type=int, default=8,
                         help='training images per demo data set; Cascade Mask R-CNN '
                         'trains one epoch of batch 2 (this / 2 iterations), UperNet a '
@@ -191,6 +197,67 @@ def demo_seg(work_dir: str, num_images: int) -> dict:
     return result
 
 
+# --- 6. ImageNet-C classifier robustness ---------------------------------------------------
+def demo_robustness(work_dir: str, num_classes: int = 4, size: int = 64) -> dict:
+    """ConvNeXt-dcls-atto vs dense ConvNeXt-atto (random weights) on a generated set.
+
+    Writes ``data/imagenet-robustness/{imagenet/val, imagenet-c}`` (one image per class,
+    the 15 benchmark corruptions x 5 severities, ``dcls_mm.datasets.corruptions``), runs
+    :func:`dcls_mm.evaluation.classification.run_evaluation` for both models (the code of
+    ``tools/robustness/evaluate.py``) and prints the table of
+    ``tools/robustness/compare.py``.
+
+    Args:
+        work_dir: the demo folder (data, ``robustness/<model>`` results, ``robustness/compare``).
+        num_classes: classes (one image each) of the generated set.
+        size: image side in pixels (ImageNet-C sets are evaluated at their native size).
+
+    Returns:
+        Both models' ImageNet-C summaries and the results/plot paths.
+    """
+    from dcls_mm.datasets.imagenet_layouts import (default_corruption, synthetic_images,
+                                                   write_class_folder, write_corruption_folders)
+    from dcls_mm.evaluation.classification import EvalConfig, run_evaluation
+    from dcls_mm.evaluation.compare import compare_results
+    from dcls_mm.evaluation.folders import imagenet_wnids
+    from dcls_mm.evaluation.imagenet_c import BENCHMARK_CORRUPTIONS
+    banner('6. ImageNet-C: ConvNeXt-dcls-atto vs ConvNeXt-atto, random weights (mCE)')
+    root = osp.join(work_dir, 'data', 'imagenet-robustness')
+    if osp.isdir(root):  # cheap to regenerate; never mixes two generator versions
+        shutil.rmtree(root)
+    t0 = time.perf_counter()
+    samples = synthetic_images(imagenet_wnids()[::250][:num_classes], 1, size, seed=0)
+    write_class_folder(osp.join(root, 'imagenet', 'val'), samples)
+    corrupt, how = default_corruption()
+    write_corruption_folders(osp.join(root, 'imagenet-c'), samples, BENCHMARK_CORRUPTIONS,
+                             corrupt=corrupt)
+    print(f'  data: {root}: imagenet/val and imagenet-c (15 corruptions x 5 severities x '
+          f'{len(samples)} images, {size}x{size} JPEG; {how}) in '
+          f'{time.perf_counter() - t0:.1f} s')
+    results = {}
+    for name, kwargs in (('convnext_atto', {}), ('convnext_dcls_tiny', {'arch': 'atto'})):
+        label = name + ''.join(f'-{v}' for v in kwargs.values())
+        out_dir = osp.join(work_dir, 'robustness', label)
+        if osp.isdir(out_dir):  # the same random weights each run, but a fresh data set
+            shutil.rmtree(out_dir)
+        t0 = time.perf_counter()
+        out = run_evaluation(EvalConfig(
+            model=name, model_kwargs=kwargs, benchmarks=['imagenet', 'imagenet-c'],
+            data_root=root, out_dir=out_dir, batch_size=20, workers=0, progress=False))
+        c = out['results']['benchmarks']['imagenet-c']
+        results[label] = dict(mCE=c['mCE'], relative_mCE=c['relative_mCE'],
+                              results=osp.join(out_dir, 'results.json'))
+        print(f'  {label}: {out["eval_images"]} images in {time.perf_counter() - t0:.1f} s, '
+              f'mCE {c["mCE"]:.1f}')
+    table = compare_results([r['results'] for r in results.values()],
+                            osp.join(work_dir, 'robustness', 'compare'))
+    print('\n'.join('  ' + line for line in table['table'].splitlines()))
+    print(f'  plots: {", ".join(table["files"][1:])}')
+    print('  (random weights: errors near 100 %, mCE near 100 / AlexNet error; the numbers '
+          'show the pipeline, not robustness)')
+    return dict(models=results, files=table['files'])
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     warnings.filterwarnings('ignore', category=UserWarning)
@@ -208,6 +275,8 @@ def main(argv=None) -> dict:
         summary['cascade_mask_rcnn'] = demo_det(work_dir, args.num_images)
     if not args.skip_seg:
         summary['upernet'] = demo_seg(work_dir, args.num_images)
+    if not args.skip_robustness:
+        summary['imagenet_c'] = demo_robustness(work_dir)
     summary['total_s'] = round(time.perf_counter() - t0, 1)
 
     banner('Summary')
@@ -221,6 +290,9 @@ def main(argv=None) -> dict:
     if 'upernet' in summary:
         m = summary['upernet']['metrics']
         print(f'  UperNet: mIoU {m.get("mIoU", float("nan")):.2f}')
+    if 'imagenet_c' in summary:
+        print('  ImageNet-C mCE (random weights): ' + ', '.join(
+            f'{k} {v["mCE"]:.1f}' for k, v in summary['imagenet_c']['models'].items()))
     print(f'  total {summary["total_s"]} s; details in {osp.join(work_dir, "summary.json")}')
     print('  (toy data, a few iterations: the numbers show the pipeline runs, not accuracy)')
     with open(osp.join(work_dir, 'summary.json'), 'w') as f:
