@@ -127,6 +127,11 @@ class ConvNeXtDCLSClassifier(nn.Module):
                              for i, c in enumerate(dims)]
 
     def _make_head(self, num_classes: int) -> nn.Module:
+        """A trunc_normal(.02) ``Linear(num_features, num_classes)``, or an ``Identity``.
+
+        Args:
+            num_classes: classes; ``<= 0`` for no head.
+        """
         if num_classes <= 0:
             return nn.Identity()
         head = nn.Linear(self.num_features, num_classes)
@@ -251,6 +256,11 @@ class ConvNeXtDCLSClassifier(nn.Module):
         return take_indices
 
     def forward_features(self, x: Tensor) -> Tensor:
+        """Last stage's output ``(N, C, H / 32, W / 32)``.
+
+        Args:
+            x: images ``(N, in_chans, H, W)``.
+        """
         for downsample, stage in zip(self.downsample_layers, self.stages):
             x = stage(downsample(x))
         return x
@@ -277,6 +287,11 @@ class ConvNeXtDCLSClassifier(nn.Module):
         return x if pooled else x.permute(0, 3, 1, 2)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Logits (see :meth:`forward_head` for their shape).
+
+        Args:
+            x: images ``(N, in_chans, H, W)``.
+        """
         return self.forward_head(self.forward_features(x))
 
 
@@ -302,6 +317,14 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> ConvNeXtDCLSClassifier:
+    """Build ``variant`` through timm's builder (pretrained file, features_only).
+
+    Args:
+        variant: registered name.
+        pretrained: load ``pretrained_cfg_overlay=dict(file=...)`` through
+            :func:`~dcls_mm.models.checkpoint.checkpoint_filter_fn`.
+        **kwargs: :class:`ConvNeXtDCLSClassifier` and timm builder arguments.
+    """
     feature_cls = kwargs.get('feature_cls')
     if (kwargs.get('features_only') and isinstance(feature_cls, str)
             and feature_cls.lower() in ('list', 'dict')):
