@@ -258,7 +258,8 @@ def convert_to_dcls(model: nn.Module, *, dilated_kernel_size: Union[int, Sequenc
     if not (kernel_count is None or kernel_count == 'iso'
             or (isinstance(kernel_count, int) and not isinstance(kernel_count, bool)
                 and kernel_count >= 1)):
-        raise ValueError(f"kernel_count must be None, 'iso' or a positive int, got {kernel_count!r}")
+        raise ValueError("kernel_count must be None, 'iso' or a positive int, "
+                         f'got {kernel_count!r}')
     if init == 'exact':
         if kernel_count is not None:
             raise ValueError(f"init='exact' needs kernel_count=None (one element per dense tap), "

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 pytest.importorskip('mmdet')
-from dcls_mm.engine import (ClampPositionsHook, DCLSLearningRateDecayOptimizerConstructor,  # noqa: E402
-                            repulsive_loss)
+from dcls_mm.engine import (  # noqa: E402
+    ClampPositionsHook, DCLSLearningRateDecayOptimizerConstructor, repulsive_loss)
 from dcls_mm.models import DCLSConverted  # noqa: E402
 from dcls_mm.ops import Dcls2d, convert_to_dcls, dcls_layers  # noqa: E402
 from dcls_mm.registry import MODELS  # noqa: E402
