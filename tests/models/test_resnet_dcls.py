@@ -29,7 +29,6 @@ def test_resnet50_dcls_iso_parameters_shared_per_stage():
     assert total == dense - sum(n * c * c * 9 - (n + 2) * c * c * k
                                 for k, n, c in zip(counts, DEPTHS, WIDTHS))
     assert total <= dense
-    assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
 
 
 def test_resnet50_dcls_exact_from_dense_file(tmp_path):
