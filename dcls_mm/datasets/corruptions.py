@@ -21,9 +21,11 @@ Frost overlays are the reference's own texture files, read from the installed
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.metadata
 import io
 import math
+import os
 from typing import Callable, Dict, Optional, Tuple, Union
 
 import cv2
@@ -34,8 +36,8 @@ from skimage import color as skcolor
 from skimage.filters import gaussian as sk_gaussian
 from skimage.util import random_noise
 
-__all__ = ['corrupt', 'corruption_names', 'CORRUPTION_SUBSETS', 'DETERMINISTIC_CORRUPTIONS',
-           'SeedLike']
+__all__ = ['corrupt', 'corrupt_bgr', 'corruption_names', 'image_seed', 'CORRUPTION_SUBSETS',
+           'DETERMINISTIC_CORRUPTIONS', 'SeedLike']
 
 SeedLike = Union[None, int, np.random.Generator]
 
@@ -86,6 +88,30 @@ def corruption_names(subset: str = 'benchmark') -> list[str]:
     return list(CORRUPTION_SUBSETS[subset])
 
 
+def image_seed(seed: int, corruption: str, severity: int, path: str) -> int:
+    """The seed of one image's corruption, derived from a run seed and the image's name.
+
+    Used by the ``dcls_mm.Corrupt`` transform and by ``make_corrupted`` alike, so that
+    an image corrupted on the fly equals its pre-generated copy, whatever the number of
+    processes or the order of the images. Only the file *name* enters (not its folder):
+    the same image gets the same seed wherever the data set is mounted (COCO, ADE20K and
+    ImageNet file names are unique within a split). Corruption and severity enter too,
+    so that sets draw independent randomness, as separate reference runs would.
+
+    Args:
+        seed: the run's seed (a non-negative integer).
+        corruption: corruption name.
+        severity: 1..5.
+        path: the image's path (or bare file name).
+
+    Returns:
+        A 64-bit non-negative integer seed.
+    """
+    name = os.path.basename(os.fspath(path))
+    key = f'{int(seed)}\0{corruption}\0{int(severity)}\0{name}'.encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), 'little')
+
+
 def corrupt(image: np.ndarray, corruption: str, severity: int,
             seed: SeedLike = None) -> np.ndarray:
     """Corrupt an RGB image as ``imagecorruptions`` 1.1.2 does.
@@ -120,6 +146,30 @@ def corrupt(image: np.ndarray, corruption: str, severity: int,
     out = fn(image, int(severity) - 1, np.random.default_rng(seed))
     # the reference's np.uint8(): truncation of the clipped float result
     return np.ascontiguousarray(out).astype(np.uint8)
+
+
+def corrupt_bgr(image: np.ndarray, corruption: str, severity: int,
+                seed: SeedLike = None) -> np.ndarray:
+    """:func:`corrupt` for an OpenCV / MMCV image in BGR channel order.
+
+    The corruption runs on the RGB image (colour-dependent corruptions such as frost,
+    snow and saturate are defined in RGB) and the result is returned as BGR.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 BGR image.
+        corruption: corruption name.
+        severity: 1..5.
+        seed: as for :func:`corrupt`.
+
+    Returns:
+        A new contiguous ``(H, W, 3)`` uint8 BGR array.
+
+    Raises:
+        ValueError: as :func:`corrupt`.
+    """
+    if isinstance(image, np.ndarray) and image.ndim == 3:
+        image = np.ascontiguousarray(image[..., ::-1])
+    return np.ascontiguousarray(corrupt(image, corruption, severity, seed)[..., ::-1])
 
 
 def _check_image(image: np.ndarray) -> None:
@@ -319,7 +369,7 @@ def _frost_texture(index: int) -> np.ndarray:
     return texture
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=10)  # the 5 textures at 2 image sizes; up to ~8 MB each
 def _frost_rescaled(index: int, h: int, w: int) -> np.ndarray:
     """Frost texture ``index`` scaled (bicubic) so that a random H x W crop fits."""
     frost = _frost_texture(index)

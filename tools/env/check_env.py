@@ -16,7 +16,7 @@ from typing import Callable
 
 # Distributions whose installed version must equal the pin in requirements/stack.txt.
 PINNED_RUNTIME = ('torch', 'torchvision', 'mmcv', 'mmengine', 'mmdet', 'mmsegmentation',
-                  'timm', 'pycocotools', 'numpy')
+                  'timm', 'pycocotools', 'numpy', 'scipy', 'scikit-image', 'imagecorruptions')
 
 
 def read_pins(stack: Path) -> dict[str, str]:
@@ -48,6 +48,12 @@ def _mmcv_ops() -> None:
     nms(torch.tensor([[0., 0., 10., 10.]]), torch.tensor([1.]), 0.5)
 
 
+def _frost_textures() -> None:
+    from dcls_mm.datasets.corruptions import _frost_texture
+    for index in range(5):
+        _frost_texture(index)
+
+
 def _import(name: str) -> Callable[[], None]:
     return lambda: importlib.import_module(name)
 
@@ -62,6 +68,7 @@ CHECKS: list[tuple[str, Callable[[], None]]] = [
     ('timm', _import('timm')),
     ('pycocotools', _import('pycocotools.coco')),
     ('dcls_mm', _import('dcls_mm')),
+    ('frost textures of the corruptions (imagecorruptions data files)', _frost_textures),
 ]
 
 
