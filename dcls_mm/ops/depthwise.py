@@ -8,10 +8,11 @@ same convolution exactly, with three cheaper pieces:
 - forward: ``F.conv2d`` on a channels_last input (oneDNN's fast depthwise path);
 - input gradient: ``F.conv_transpose2d`` with the same kernel, also channels_last;
 - kernel gradient: a cross-correlation of the (padded) input with the output gradient,
-  summed over the batch. Two exact ways, the cheaper one by a cost model: a direct sum
-  over the taps that meet the input (compiled C++, :mod:`dcls_mm.ops.extension`; wins
-  on small maps), or real FFTs of a 2-3-5-smooth size (cost independent of the kernel
-  size; wins on large maps, and the fallback when the C++ kernels are not built).
+  summed over the batch. Two exact ways: a direct sum over the taps that meet the input
+  (compiled C++, :mod:`dcls_mm.ops.extension`; usually wins on small maps), or real FFTs
+  of a 2-3-5-smooth size (cost independent of the kernel size; wins on large maps and
+  kernels, and the fallback when the C++ kernels are not built). Which one is faster
+  depends on the machine, so it is measured once per shape (:mod:`dcls_mm.ops.routes`).
 
 Before any of this the kernel is cropped to the rows/columns that can touch the input
 (for a 7x7 feature map only 13 of 17 rows can): exact, and it saves work in the last
@@ -25,15 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import extension
-
-# Cost model of the kernel gradient: the direct C++ sum is cheaper while it does fewer
-# than this many multiply-adds per point of the FFT route's (padded) transform. Measured
-# on a 2-core AMD EPYC (AVX-512) with whole Dcls2d fwd+bwd steps, batch 2-8, C 96: the
-# routes break even at ~430 (56x56 map, dks 31); ConvNeXt's dks 17 stays below ~290 at
-# any map size (direct 1.2-2x faster), dks 51 on 56x56 (~740) goes to the FFT.
-DIRECT_MACS_PER_FFT_POINT = 400
-
+from . import extension, routes
 
 def _smooth_size(n: int) -> int:
     """Smallest integer >= n whose prime factors are 2, 3 and 5 (fast FFT sizes)."""
@@ -91,33 +84,37 @@ def _kernel_grad_fft(x: Tensor, grad_out: Tensor, kernel_hw: Tuple[int, int],
     return corr.index_select(1, rows).index_select(2, cols).unsqueeze(1)
 
 
-def _valid_taps(size: int, kernel: int, pad_before: int, stride: int, out: int) -> int:
-    """Number of (output position, kernel tap) pairs along one dim that meet the input."""
-    total = 0
-    for k in range(kernel):
-        lo = max(0, -((k - pad_before) // stride))  # ceil((pad_before - k) / stride)
-        hi = min(out - 1, (size - 1 + pad_before - k) // stride)
-        total += max(0, hi - lo + 1)
-    return total
-
-
 def _kernel_grad(x: Tensor, grad_out: Tensor, kernel_hw: Tuple[int, int],
                  padding: Tuple[Tuple[int, int], Tuple[int, int]],
                  stride: Tuple[int, int]) -> Tensor:
     """Kernel gradient ``(C, 1, kh, kw)`` (float32, float64 for float64 inputs), by the
-    direct C++ sum or by FFT, whichever the cost model says is cheaper."""
+    direct C++ sum or by FFT, whichever was measured faster for this shape on this
+    machine (route ``kernel_grad``, see :mod:`dcls_mm.ops.routes`)."""
     (pt, _), (pl, _) = padding
-    h, w = x.shape[-2:]
-    ho, wo = grad_out.shape[-2:]
+    candidates = {'fft': lambda: _kernel_grad_fft(x, grad_out, kernel_hw, padding, stride)}
     if x.device.type == 'cpu' and x.dtype != torch.float64 and extension.available():
-        macs = (_valid_taps(h, kernel_hw[0], pt, stride[0], ho)
-                * _valid_taps(w, kernel_hw[1], pl, stride[1], wo))
-        fft_h, fft_w = _fft_shape((h, w), (ho, wo), padding, stride)
-        fft_points = fft_h * fft_w
-        if macs <= DIRECT_MACS_PER_FFT_POINT * fft_points:
-            return torch.ops.dcls_mm.depthwise_kernel_grad(
-                x.float(), grad_out.float(), kernel_hw[0], kernel_hw[1], pt, pl, *stride)
-    return _kernel_grad_fft(x, grad_out, kernel_hw, padding, stride)
+        candidates['direct'] = lambda: torch.ops.dcls_mm.depthwise_kernel_grad(
+            x.float(), grad_out.float(), kernel_hw[0], kernel_hw[1], pt, pl, *stride)
+    return routes.run('kernel_grad', kernel_grad_key(x.shape, grad_out.shape, kernel_hw,
+                                                     padding, stride, x.dtype), candidates)
+
+
+def kernel_grad_key(x_shape: Sequence[int], out_shape: Sequence[int], kernel_hw: Sequence[int],
+                    padding: Sequence[Sequence[int]], stride: Sequence[int],
+                    dtype: torch.dtype) -> str:
+    """Route-cache key of one kernel-gradient shape (what its speed depends on).
+
+    Args:
+        x_shape: input ``(N, C, H, W)``.
+        out_shape: output ``(N, C, H_out, W_out)``.
+        kernel_hw: (cropped) kernel ``(kh, kw)``.
+        padding: ``((top, bottom), (left, right))`` after cropping.
+        stride: ``(sh, sw)``.
+        dtype: input dtype.
+    """
+    n, c, h, w = x_shape
+    return (f'N{n} C{c} in{h}x{w} out{out_shape[-2]}x{out_shape[-1]} k{kernel_hw[0]}x{kernel_hw[1]} '
+            f'pad{tuple(map(tuple, padding))} s{tuple(stride)} {str(dtype).replace("torch.", "")}')
 
 
 def _conv_channels_last(x: Tensor, kernel: Tensor, stride: Tuple[int, int],
@@ -184,6 +181,46 @@ class _DepthwiseConv2d(torch.autograd.Function):
         return grad_x, grad_k, None, None
 
 
+def _crop(x_hw: Tuple[int, int], kernel_hw: Tuple[int, int], stride: Tuple[int, int],
+          padding: Sequence[Sequence[int]]):
+    """Kernel rows/columns ``(r0, r1, c0, c1)`` that ever meet the input (cropping to them
+    is exact for zero padding) and the padding ``((top, bottom), (left, right))`` that
+    goes with the cropped kernel."""
+    (pt, pb), (pl, pr) = padding
+    (h, w), (kh, kw) = x_hw, kernel_hw
+    out_h = (h + pt + pb - kh) // stride[0] + 1
+    out_w = (w + pl + pr - kw) // stride[1] + 1
+    r0, r1 = _used_range(h, kh, pt, stride[0], out_h)
+    c0, c1 = _used_range(w, kw, pl, stride[1], out_w)
+    if (r0, r1, c0, c1) != (0, kh, 0, kw):
+        pt, pl = pt - r0, pl - c0
+        pb = (out_h - 1) * stride[0] + (r1 - r0) - h - pt
+        pr = (out_w - 1) * stride[1] + (c1 - c0) - w - pl
+    return (r0, r1, c0, c1), ((pt, pb), (pl, pr))
+
+
+def kernel_grad_route(x_shape: Sequence[int], kernel_hw: Sequence[int], stride: Sequence[int],
+                      padding: Sequence[Sequence[int]], dtype: torch.dtype = torch.float32) -> str:
+    """Kernel-gradient route this process uses for a :func:`depthwise_conv2d` call (for
+    reports): ``'direct'``, ``'fft'``, ``'... (forced)'`` or ``'not measured yet'``.
+
+    Args:
+        x_shape: input ``(N, C, H, W)``.
+        kernel_hw: kernel ``(kh, kw)`` before cropping.
+        stride: ``(sh, sw)``.
+        padding: ``((top, bottom), (left, right))``.
+        dtype: input dtype.
+    """
+    stride = tuple(stride)
+    (r0, r1, c0, c1), padding = _crop(tuple(x_shape[-2:]), tuple(kernel_hw), stride, padding)
+    (pt, pb), (pl, pr) = padding
+    out_hw = ((x_shape[-2] + pt + pb - (r1 - r0)) // stride[0] + 1,
+              (x_shape[-1] + pl + pr - (c1 - c0)) // stride[1] + 1)
+    key = kernel_grad_key(x_shape, (*x_shape[:2], *out_hw), (r1 - r0, c1 - c0), padding, stride,
+                          dtype)
+    return routes.chosen('kernel_grad', key) or 'not measured yet'
+
+
 def depthwise_conv2d(x: Tensor, kernel: Tensor, stride: Sequence[int] = (1, 1),
                      padding: Sequence[Sequence[int]] = ((0, 0), (0, 0))) -> Tensor:
     """Exact depthwise 2-D convolution (zero padding), fast for large kernels.
@@ -202,20 +239,10 @@ def depthwise_conv2d(x: Tensor, kernel: Tensor, stride: Sequence[int] = (1, 1),
         too: that backward goes through PyTorch's own convolution ops (slower).
     """
     stride = tuple(stride)
-    (pt, pb), (pl, pr) = padding
-    h, w = x.shape[-2:]
-    kh, kw = kernel.shape[-2:]
-    out_h = (h + pt + pb - kh) // stride[0] + 1
-    out_w = (w + pl + pr - kw) // stride[1] + 1
-    # Crop the kernel to the taps that ever meet the input (exact for zero padding).
-    r0, r1 = _used_range(h, kh, pt, stride[0], out_h)
-    c0, c1 = _used_range(w, kw, pl, stride[1], out_w)
-    if (r0, r1, c0, c1) != (0, kh, 0, kw):
+    (r0, r1, c0, c1), padding = _crop(tuple(x.shape[-2:]), tuple(kernel.shape[-2:]), stride,
+                                      padding)
+    if (r0, r1, c0, c1) != (0, kernel.shape[-2], 0, kernel.shape[-1]):
         kernel = kernel[:, :, r0:r1, c0:c1]
-        pt, pl = pt - r0, pl - c0
-        pb = (out_h - 1) * stride[0] + (r1 - r0) - h - pt
-        pr = (out_w - 1) * stride[1] + (c1 - c0) - w - pl
-    padding = ((pt, pb), (pl, pr))
     if not torch.is_grad_enabled() or not (x.requires_grad or kernel.requires_grad):
         return _conv_channels_last(x, kernel, stride, padding)[0]
     return _DepthwiseConv2d.apply(x, kernel, stride, padding)

@@ -23,13 +23,16 @@ import torch
 logger = logging.getLogger('dcls_mm')
 
 NAME = 'dcls_mm_cpu'
-SOURCES = (Path(__file__).parent / 'csrc' / 'depthwise_kernel_grad.cpp', )
+_CSRC = Path(__file__).parent / 'csrc'
+SOURCES = (_CSRC / 'depthwise_kernel_grad.cpp', _CSRC / 'separable_kernel.cpp')
+#: included by the sources: part of the build key too
+HEADERS = (_CSRC / 'isa.h', )
 # -fopenmp: at::parallel_for is inlined from torch's headers, so the OpenMP pragmas it
 # relies on must be compiled here; without the flag the kernels would run on one thread.
 CFLAGS = ('-O3', '-fopenmp')
 LDFLAGS = ('-fopenmp', )
 
-_state = {'loaded': None}  # None: not tried yet; then True/False
+_state = {'loaded': None, 'isa': None}  # loaded: None = not tried yet, then True/False
 
 
 def build_dir() -> Path:
@@ -39,7 +42,7 @@ def build_dir() -> Path:
         cache = os.environ.get('XDG_CACHE_HOME') or os.path.join(Path.home(), '.cache')
         root = os.path.join(cache, 'dcls-mm', 'ext')
     digest = hashlib.sha256()
-    for src in SOURCES:
+    for src in SOURCES + HEADERS:
         digest.update(src.read_bytes())
     digest.update(' '.join(CFLAGS + LDFLAGS).encode())
     tag = (f'torch{torch.__version__.split("+")[0]}-py{sys.version_info[0]}{sys.version_info[1]}'
@@ -103,9 +106,29 @@ def _load() -> bool:
                     str(err).splitlines()[0] if str(err) else type(err).__name__)
         return False
     torch.library.register_fake('dcls_mm::depthwise_kernel_grad')(_depthwise_kernel_grad_fake)
+    torch.library.register_fake('dcls_mm::separable_kernel')(_separable_kernel_fake)
+    torch.library.register_fake('dcls_mm::separable_kernel_backward')(
+        _separable_kernel_backward_fake)
+    # the hot loops' copy (AVX-512 / AVX2 / baseline) follows ATen's CPU capability, so
+    # ATEN_CPU_CAPABILITY=avx2 emulates an AVX2 machine for these kernels too
+    _state['isa'] = torch.ops.dcls_mm.set_cpu_isa(torch.backends.cpu.get_cpu_capability())
     return True
+
+
+def isa() -> str:
+    """Which copy of the compiled hot loops runs (``'x86-64-v4'``, ``'x86-64-v3'``,
+    ``'baseline'``), or ``'not built'`` when the PyTorch fallback is used."""
+    return _state['isa'] if available() else 'not built'
 
 
 def _depthwise_kernel_grad_fake(x, grad_out, kh, kw, pad_top, pad_left, stride_h, stride_w):
     # what torch.compile / export see instead of running the kernel
     return x.new_empty(kh, kw, x.shape[1]).permute(2, 0, 1).unsqueeze(1)
+
+
+def _separable_kernel_fake(weight, P, SIG, L0, L1, interp):
+    return weight.new_empty(weight.shape[0], L0, L1)
+
+
+def _separable_kernel_backward_fake(grad, weight, P, SIG, L0, L1, interp):
+    return weight.new_empty(weight.shape), P.new_empty(P.shape), SIG.new_empty(SIG.shape)

@@ -12,6 +12,11 @@ normalisation, which gives two exact constructions:
 - triangle / gaussian (every grid point non-zero): the kernel is an ``einsum`` of small
   factors, ``K[..., i, j] = sum_k s[..., k] * A_0[..., k, i] * A_1[..., k, j]`` with
   ``A_d`` of shape ``(..., K, L_d)`` and ``s = w / Z``: memory ``O(C * K * sum(L_d))``.
+  On the CPU PyTorch runs that ``einsum`` as one tiny GEMM per channel (thousands of
+  calls, more time than the convolution), so for 2 learned dims in float32 the compiled
+  kernels (:mod:`dcls_mm.ops.extension`, ``csrc/separable_kernel.cpp``) compute the same
+  formula, forward and backward, 16 channels per vector; the ``einsum`` stays the
+  fallback (route ``construct``: ``compiled`` or ``torch``, :mod:`dcls_mm.ops.routes`).
 
 Axis convention (one for every interpolation): ``P[d]`` is the position along the
 d-th *learned* kernel dim, in the order of the kernel tensor's trailing dims (for 2-D:
@@ -21,10 +26,12 @@ d-th *learned* kernel dim, in the order of the kernel tensor's trailing dims (fo
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from . import extension, routes
 
 #: Canonical interpolation names and the reference package's names for them.
 INTERPOLATIONS = ('bilinear', 'bilinear_normalized', 'triangle', 'gaussian')
@@ -128,6 +135,60 @@ def _bilinear_kernel(weight: Tensor, P: Tensor, sizes: Sequence[int], normalize:
     return kernel
 
 
+def _separable_kernel_torch(weight: Tensor, P: Tensor, SIG: Tensor, sizes: Sequence[int],
+                            interpolation: str, grids: Sequence[Tensor]) -> Tensor:
+    """Triangle/gaussian kernel as an ``einsum`` of the 1-D profiles (any D, device, dtype)."""
+    profiles = [profile_1d(P[d] + (L // 2), SIG[d], grids[d].to(P.dtype), interpolation)
+                for d, L in enumerate(sizes)]
+    norm = profiles[0].sum(-1)
+    for prof in profiles[1:]:
+        norm = norm * prof.sum(-1)
+    scale = weight / (norm + NORM_EPS)
+    # '...k,...ki,...kj->...ij' for D=2; torch contracts left to right, so the K-sum
+    # is a batched matmul of (…, L_0, K) x (…, K, L_1) with no (L_0 x L_1 x K) temporary.
+    letters = 'ijl'[:len(sizes)]
+    spec = '...k,' + ','.join(f'...k{c}' for c in letters) + '->...' + letters
+    return torch.einsum(spec, scale, *profiles)
+
+
+#: interpolation codes of the compiled op
+_COMPILED_INTERP = {'triangle': 0, 'gaussian': 1}
+
+
+class _CompiledSeparableKernel2d(torch.autograd.Function):
+    """The triangle/gaussian construction for 2 learned dims by the compiled CPU op."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, P: Tensor, SIG: Tensor, sizes: Tuple[int, int],
+                interpolation: str) -> Tensor:
+        lead, K = weight.shape[:-1], weight.shape[-1]
+        out = torch.ops.dcls_mm.separable_kernel(
+            weight.reshape(-1, K), P.reshape(2, -1, K), SIG.reshape(2, -1, K), *sizes,
+            _COMPILED_INTERP[interpolation])
+        ctx.save_for_backward(weight, P, SIG)
+        ctx.sizes, ctx.interpolation = sizes, interpolation
+        return out.view(*lead, *sizes)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        weight, P, SIG = ctx.saved_tensors
+        sizes, interpolation = ctx.sizes, ctx.interpolation
+        if torch.is_grad_enabled():
+            # backward(create_graph=True): the compiled backward has no derivative, so
+            # differentiate the same formula through PyTorch's ops instead
+            grids = [torch.arange(L, dtype=P.dtype) for L in sizes]
+            out = _separable_kernel_torch(weight, P, SIG, sizes, interpolation, grids)
+            needed = [t for t, need in zip((weight, P, SIG), ctx.needs_input_grad[:3]) if need]
+            grads = iter(torch.autograd.grad(out, needed, grad, create_graph=True))
+            return (*(next(grads) if need else None for need in ctx.needs_input_grad[:3]),
+                    None, None)
+        K = weight.shape[-1]
+        dw, dP, dSIG = torch.ops.dcls_mm.separable_kernel_backward(
+            grad.reshape(-1, *sizes).float(), weight.reshape(-1, K), P.reshape(2, -1, K),
+            SIG.reshape(2, -1, K), *sizes, _COMPILED_INTERP[interpolation])
+        return dw.view(weight.shape), dP.view(P.shape), dSIG.view(SIG.shape), None, None
+
+
 def construct_kernel(weight: Tensor, P: Tensor, SIG: Optional[Tensor],
                      dilated_kernel_size: Sequence[int], interpolation: str,
                      grids: Optional[Sequence[Tensor]] = None) -> Tensor:
@@ -154,14 +215,29 @@ def construct_kernel(weight: Tensor, P: Tensor, SIG: Optional[Tensor],
                                 normalize=interpolation == 'bilinear_normalized')
     if grids is None:
         grids = [torch.arange(L, device=P.device, dtype=P.dtype) for L in dilated_kernel_size]
-    profiles = [profile_1d(P[d] + (L // 2), SIG[d], grids[d].to(P.dtype), interpolation)
-                for d, L in enumerate(dilated_kernel_size)]
-    norm = profiles[0].sum(-1)
-    for prof in profiles[1:]:
-        norm = norm * prof.sum(-1)
-    scale = weight / (norm + NORM_EPS)
-    # '...k,...ki,...kj->...ij' for D=2; torch contracts left to right, so the K-sum
-    # is a batched matmul of (…, L_0, K) x (…, K, L_1) with no (L_0 x L_1 x K) temporary.
-    letters = 'ijl'[:D]
-    spec = '...k,' + ','.join(f'...k{c}' for c in letters) + '->...' + letters
-    return torch.einsum(spec, scale, *profiles)
+    sizes = tuple(dilated_kernel_size)
+    if construction_route(interpolation, D, P, SIG) == 'compiled':
+        return _CompiledSeparableKernel2d.apply(weight, P, SIG, sizes, interpolation)
+    return _separable_kernel_torch(weight, P, SIG, sizes, interpolation, grids)
+
+
+def construction_route(interpolation: str, learned_dims: int, P: Tensor,
+                       SIG: Optional[Tensor]) -> str:
+    """How :func:`construct_kernel` builds a kernel (route ``construct``): ``'scatter'``
+    (bilinear), ``'compiled'`` (triangle/gaussian, 2 learned dims, float32 on the CPU,
+    compiled kernels built, not forced off by ``DCLS_MM_ROUTES=construct=torch``) or
+    ``'torch'`` (the ``einsum``).
+
+    Args:
+        interpolation: canonical name.
+        learned_dims: number of learned dims ``D``.
+        P: positions (their device and dtype decide).
+        SIG: widths (``None`` for bilinear).
+    """
+    if interpolation not in WITH_SIGMA:
+        return 'scatter'
+    if (learned_dims == 2 and P.device.type == 'cpu' and P.dtype == SIG.dtype == torch.float32
+            and routes.forced('construct') != 'torch' and not torch.compiler.is_compiling()
+            and extension.available()):
+        return 'compiled'
+    return 'torch'

@@ -80,3 +80,104 @@ def peak_memory_mib(fn: Callable[[], object], device: str = 'cpu') -> float:
         current += delta
         peak = max(peak, current)
     return peak / 2**20
+
+
+def machine_info() -> dict:
+    """What CPU speed numbers depend on: CPU model, ATen's CPU capability
+    (``torch.backends.cpu.get_cpu_capability()``), oneDNN's ISA cap
+    (``ONEDNN_MAX_CPU_ISA``), whether the compiled kernels are built and which
+    instruction-set copy of them runs, torch, threads."""
+    import os
+
+    from dcls_mm.ops import extension, routes
+    return dict(cpu=routes.cpu_model(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                onednn_max_cpu_isa=os.environ.get('ONEDNN_MAX_CPU_ISA', 'default'),
+                compiled_kernels=extension.available(), compiled_isa=extension.isa(),
+                torch=torch.__version__, threads=torch.get_num_threads())
+
+
+def machine_line(info: dict) -> str:
+    """One header line of :func:`machine_info` for the benchmark scripts.
+
+    Args:
+        info: what :func:`machine_info` returned.
+    """
+    kernels = (f'compiled C++ kernels ({info["compiled_isa"]} copy)' if info['compiled_kernels']
+               else 'PyTorch fallback (C++ kernels not built)')
+    return (f'cpu="{info["cpu"]}" cpu_capability={info["cpu_capability"]} '
+            f'ONEDNN_MAX_CPU_ISA={info["onednn_max_cpu_isa"]} torch={info["torch"]} '
+            f'threads={info["threads"]} dcls kernels: {kernels}')
+
+
+def dcls_layer_routes(module, x_shape) -> dict:
+    """Routes a ``Dcls2d`` layer used for inputs of ``x_shape`` (after it ran):
+    ``kernel_grad`` (measured ``direct``/``fft``, see :mod:`dcls_mm.ops.routes`) and
+    ``construct`` (``scatter``/``compiled``/``torch``).
+
+    Args:
+        module: the ``Dcls2d`` layer.
+        x_shape: its input shape ``(N, C, H, W)``.
+    """
+    from dcls_mm.ops.depthwise import kernel_grad_route
+    from dcls_mm.ops.kernel import construction_route
+    return dict(kernel_grad=kernel_grad_route(x_shape, module.dilated_kernel_size, module.stride,
+                                              module.padding),
+                construct=construction_route(module.version, 2, module.P, module.SIG))
+
+
+class DclsRouteRecorder:
+    """Records each ``Dcls2d`` layer's first input shape while a model runs, then reports
+    the routes each layer used (:func:`dcls_layer_routes`).
+
+    Args:
+        model: any module containing ``Dcls2d`` layers.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        from dcls_mm.ops import Dcls2d
+        self.model = model
+        self.shapes: dict = {}
+        self._handles = []
+        for name, m in model.named_modules():
+            if isinstance(m, Dcls2d):
+                def hook(mod, inputs, name=name):
+                    self.shapes.setdefault(name, tuple(inputs[0].shape))
+                self._handles.append(m.register_forward_pre_hook(hook))
+
+    def report(self) -> dict:
+        """``{layer name: {'input': shape, 'kernel_grad': ..., 'construct': ...}}``; removes
+        the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        modules = dict(self.model.named_modules())
+        return {name: dict(input=list(shape), **dcls_layer_routes(modules[name], shape))
+                for name, shape in self.shapes.items()}
+
+    @staticmethod
+    def summary(routes_by_layer: dict) -> str:
+        """One line: layers grouped by (input shape, routes), e.g. the blocks of a stage.
+
+        Args:
+            routes_by_layer: what :meth:`report` returned.
+        """
+        groups: dict = {}
+        for layer, info in routes_by_layer.items():
+            key = (tuple(info['input']), info['kernel_grad'], info['construct'])
+            groups.setdefault(key, []).append(layer)
+        return '; '.join(f'{len(layers)} x {"x".join(map(str, shape[1:]))}: kernel_grad {kg}, '
+                         f'construct {cons}' for (shape, kg, cons), layers in groups.items())
+
+
+def write_json(results: dict, path: str) -> None:
+    """Write a benchmark's results as indented JSON (creating the folder) and say where.
+
+    Args:
+        results: JSON-serialisable results.
+        path: output file.
+    """
+    import json
+    import os
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or '.', exist_ok=True)
+    with open(path, 'w') as f:
+        json.dump(results, f, indent=2)
+    print(f'wrote {path}')

@@ -6,19 +6,16 @@ import torch
 import torch.nn.functional as F
 
 from dcls_mm.ops import Dcls2d, depthwise_conv2d, extension, set_impl
-from dcls_mm.ops import depthwise as depthwise_module
 
 
 @pytest.fixture(params=['direct', 'fft'], autouse=True)
 def kernel_grad_route(request, monkeypatch):
-    """Run every test with each way of computing the kernel gradient (the cost model
-    picks one per shape; both must be exact)."""
+    """Run every test with each way of computing the kernel gradient (measured per
+    shape otherwise, dcls_mm.ops.routes; both must be exact)."""
     if request.param == 'direct':
         assert extension.available(), (
             'the compiled CPU kernels are not built: run bash tools/env/setup.sh')
-        monkeypatch.setattr(depthwise_module, 'DIRECT_MACS_PER_FFT_POINT', float('inf'))
-    else:
-        monkeypatch.setattr(depthwise_module, 'DIRECT_MACS_PER_FFT_POINT', -1)
+    monkeypatch.setenv('DCLS_MM_ROUTES', f'kernel_grad={request.param}')
     return request.param
 
 CASES = list(itertools.product(

@@ -1,4 +1,4 @@
-"""The compiled kernel-gradient op, the cost model that picks it, and the fallback."""
+"""The compiled kernel-gradient op, the measured route that picks it, and the fallback."""
 import os
 import subprocess
 import sys
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from dcls_mm.ops import extension
 from dcls_mm.ops import depthwise as dw
+from dcls_mm.ops import routes
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,27 +78,39 @@ def test_op_rejects_bad_input(op):
         op(x[0], x[0], 3, 3, 1, 1, 1, 1)
 
 
-def test_valid_tap_count_matches_enumeration():
-    for size, kernel, pad, stride in [(7, 13, 6, 1), (14, 17, 8, 1), (10, 5, 1, 2), (3, 9, 4, 2)]:
-        out = (size + 2 * pad - kernel) // stride + 1
-        want = sum(1 for o in range(out) for k in range(kernel)
-                   if 0 <= o * stride + k - pad < size)
-        assert dw._valid_taps(size, kernel, pad, stride, out) == want
-
-
-def test_cost_model_routes_small_maps_to_direct_sum(monkeypatch):
+def test_kernel_grad_routes_measured_once_and_both_exact(monkeypatch, tmp_path):
+    """Both routes are exact; with nothing forced the route is measured on the first
+    call of a shape, then reused (no second measurement) and written to the cache."""
+    monkeypatch.delenv('DCLS_MM_ROUTES', raising=False)
+    monkeypatch.setenv('DCLS_MM_ROUTE_CACHE', str(tmp_path / 'routes.json'))
+    monkeypatch.setattr(routes, '_memory', {})
+    monkeypatch.setattr(routes, '_loaded_from', {})
+    monkeypatch.setattr(routes, '_used', {})
     calls = []
     real_fft = dw._kernel_grad_fft
     monkeypatch.setattr(dw, '_kernel_grad_fft', lambda *a: calls.append('fft') or real_fft(*a))
-    x = torch.randn(1, 16, 7, 7)
-    g = torch.randn(1, 16, 7, 7)
-    dw._kernel_grad(x, g, (13, 13), ((6, 6), (6, 6)), (1, 1))
-    assert calls == []  # 7x7 map: direct
-    dw._kernel_grad(x.double(), g.double(), (13, 13), ((6, 6), (6, 6)), (1, 1))
-    assert calls == ['fft']  # float64 has no compiled kernel
-    monkeypatch.setattr(dw, 'DIRECT_MACS_PER_FFT_POINT', 1)
-    dw._kernel_grad(x, g, (13, 13), ((6, 6), (6, 6)), (1, 1))
-    assert calls == ['fft', 'fft']
+    torch.manual_seed(0)
+    x, g = torch.randn(1, 16, 7, 7), torch.randn(1, 16, 7, 7)
+    pads = ((6, 6), (6, 6))
+    want = dense_kernel_grad(x, g, 13, 13, pads, (1, 1))
+    got = dw._kernel_grad(x, g, (13, 13), pads, (1, 1))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    assert len(calls) == 1 + routes.TIMED_RUNS  # warm-up + timed runs of the FFT route
+    route = dw.kernel_grad_route(x.shape, (13, 13), (1, 1), pads)
+    assert route in ('direct', 'fft')
+    # the report crops like depthwise_conv2d: a 17x17 kernel on a 7x7 map is this 13x13 one
+    assert dw.kernel_grad_route(x.shape, (17, 17), (1, 1), ((8, 8), (8, 8))) == route
+    assert dw.kernel_grad_route((2, 16, 7, 7), (17, 17), (1, 1), ((8, 8), (8, 8))) == (
+        'not measured yet')
+    dw._kernel_grad(x, g, (13, 13), pads, (1, 1))
+    assert len(calls) == 1 + routes.TIMED_RUNS + (route == 'fft')
+    dw._kernel_grad(x.double(), g.double(), (13, 13), pads, (1, 1))
+    assert calls[-1] == 'fft'  # float64: no compiled kernel, nothing to measure
+    for forced in ('direct', 'fft'):
+        monkeypatch.setenv('DCLS_MM_ROUTES', f'kernel_grad={forced}')
+        got = dw._kernel_grad(x, g, (13, 13), pads, (1, 1))
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    assert calls[-1] == 'fft'
 
 
 FALLBACK_SCRIPT = textwrap.dedent('''

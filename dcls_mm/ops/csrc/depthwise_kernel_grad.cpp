@@ -19,16 +19,9 @@
 #include <cstdint>
 #include <vector>
 
-namespace {
+#include "isa.h"
 
-// One clone per instruction set, chosen at load time: the library is built once (e.g.
-// in a Docker image) and may run on an older CPU than the one that compiled it.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DCLS_MM_MULTIVERSION \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define DCLS_MM_MULTIVERSION
-#endif
+namespace {
 
 constexpr int64_t kChannelBlock = 16;
 
@@ -41,8 +34,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Accumulates kernel row `ky` for channels [c0, c0 + cb), cb <= kChannelBlock, into acc
 // (kw x kChannelBlock). Full blocks (all but maybe the last) take the unrolled,
 // fixed-width loops, which the compiler vectorises.
-DCLS_MM_MULTIVERSION
-void accumulate_row(const float* __restrict x, const float* __restrict g,
+DCLS_MM_INLINE void accumulate_row_impl(const float* __restrict x, const float* __restrict g,
                     float* __restrict acc, const Geometry& s, int64_t c0, int64_t cb,
                     int64_t ky) {
   constexpr int64_t B = kChannelBlock;
@@ -110,6 +102,17 @@ void accumulate_row(const float* __restrict x, const float* __restrict g,
   }
 }
 
+// x86-64-v4 / v3 / baseline copies (isa.h)
+DCLS_MM_ISA_VARIANTS(accumulate_row,
+                     (const float* __restrict x, const float* __restrict g,
+                      float* __restrict acc, const Geometry& s, int64_t c0, int64_t cb,
+                      int64_t ky),
+                     (x, g, acc, s, c0, cb, ky))
+
+std::string set_cpu_isa(const std::string& capability) {
+  return dcls_mm_isa::set_level_for_capability(capability);
+}
+
 at::Tensor depthwise_kernel_grad(const at::Tensor& x, const at::Tensor& grad_out, int64_t kh,
                                  int64_t kw, int64_t pad_top, int64_t pad_left,
                                  int64_t stride_h, int64_t stride_w) {
@@ -157,6 +160,8 @@ TORCH_LIBRARY(dcls_mm, m) {
   m.def(
       "depthwise_kernel_grad(Tensor x, Tensor grad_out, int kh, int kw, int pad_top, "
       "int pad_left, int stride_h, int stride_w) -> Tensor");
+  // which copy of the hot loops runs (isa.h); set from torch's CPU capability at load
+  m.def("set_cpu_isa(str capability) -> str", &set_cpu_isa);
 }
 
 TORCH_LIBRARY_IMPL(dcls_mm, CPU, m) {

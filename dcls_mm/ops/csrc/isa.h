@@ -1,0 +1,74 @@
+// One copy of each hot loop per x86-64 instruction-set level, chosen at run time.
+//
+// The library is built once (e.g. in a Docker image) and may run on an older CPU than
+// the one that compiled it, and a benchmark may want to emulate an older CPU on a newer
+// one. The hot loops are written once as always_inline functions; DCLS_MM_ISA_VARIANTS
+// compiles a copy for x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and the baseline,
+// and `dcls_mm::set_cpu_isa` picks the copy that matches ATen's CPU capability (so
+// ATEN_CPU_CAPABILITY=avx2 also switches these kernels to their AVX2 copy), never one
+// the running CPU does not support.
+#pragma once
+
+#include <atomic>
+#include <string>
+
+namespace dcls_mm_isa {
+
+enum Level : int { kBaseline = 0, kV3 = 1, kV4 = 2 };
+
+inline int supported_level() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return kV4;
+  if (__builtin_cpu_supports("x86-64-v3")) return kV3;
+#endif
+  return kBaseline;
+}
+
+inline std::atomic<int>& current_level() {
+  static std::atomic<int> level{supported_level()};
+  return level;
+}
+
+inline int level() { return current_level().load(std::memory_order_relaxed); }
+
+inline const char* level_name(int lvl) {
+  switch (lvl) {
+    case kV4: return "x86-64-v4";
+    case kV3: return "x86-64-v3";
+    default: return "baseline";
+  }
+}
+
+// capability: what torch.backends.cpu.get_cpu_capability() returns ("AVX512", "AVX2",
+// "DEFAULT", "VSX", ...). Returns the name of the copy now in use.
+inline std::string set_level_for_capability(const std::string& capability) {
+  int want = kBaseline;
+  if (capability == "AVX512") want = kV4;
+  else if (capability == "AVX2") want = kV3;
+  const int lvl = want < supported_level() ? want : supported_level();
+  current_level().store(lvl, std::memory_order_relaxed);
+  return level_name(lvl);
+}
+
+}  // namespace dcls_mm_isa
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DCLS_MM_INLINE inline __attribute__((always_inline))
+// Defines `name(params)` dispatching to three copies of `name##_impl(args)`.
+#define DCLS_MM_ISA_VARIANTS(name, params, args)                                       \
+  __attribute__((target("arch=x86-64-v4"))) void name##_v4 params { name##_impl args; } \
+  __attribute__((target("arch=x86-64-v3"))) void name##_v3 params { name##_impl args; } \
+  void name##_v1 params { name##_impl args; }                                           \
+  void name params {                                                                    \
+    switch (dcls_mm_isa::level()) {                                                     \
+      case dcls_mm_isa::kV4: name##_v4 args; break;                                     \
+      case dcls_mm_isa::kV3: name##_v3 args; break;                                     \
+      default: name##_v1 args;                                                          \
+    }                                                                                   \
+  }
+#else
+#define DCLS_MM_INLINE inline
+#define DCLS_MM_ISA_VARIANTS(name, params, args) \
+  void name params { name##_impl args; }
+#endif

@@ -1,0 +1,443 @@
+// Triangle / gaussian DCLS kernel construction (2 learned dims) on the CPU, forward and
+// backward.
+//
+//   a_d[b, k, i] = profile(i - (P[d, b, k] + L_d / 2), |SIG[d, b, k]| + offset)
+//   S_d[b, k]    = sum_i a_d[b, k, i],        scale[b, k] = w[b, k] / (S_0 * S_1 + eps)
+//   out[b, i, j] = sum_k scale[b, k] * a_0[b, k, i] * a_1[b, k, j]
+//
+// with b running over every (C_out, C_in/g) pair. In PyTorch the last line is a batched
+// matmul of thousands of tiny (L x K) @ (K x L) products, which the CPU runs one small
+// GEMM at a time (several ms per layer, more than the convolution). Here a block of 16
+// b's is processed together with b innermost, so every multiply-add is one full vector
+// lane-wise operation and the block's working set stays in L1/L2; blocks run in
+// parallel. The exponential is a vectorisable polynomial (see fast_exp_neg).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+#include "isa.h"
+
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 16;
+constexpr float kNormEps = 1e-7f;  // dcls_mm.ops.kernel.NORM_EPS
+
+enum Interp : int64_t { kTriangle = 0, kGaussian = 1 };
+
+// exp(x) for x <= 0 without a library call (so loops over a block vectorise): Cody-Waite
+// reduction x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial for exp(r) (relative error
+// ~2 float ulp), 2^n through the exponent bits. Below -87 (where exp underflows to
+// denormals) it returns 0.
+DCLS_MM_INLINE float fast_exp_neg(float x) {
+  const float xc = std::max(x, -87.0f);
+  // round to nearest by the 1.5 * 2^23 trick (std::nearbyint is a library call)
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &p, sizeof bits);
+  bits += static_cast<int32_t>(n) << 23;
+  float out;
+  std::memcpy(&out, &bits, sizeof out);
+  return x < -87.0f ? 0.0f : out;
+}
+
+// Gaussian tails multiply into denormal numbers (e.g. 1e-20 * 1e-20), which cost the
+// CPU a microcode assist each (10x slower construction). They are flushed to zero while
+// a work item runs (values below 1.2e-38, far below float32 resolution of the kernel).
+class FlushDenormals {
+ public:
+#if defined(__SSE__)
+  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }  // FTZ | DAZ
+  ~FlushDenormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned int saved_;
+#endif
+};
+
+struct Shape {
+  int64_t nb, K, L0, L1;
+  int64_t interp;
+};
+
+// Per-thread scratch for one block of kBlock b's, every array with b innermost.
+struct Scratch {
+  std::vector<float> pos0, pos1, wid0, wid1;  // [K][B] grid positions, widths
+  std::vector<float> a0, a1;                  // [K][L_d][B] profiles
+  std::vector<float> s0, s1, scale, w;        // [K][B]
+  explicit Scratch(const Shape& s)
+      : pos0(s.K * kBlock), pos1(s.K * kBlock), wid0(s.K * kBlock), wid1(s.K * kBlock),
+        a0(s.K * s.L0 * kBlock), a1(s.K * s.L1 * kBlock), s0(s.K * kBlock),
+        s1(s.K * kBlock), scale(s.K * kBlock), w(s.K * kBlock) {}
+};
+
+// Loads the block [b0, b0 + nb) of a (rows, K) array into [K][B] (missing b's: value).
+void load_block(const float* src, int64_t b0, int64_t nb, int64_t K, float* dst,
+                float missing) {
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t c = 0; c < kBlock; ++c)
+      dst[k * kBlock + c] = c < nb ? src[(b0 + c) * K + k] : missing;
+}
+
+DCLS_MM_INLINE void profiles_impl(const float* __restrict pos, const float* __restrict wid,
+                                  int64_t K, int64_t L, int64_t interp,
+                                  float* __restrict a, float* __restrict sums) {
+  constexpr int64_t B = kBlock;
+  for (int64_t k = 0; k < K; ++k) {
+    float acc[B] = {};
+    for (int64_t i = 0; i < L; ++i) {
+      float* ai = a + (k * L + i) * B;
+      const float gi = static_cast<float>(i);
+      if (interp == kGaussian) {
+#pragma GCC ivdep
+        for (int64_t c = 0; c < B; ++c) {
+          const float t = (gi - pos[k * B + c]) / wid[k * B + c];
+          ai[c] = fast_exp_neg(-0.5f * (t * t));
+        }
+      } else {
+#pragma GCC ivdep
+        for (int64_t c = 0; c < B; ++c)
+          ai[c] = std::max(wid[k * B + c] - std::fabs(gi - pos[k * B + c]), 0.0f);
+      }
+      for (int64_t c = 0; c < B; ++c) acc[c] += ai[c];
+    }
+    for (int64_t c = 0; c < B; ++c) sums[k * B + c] = acc[c];
+  }
+}
+DCLS_MM_ISA_VARIANTS(profiles,
+                     (const float* __restrict pos, const float* __restrict wid, int64_t K,
+                      int64_t L, int64_t interp, float* __restrict a,
+                      float* __restrict sums),
+                     (pos, wid, K, L, interp, a, sums))
+
+// out[i][j][c] = sum_k scale[k][c] a0[k][i][c] a1[k][j][c]; out is [L0][L1][B]. Four
+// output columns at a time: four independent accumulator chains hide the FMA latency.
+DCLS_MM_INLINE void contract_impl(const float* __restrict a0, const float* __restrict a1,
+                                  const float* __restrict scale, int64_t K, int64_t L0,
+                                  int64_t L1, float* __restrict out) {
+  constexpr int64_t B = kBlock;
+  for (int64_t i = 0; i < L0; ++i) {
+    int64_t j = 0;
+    for (; j + 4 <= L1; j += 4) {
+      float acc[4][B] = {};
+      for (int64_t k = 0; k < K; ++k) {
+        const float* x = a0 + (k * L0 + i) * B;
+        const float* y = a1 + (k * L1 + j) * B;
+        const float* s = scale + k * B;
+        float sx[B];
+        for (int64_t c = 0; c < B; ++c) sx[c] = s[c] * x[c];
+        for (int t = 0; t < 4; ++t)
+#pragma GCC ivdep
+          for (int64_t c = 0; c < B; ++c) acc[t][c] += sx[c] * y[t * B + c];
+      }
+      for (int t = 0; t < 4; ++t) std::copy_n(acc[t], B, out + (i * L1 + j + t) * B);
+    }
+    for (; j < L1; ++j) {
+      float acc[B] = {};
+      for (int64_t k = 0; k < K; ++k) {
+        const float* x = a0 + (k * L0 + i) * B;
+        const float* y = a1 + (k * L1 + j) * B;
+        const float* s = scale + k * B;
+#pragma GCC ivdep
+        for (int64_t c = 0; c < B; ++c) acc[c] += (s[c] * x[c]) * y[c];
+      }
+      std::copy_n(acc, B, out + (i * L1 + j) * B);
+    }
+  }
+}
+DCLS_MM_ISA_VARIANTS(contract,
+                     (const float* __restrict a0, const float* __restrict a1,
+                      const float* __restrict scale, int64_t K, int64_t L0, int64_t L1,
+                      float* __restrict out),
+                     (a0, a1, scale, K, L0, L1, out))
+
+// Backward of the contraction for one block, g is [L0][L1][B]:
+//   m0[k][i] = sum_j g[i][j] a1[k][j],  m1[k][j] = sum_i g[i][j] a0[k][i],
+//   dscale[k] = sum_i a0[k][i] m0[k][i]
+// Each sum runs four outputs at a time (independent accumulator chains in registers).
+DCLS_MM_INLINE void reduce4(const float* __restrict g, int64_t g_outer, int64_t g_inner,
+                            const float* __restrict v, int64_t n, int64_t first,
+                            float* __restrict out) {
+  // out[t][c] = sum_r g[(first + t) * g_outer + r * g_inner][c] * v[r][c], t < 4
+  constexpr int64_t B = kBlock;
+  float acc[4][B] = {};
+  for (int64_t r = 0; r < n; ++r) {
+    const float* vr = v + r * B;
+    for (int t = 0; t < 4; ++t) {
+      const float* gr = g + ((first + t) * g_outer + r * g_inner) * B;
+#pragma GCC ivdep
+      for (int64_t c = 0; c < B; ++c) acc[t][c] += gr[c] * vr[c];
+    }
+  }
+  for (int t = 0; t < 4; ++t) std::copy_n(acc[t], B, out + t * B);
+}
+
+DCLS_MM_INLINE void reduce1(const float* __restrict g, int64_t g_outer, int64_t g_inner,
+                            const float* __restrict v, int64_t n, int64_t first,
+                            float* __restrict out) {
+  constexpr int64_t B = kBlock;
+  float acc[B] = {};
+  for (int64_t r = 0; r < n; ++r) {
+    const float* gr = g + (first * g_outer + r * g_inner) * B;
+#pragma GCC ivdep
+    for (int64_t c = 0; c < B; ++c) acc[c] += gr[c] * v[r * B + c];
+  }
+  std::copy_n(acc, B, out);
+}
+
+DCLS_MM_INLINE void contract_backward_impl(const float* __restrict g,
+                                           const float* __restrict a0,
+                                           const float* __restrict a1, int64_t K, int64_t L0,
+                                           int64_t L1, float* __restrict m0,
+                                           float* __restrict m1, float* __restrict dscale) {
+  constexpr int64_t B = kBlock;
+  for (int64_t k = 0; k < K; ++k) {
+    const float* x = a0 + k * L0 * B;
+    const float* y = a1 + k * L1 * B;
+    float* m0k = m0 + k * L0 * B;
+    float* m1k = m1 + k * L1 * B;
+    int64_t i = 0;
+    for (; i + 4 <= L0; i += 4) reduce4(g, L1, 1, y, L1, i, m0k + i * B);
+    for (; i < L0; ++i) reduce1(g, L1, 1, y, L1, i, m0k + i * B);
+    int64_t j = 0;
+    for (; j + 4 <= L1; j += 4) reduce4(g, 1, L1, x, L0, j, m1k + j * B);
+    for (; j < L1; ++j) reduce1(g, 1, L1, x, L0, j, m1k + j * B);
+    float ds[B] = {};
+    for (int64_t r = 0; r < L0; ++r)
+      for (int64_t c = 0; c < B; ++c) ds[c] += x[r * B + c] * m0k[r * B + c];
+    std::copy_n(ds, B, dscale + k * B);
+  }
+}
+DCLS_MM_ISA_VARIANTS(contract_backward,
+                     (const float* __restrict g, const float* __restrict a0,
+                      const float* __restrict a1, int64_t K, int64_t L0, int64_t L1,
+                      float* __restrict m0, float* __restrict m1, float* __restrict dscale),
+                     (g, a0, a1, K, L0, L1, m0, m1, dscale))
+
+void check_inputs(const at::Tensor& weight, const at::Tensor& P, const at::Tensor& SIG,
+                  int64_t L0, int64_t L1, int64_t interp) {
+  const char* name = "dcls_mm::separable_kernel";
+  TORCH_CHECK(weight.device().is_cpu() && P.device().is_cpu() && SIG.device().is_cpu(),
+              name, ": tensors must be on the CPU");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && P.scalar_type() == at::kFloat &&
+                  SIG.scalar_type() == at::kFloat,
+              name, ": float32 tensors expected");
+  TORCH_CHECK(weight.dim() == 2 && P.dim() == 3 && P.size(0) == 2 &&
+                  P.size(1) == weight.size(0) && P.size(2) == weight.size(1) &&
+                  SIG.sizes() == P.sizes(),
+              name, ": weight must be (B, K) and P, SIG (2, B, K), got ", weight.sizes(),
+              ", ", P.sizes(), ", ", SIG.sizes());
+  TORCH_CHECK(L0 > 0 && L1 > 0, name, ": kernel sizes must be positive");
+  TORCH_CHECK(interp == kTriangle || interp == kGaussian, name,
+              ": interpolation must be 0 (triangle) or 1 (gaussian)");
+}
+
+// Positions on the grid and widths of one block, as kernel.py computes them in float32.
+void load_geometry(const Shape& s, const float* w, const float* P, const float* SIG,
+                   int64_t b0, int64_t nb, Scratch& t) {
+  const float offset = s.interp == kGaussian ? 0.27f : 1.0f;
+  const int64_t plane = s.nb * s.K;
+  load_block(w, b0, nb, s.K, t.w.data(), 0.0f);
+  load_block(P, b0, nb, s.K, t.pos0.data(), 0.0f);
+  load_block(P + plane, b0, nb, s.K, t.pos1.data(), 0.0f);
+  load_block(SIG, b0, nb, s.K, t.wid0.data(), 0.0f);
+  load_block(SIG + plane, b0, nb, s.K, t.wid1.data(), 0.0f);
+  const float half0 = static_cast<float>(s.L0 / 2), half1 = static_cast<float>(s.L1 / 2);
+  for (int64_t e = 0; e < s.K * kBlock; ++e) {
+    t.pos0[e] += half0;
+    t.pos1[e] += half1;
+    t.wid0[e] = std::fabs(t.wid0[e]) + offset;
+    t.wid1[e] = std::fabs(t.wid1[e]) + offset;
+  }
+  profiles(t.pos0.data(), t.wid0.data(), s.K, s.L0, s.interp, t.a0.data(), t.s0.data());
+  profiles(t.pos1.data(), t.wid1.data(), s.K, s.L1, s.interp, t.a1.data(), t.s1.data());
+  for (int64_t e = 0; e < s.K * kBlock; ++e)
+    t.scale[e] = t.w[e] / (t.s0[e] * t.s1[e] + kNormEps);
+}
+
+at::Tensor separable_kernel(const at::Tensor& weight, const at::Tensor& P,
+                            const at::Tensor& SIG, int64_t L0, int64_t L1, int64_t interp) {
+  check_inputs(weight, P, SIG, L0, L1, interp);
+  const at::Tensor wc = weight.contiguous(), pc = P.contiguous(), sc = SIG.contiguous();
+  const Shape s{weight.size(0), weight.size(1), L0, L1, interp};
+  at::Tensor out = at::empty({s.nb, L0, L1}, weight.options());
+  const float* wp = wc.const_data_ptr<float>();
+  const float* pp = pc.const_data_ptr<float>();
+  const float* sp = sc.const_data_ptr<float>();
+  float* op = out.mutable_data_ptr<float>();
+  const int64_t blocks = (s.nb + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    const FlushDenormals flush;
+    Scratch t(s);
+    std::vector<float> kern(L0 * L1 * kBlock);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t b0 = blk * kBlock, nb = std::min(kBlock, s.nb - b0);
+      load_geometry(s, wp, pp, sp, b0, nb, t);
+      contract(t.a0.data(), t.a1.data(), t.scale.data(), s.K, L0, L1, kern.data());
+      for (int64_t c = 0; c < nb; ++c) {
+        float* dst = op + (b0 + c) * L0 * L1;
+        for (int64_t e = 0; e < L0 * L1; ++e) dst[e] = kern[e * kBlock + c];
+      }
+    }
+  });
+  return out;
+}
+
+// Gradient wrt position and raw SIG of one learned dim, from the gradient `da` wrt its
+// profile a ([K][L][B]); writes dpos/dsig ([K][B]).
+DCLS_MM_INLINE void profile_backward_impl(int64_t K, int64_t L, int64_t interp,
+                                          const float* __restrict pos,
+                                          const float* __restrict wid,
+                                          const float* __restrict a,
+                                          const float* __restrict da,
+                                          const float* __restrict sig_raw,
+                                          float* __restrict dpos, float* __restrict dsig) {
+  constexpr int64_t B = kBlock;
+  for (int64_t k = 0; k < K; ++k) {
+    const float* p = pos + k * B;
+    float inv[B], gp[B] = {}, gw[B] = {};
+    for (int64_t c = 0; c < B; ++c) inv[c] = 1.0f / wid[k * B + c];
+    for (int64_t i = 0; i < L; ++i) {
+      const float* ai = a + (k * L + i) * B;
+      const float* gi = da + (k * L + i) * B;
+      const float x = static_cast<float>(i);
+      if (interp == kGaussian) {
+        // a = exp(-t^2 / 2), t = u / w, u = i - pos: da/dpos = a t / w, da/dw = a t u / w^2
+#pragma GCC ivdep
+        for (int64_t c = 0; c < B; ++c) {
+          const float u = x - p[c], t = u * inv[c], g = gi[c] * ai[c] * t * inv[c];
+          gp[c] += g;
+          gw[c] += g * u * inv[c];
+        }
+      } else {
+        // a = relu(w - |u|): da/dpos = sign(u), da/dw = 1 where a > 0
+#pragma GCC ivdep
+        for (int64_t c = 0; c < B; ++c) {
+          const float u = x - p[c], g = ai[c] > 0.0f ? gi[c] : 0.0f;
+          gp[c] += u > 0.0f ? g : (u < 0.0f ? -g : 0.0f);
+          gw[c] += g;
+        }
+      }
+    }
+    for (int64_t c = 0; c < B; ++c) {
+      const float sr = sig_raw[k * B + c];
+      dpos[k * B + c] = gp[c];
+      // d|SIG|/dSIG = sign(SIG) (0 at 0, as torch.abs)
+      dsig[k * B + c] = sr > 0.0f ? gw[c] : (sr < 0.0f ? -gw[c] : 0.0f);
+    }
+  }
+}
+DCLS_MM_ISA_VARIANTS(profile_backward,
+                     (int64_t K, int64_t L, int64_t interp, const float* __restrict pos,
+                      const float* __restrict wid, const float* __restrict a,
+                      const float* __restrict da, const float* __restrict sig_raw,
+                      float* __restrict dpos, float* __restrict dsig),
+                     (K, L, interp, pos, wid, a, da, sig_raw, dpos, dsig))
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_kernel_backward(
+    const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& P,
+    const at::Tensor& SIG, int64_t L0, int64_t L1, int64_t interp) {
+  check_inputs(weight, P, SIG, L0, L1, interp);
+  TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.device().is_cpu() && grad.dim() == 3 &&
+                  grad.size(0) == weight.size(0) && grad.size(1) == L0 && grad.size(2) == L1,
+              "dcls_mm::separable_kernel_backward: grad must be float32 (B, L0, L1), got ",
+              grad.sizes());
+  const at::Tensor gc = grad.contiguous(), wc = weight.contiguous(), pc = P.contiguous(),
+                   sc = SIG.contiguous();
+  const Shape s{weight.size(0), weight.size(1), L0, L1, interp};
+  at::Tensor dw = at::empty_like(wc), dP = at::empty_like(pc), dSIG = at::empty_like(sc);
+  const float* gp = gc.const_data_ptr<float>();
+  const float* wp = wc.const_data_ptr<float>();
+  const float* pp = pc.const_data_ptr<float>();
+  const float* sp = sc.const_data_ptr<float>();
+  float* dwp = dw.mutable_data_ptr<float>();
+  float* dpp = dP.mutable_data_ptr<float>();
+  float* dsp = dSIG.mutable_data_ptr<float>();
+  const int64_t K = s.K, plane = s.nb * K, blocks = (s.nb + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    const FlushDenormals flush;
+    Scratch t(s);
+    std::vector<float> g(L0 * L1 * kBlock), m0(K * L0 * kBlock), m1(K * L1 * kBlock),
+        dscale(K * kBlock), sig0(K * kBlock), sig1(K * kBlock), out(6 * K * kBlock);
+    float *dp0 = out.data(), *dp1 = dp0 + K * kBlock, *ds0 = dp1 + K * kBlock,
+          *ds1 = ds0 + K * kBlock, *dwb = ds1 + K * kBlock;
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t b0 = blk * kBlock, nb = std::min(kBlock, s.nb - b0);
+      load_geometry(s, wp, pp, sp, b0, nb, t);
+      load_block(sp, b0, nb, K, sig0.data(), 0.0f);
+      load_block(sp + plane, b0, nb, K, sig1.data(), 0.0f);
+      for (int64_t e = 0; e < L0 * L1; ++e)
+        for (int64_t c = 0; c < kBlock; ++c)
+          g[e * kBlock + c] = c < nb ? gp[(b0 + c) * L0 * L1 + e] : 0.0f;
+      contract_backward(g.data(), t.a0.data(), t.a1.data(), K, L0, L1, m0.data(), m1.data(),
+                        dscale.data());
+      // scale = w / (S0 S1 + eps): gradients wrt w and the profile sums; then the
+      // profiles' own gradient: scale * m_d + dS_d (S_d sums the profile)
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t c = 0; c < kBlock; ++c) {
+          const int64_t e = k * kBlock + c;
+          const float den = t.s0[e] * t.s1[e] + kNormEps;
+          dwb[e] = dscale[e] / den;
+          const float dz = -dscale[e] * t.w[e] / (den * den);
+          const float dsum0 = dz * t.s1[e], dsum1 = dz * t.s0[e], sc_e = t.scale[e];
+          for (int64_t i = 0; i < L0; ++i) {
+            float& v = m0[(k * L0 + i) * kBlock + c];
+            v = sc_e * v + dsum0;
+          }
+          for (int64_t j = 0; j < L1; ++j) {
+            float& v = m1[(k * L1 + j) * kBlock + c];
+            v = sc_e * v + dsum1;
+          }
+        }
+      }
+      profile_backward(K, L0, s.interp, t.pos0.data(), t.wid0.data(), t.a0.data(),
+                       m0.data(), sig0.data(), dp0, ds0);
+      profile_backward(K, L1, s.interp, t.pos1.data(), t.wid1.data(), t.a1.data(),
+                       m1.data(), sig1.data(), dp1, ds1);
+      for (int64_t c = 0; c < nb; ++c) {
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t src = k * kBlock + c, dst = (b0 + c) * K + k;
+          dwp[dst] = dwb[src];
+          dpp[dst] = dp0[src];
+          dpp[plane + dst] = dp1[src];
+          dsp[dst] = ds0[src];
+          dsp[plane + dst] = ds1[src];
+        }
+      }
+    }
+  });
+  return {dw, dP, dSIG};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(dcls_mm, m) {
+  m.def("separable_kernel(Tensor weight, Tensor P, Tensor SIG, int L0, int L1, int interp) "
+        "-> Tensor");
+  m.def("separable_kernel_backward(Tensor grad, Tensor weight, Tensor P, Tensor SIG, int L0, "
+        "int L1, int interp) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(dcls_mm, CPU, m) {
+  m.impl("separable_kernel", &separable_kernel);
+  m.impl("separable_kernel_backward", &separable_kernel_backward);
+}

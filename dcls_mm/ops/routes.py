@@ -1,0 +1,215 @@
+"""Per-shape choice between exact implementations, measured once (like cuDNN's benchmark mode).
+
+Some operations of :mod:`dcls_mm.ops` have several exact implementations whose relative
+speed depends on the shape *and* on the machine (instruction set, cache sizes, thread
+count); a cost-model constant tuned on one machine picks the wrong one on another. So
+the first time a shape is met, every candidate runs on the real inputs and the fastest
+wins; the choice is kept for the process and on disk, keyed by the CPU model, ATen's CPU
+capability, the compiled kernels' instruction-set copy, the thread count and the torch
+version, so later processes on the same machine skip the measurement. The candidates
+compute the same values (up to float rounding), so the choice never changes results
+beyond that.
+
+Environment:
+
+- ``DCLS_MM_ROUTES``: force routes, e.g. ``kernel_grad=fft`` or
+  ``kernel_grad=direct,construct=torch`` (tests, comparisons). A forced route that is
+  not available for a call (e.g. ``direct`` without the compiled kernels, or for
+  float64) falls back to measuring among the available ones.
+- ``DCLS_MM_ROUTE_CACHE``: path of the JSON cache file (default
+  ``~/.cache/dcls-mm/routes.json``, ``$XDG_CACHE_HOME`` honoured); ``0`` or empty: no
+  disk cache (measure once per process).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Dict, Mapping, Optional, Tuple
+
+import torch
+
+ENV_FORCE = 'DCLS_MM_ROUTES'
+ENV_CACHE = 'DCLS_MM_ROUTE_CACHE'
+#: timed runs per candidate after one warm-up run (the minimum counts)
+TIMED_RUNS = 2
+
+_lock = threading.Lock()
+_memory: Dict[str, Dict[str, dict]] = {}  # machine key -> {op|shape: entry}
+_loaded_from: Dict[str, bool] = {}       # cache path -> loaded
+_used: Dict[str, str] = {}               # op|shape -> route, decided in this process
+
+
+def forced(op: str) -> Optional[str]:
+    """Route forced for ``op`` by ``DCLS_MM_ROUTES`` (``None``: not forced).
+
+    Args:
+        op: operation name, e.g. ``'kernel_grad'``.
+
+    Raises:
+        ValueError: for a malformed ``DCLS_MM_ROUTES`` item.
+    """
+    spec = os.environ.get(ENV_FORCE, '').strip()
+    if not spec:
+        return None
+    for item in spec.split(','):
+        name, sep, route = item.strip().partition('=')
+        if not sep or not name or not route:
+            raise ValueError(f'{ENV_FORCE} must look like "op=route[,op=route]", got {spec!r}')
+        if name.strip() == op:
+            return route.strip()
+    return None
+
+
+def cache_path() -> Optional[Path]:
+    """The disk cache file, or ``None`` when disabled by ``DCLS_MM_ROUTE_CACHE``."""
+    value = os.environ.get(ENV_CACHE)
+    if value is not None:
+        return None if value.strip() in ('', '0') else Path(value)
+    cache = os.environ.get('XDG_CACHE_HOME') or os.path.join(Path.home(), '.cache')
+    return Path(cache) / 'dcls-mm' / 'routes.json'
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; elsewhere what :mod:`platform` knows)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_key() -> str:
+    """What a measurement depends on besides the shape: CPU model, ATen's CPU capability,
+    the compiled kernels' instruction-set copy, oneDNN's ISA cap, threads, torch."""
+    from . import extension  # the copy in use is known once the library is loaded
+    return ' | '.join((
+        cpu_model(), f'capability {torch.backends.cpu.get_cpu_capability()}',
+        f'ext {extension.isa()}', f'onednn {os.environ.get("ONEDNN_MAX_CPU_ISA", "default")}',
+        f'threads {torch.get_num_threads()}', f'torch {torch.__version__}'))
+
+
+def _read(path: Path, warn: bool = True) -> Dict[str, Dict[str, dict]]:
+    """The cache file's content; ``{}`` when missing or unreadable (with one warning
+    when ``warn``)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        if not isinstance(data, dict) or not all(
+                isinstance(v, dict) and all(isinstance(e, dict) and isinstance(e.get('route'), str)
+                                            for e in v.values()) for v in data.values()):
+            raise ValueError('not a {machine: {shape: {"route": ...}}} mapping')
+        return data
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:  # json.JSONDecodeError is a ValueError
+        if not warn:
+            return {}
+        warnings.warn(f'dcls_mm: ignoring the unreadable route cache {path} '
+                      f'({type(err).__name__}: {err}); routes will be measured again',
+                      RuntimeWarning, stacklevel=3)
+        return {}
+
+
+def _write(path: Path, machine: str, key: str, entry: dict) -> None:
+    """Merge one entry into the file: read, update, write a temp file, rename (atomic, so
+    concurrent processes never see a half-written file)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # an unreadable file was reported when it was loaded: start it afresh
+        data = _read(path, warn=False)
+        data.setdefault(machine, {})[key] = entry
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix='.tmp')
+        with os.fdopen(fd, 'w') as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as err:  # a read-only home must not break training
+        warnings.warn(f'dcls_mm: could not write the route cache {path} ({err})',
+                      RuntimeWarning, stacklevel=3)
+
+
+def _known(machine: str, key: str) -> Optional[dict]:
+    path = cache_path()
+    if path is not None and not _loaded_from.get(str(path)):
+        _loaded_from[str(path)] = True
+        for m, entries in _read(path).items():
+            _memory.setdefault(m, {}).update(entries)
+    return _memory.get(machine, {}).get(key)
+
+
+def measure(candidates: Mapping[str, Callable[[], object]]) -> Tuple[str, Dict[str, float], object]:
+    """Run every candidate once to warm up, then ``TIMED_RUNS`` times interleaved.
+
+    Args:
+        candidates: route name -> zero-argument function computing the result.
+
+    Returns:
+        ``(fastest route, {route: best seconds}, the fastest route's result)``.
+    """
+    results = {name: fn() for name, fn in candidates.items()}
+    best = {name: float('inf') for name in candidates}
+    for _ in range(TIMED_RUNS):
+        for name, fn in candidates.items():
+            t0 = time.perf_counter()
+            results[name] = fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    route = min(best, key=best.get)
+    return route, best, results[route]
+
+
+def run(op: str, shape_key: str, candidates: Mapping[str, Callable[[], object]]):
+    """Compute ``op`` by the route chosen for this shape on this machine.
+
+    Args:
+        op: operation name (``DCLS_MM_ROUTES`` refers to it).
+        shape_key: everything about the inputs the speed depends on (shapes, dtype,
+            geometry), as a string.
+        candidates: available routes, name -> zero-argument function computing the
+            result; only the available ones may be passed.
+
+    Returns:
+        The chosen route's result.
+    """
+    force = forced(op)
+    key = f'{op} {shape_key}'
+    if force in candidates:
+        _used[key] = f'{force} (forced)'
+        return candidates[force]()
+    if len(candidates) == 1:
+        _used[key] = f'{next(iter(candidates))} (only one available)'
+        return next(iter(candidates.values()))()
+    machine = machine_key()
+    with _lock:
+        entry = _known(machine, key)
+    if entry is not None and entry['route'] in candidates:
+        _used[key] = entry['route']
+        return candidates[entry['route']]()
+    route, times, result = measure(candidates)
+    _used[key] = route
+    entry = dict(route=route, seconds={k: round(v, 6) for k, v in times.items()})
+    with _lock:
+        _memory.setdefault(machine, {})[key] = entry
+        path = cache_path()
+        if path is not None:
+            _write(path, machine, key, entry)
+    return result
+
+
+def chosen(op: str, shape_key: str) -> Optional[str]:
+    """The route this process used for ``op`` on ``shape_key`` (measured, read from the
+    cache, ``'... (forced)'`` or ``'... (only one available)'``), or ``None`` when that
+    shape has not run yet. For the benchmark reports."""
+    return _used.get(f'{op} {shape_key}')
+
+
+def decisions() -> Dict[str, str]:
+    """``{op shape: route}`` for every shape that ran in this process."""
+    return dict(_used)

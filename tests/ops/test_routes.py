@@ -1,0 +1,104 @@
+"""Measured per-shape routes (dcls_mm.ops.routes): choice, disk cache, forcing."""
+import json
+import time
+
+import pytest
+import torch
+
+from dcls_mm.ops import routes
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """An empty in-process memory and a cache file of our own."""
+    path = tmp_path / 'routes.json'
+    monkeypatch.delenv('DCLS_MM_ROUTES', raising=False)
+    monkeypatch.setenv('DCLS_MM_ROUTE_CACHE', str(path))
+    monkeypatch.setattr(routes, '_memory', {})
+    monkeypatch.setattr(routes, '_loaded_from', {})
+    monkeypatch.setattr(routes, '_used', {})
+    return path
+
+
+def _candidates(calls, slow='slow'):
+    def make(name, seconds):
+        def fn():
+            calls.append(name)
+            time.sleep(seconds)
+            return name
+        return fn
+    return {'fast': make('fast', 0.0), slow: make(slow, 0.02)}
+
+
+def test_fastest_route_is_measured_once_and_kept_on_disk(fresh, monkeypatch):
+    calls = []
+    assert routes.run('op', 'shape A', _candidates(calls)) == 'fast'
+    assert sorted(set(calls)) == ['fast', 'slow']
+    assert calls.count('slow') == 1 + routes.TIMED_RUNS
+    calls.clear()
+    assert routes.run('op', 'shape A', _candidates(calls)) == 'fast'
+    assert calls == ['fast']  # no second measurement
+    assert routes.chosen('op', 'shape A') == 'fast'
+    data = json.loads(fresh.read_text())
+    (machine, entries), = data.items()
+    assert machine == routes.machine_key()
+    assert torch.backends.cpu.get_cpu_capability() in machine and torch.__version__ in machine
+    assert entries['op shape A']['route'] == 'fast'
+    assert entries['op shape A']['seconds']['slow'] >= 0.02
+    # a new process (empty memory) reads the decision instead of measuring
+    monkeypatch.setattr(routes, '_memory', {})
+    monkeypatch.setattr(routes, '_loaded_from', {})
+    calls.clear()
+    assert routes.chosen('op', 'shape B') is None
+    assert routes.run('op', 'shape A', _candidates(calls)) == 'fast'
+    assert calls == ['fast']
+    assert routes.decisions() == {'op shape A': 'fast'}
+    # another shape is measured on its own, and both are kept in the file
+    routes.run('op', 'shape B', _candidates(calls))
+    assert set(json.loads(fresh.read_text())[machine]) == {'op shape A', 'op shape B'}
+
+
+def test_cache_of_another_machine_is_not_used(fresh):
+    fresh.write_text(json.dumps({'some other CPU | torch 0': {'op shape A': {'route': 'slow'}}}))
+    calls = []
+    assert routes.run('op', 'shape A', _candidates(calls)) == 'fast'
+    assert 'slow' in calls  # measured here, not taken from the other machine's entry
+    data = json.loads(fresh.read_text())
+    assert data['some other CPU | torch 0'] == {'op shape A': {'route': 'slow'}}
+
+
+@pytest.mark.parametrize('content', ['{not json', '[1, 2]', '{"m": {"k": {"no_route": 1}}}'])
+def test_corrupt_cache_is_ignored_with_one_warning(fresh, content):
+    fresh.write_text(content)
+    calls = []
+    with pytest.warns(RuntimeWarning, match='ignoring the unreadable route cache') as record:
+        assert routes.run('op', 'shape A', _candidates(calls)) == 'fast'
+    assert len([r for r in record if 'route cache' in str(r.message)]) == 1
+    assert str(fresh) in str(record[0].message)
+    # rewritten as a valid file holding the new decision
+    assert json.loads(fresh.read_text())[routes.machine_key()]['op shape A']['route'] == 'fast'
+
+
+def test_forced_route_and_disabled_cache(fresh, monkeypatch):
+    calls = []
+    monkeypatch.setenv('DCLS_MM_ROUTES', 'other=x, op=slow')
+    assert routes.run('op', 'shape A', _candidates(calls)) == 'slow'
+    assert calls == ['slow'] and not fresh.exists()
+    assert routes.chosen('op', 'shape A') == 'slow (forced)'
+    # a forced route that is not available for this call: measured among the others
+    monkeypatch.setenv('DCLS_MM_ROUTES', 'op=gpu_only')
+    monkeypatch.setenv('DCLS_MM_ROUTE_CACHE', '0')
+    assert routes.cache_path() is None
+    assert routes.run('op', 'shape A', _candidates(calls)) == 'fast'
+    assert not fresh.exists()
+    monkeypatch.setenv('DCLS_MM_ROUTES', 'op')
+    with pytest.raises(ValueError, match='DCLS_MM_ROUTES must look like'):
+        routes.run('op', 'shape A', _candidates(calls))
+
+
+def test_single_candidate_is_not_measured(fresh):
+    calls = []
+    only = {'fast': _candidates(calls)['fast']}
+    assert routes.run('op', 'shape A', only) == 'fast'
+    assert calls == ['fast'] and not fresh.exists()
+    assert routes.chosen('op', 'shape A') == 'fast (only one available)'

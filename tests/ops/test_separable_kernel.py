@@ -1,0 +1,126 @@
+"""Triangle/gaussian kernel construction: the compiled CPU op (forward and backward) and
+the PyTorch einsum fallback against a dense float64 formula written here."""
+import pytest
+import torch
+
+from dcls_mm.ops import Dcls2d, construct_kernel, extension
+from dcls_mm.ops import kernel as kernel_module
+
+OFFSET = {'triangle': 1.0, 'gaussian': 0.27}
+
+
+def dense_formula(weight, P, SIG, sizes, interpolation):
+    """Every element evaluated on the full (L0, L1) grid, then normalised by its own sum
+    (no separability), float64, differentiable."""
+    L0, L1 = sizes
+    i = torch.arange(L0, dtype=torch.float64).view(L0, 1)
+    j = torch.arange(L1, dtype=torch.float64).view(1, L1)
+    u = i - (P[0] + L0 // 2)[..., None, None]            # (..., K, L0, 1)
+    v = j - (P[1] + L1 // 2)[..., None, None]            # (..., K, 1, L1)
+    s0 = (SIG[0].abs() + OFFSET[interpolation])[..., None, None]
+    s1 = (SIG[1].abs() + OFFSET[interpolation])[..., None, None]
+    if interpolation == 'gaussian':
+        grid = torch.exp(-0.5 * ((u / s0) ** 2 + (v / s1) ** 2))
+    else:
+        grid = torch.relu(s0 - u.abs()) * torch.relu(s1 - v.abs())
+    grid = grid / (grid.sum((-2, -1), keepdim=True) + 1e-7)
+    return (weight[..., None, None] * grid).sum(-3)
+
+
+def make(shape, K, sizes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(*shape, K, generator=g, dtype=torch.float64)
+    P = (torch.rand(2, *shape, K, generator=g, dtype=torch.float64) * 2 - 1)
+    P = P * torch.tensor([L // 2 for L in sizes], dtype=torch.float64).view(2, *[1] * (len(shape) + 1))
+    SIG = torch.rand(2, *shape, K, generator=g, dtype=torch.float64) * 1.6 - 0.8
+    flat_P, flat_S = P.view(2, -1), SIG.view(2, -1)
+    flat_P[:, :3] = torch.tensor([[0.0, 2.0, -1.0], [1.0, 0.0, -2.0]])  # grid points: kinks
+    flat_S[:, :2] = 0.0                                                  # |SIG| kink
+    return w, P, SIG
+
+
+CASES = [
+    ((37, 1), 5, (7, 6)),    # two full channel blocks + a partial one, even/non-square
+    ((3, 2), 4, (5, 9)),     # not depthwise: 6 (out, in) pairs, one partial block
+    ((20, 1), 26, (23, 23)),  # the gaussian ConvNeXt's dks 23, K 26
+]
+
+
+@pytest.fixture(params=['compiled', 'torch'])
+def route(request, monkeypatch):
+    if request.param == 'compiled':
+        assert extension.available(), 'the compiled CPU kernels are not built: run bash tools/env/setup.sh'
+        monkeypatch.delenv('DCLS_MM_ROUTES', raising=False)
+    else:
+        monkeypatch.setenv('DCLS_MM_ROUTES', 'construct=torch')
+    return request.param
+
+
+@pytest.mark.parametrize('interpolation', ['gaussian', 'triangle'])
+@pytest.mark.parametrize('shape,K,sizes', CASES)
+def test_forward_and_gradients_match_dense_formula(route, monkeypatch, interpolation, shape, K,
+                                                    sizes):
+    used = []
+    real = kernel_module._separable_kernel_torch
+    monkeypatch.setattr(kernel_module, '_separable_kernel_torch',
+                        lambda *a: used.append('torch') or real(*a))
+    w, P, SIG = make(shape, K, sizes)
+    ref_in = [t.clone().requires_grad_() for t in (w, P, SIG)]
+    ref = dense_formula(*ref_in, sizes, interpolation)
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref.backward(grad)
+    ins = [t.float().requires_grad_() for t in (w, P, SIG)]
+    out = construct_kernel(*ins, sizes, interpolation)
+    out.backward(grad.float())
+    assert used == ([] if route == 'compiled' else ['torch'])
+    assert out.shape == (*shape, *sizes) and out.dtype == torch.float32
+    scale = ref.abs().max()
+    torch.testing.assert_close(out.double() / scale, ref.detach() / scale, rtol=0, atol=2e-6)
+    for name, a, b in zip(('weight', 'P', 'SIG'), ins, ref_in):
+        s = b.grad.abs().max()
+        torch.testing.assert_close(a.grad.double() / s, b.grad / s, rtol=0, atol=2e-5,
+                                   msg=lambda m: f'{name}: {m}')
+
+
+@pytest.mark.parametrize('interpolation', ['gaussian', 'triangle'])
+def test_second_order_gradients_through_compiled_construction(monkeypatch, interpolation):
+    """backward(create_graph=True) through the compiled op equals the PyTorch path."""
+    assert extension.available()
+    w, P, SIG = make((5, 1), 3, (7, 7), seed=2)
+    results = []
+    for forced in ('', 'construct=torch'):
+        monkeypatch.setenv('DCLS_MM_ROUTES', forced)
+        ins = [t.float().requires_grad_() for t in (w, P, SIG)]
+        out = construct_kernel(*ins, (7, 7), interpolation)
+        first = torch.autograd.grad(out.square().sum(), ins, create_graph=True)
+        penalty = sum(g.square().sum() for g in first)
+        results.append(torch.autograd.grad(penalty, ins))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_gaussian_dcls2d_layer_same_on_both_routes(monkeypatch):
+    torch.manual_seed(0)
+    m = Dcls2d(24, 24, 6, dilated_kernel_size=9, padding='same', groups=24, version='gauss')
+    x = torch.randn(2, 24, 10, 10, requires_grad=True)
+    results = []
+    for forced in ('', 'construct=torch'):
+        monkeypatch.setenv('DCLS_MM_ROUTES', forced)
+        y = m(x)
+        results.append((y, *torch.autograd.grad(y.square().sum(), [x, m.weight, m.P, m.SIG])))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_op_rejects_bad_input():
+    assert extension.available()
+    op = torch.ops.dcls_mm.separable_kernel
+    w, P, S = torch.randn(4, 3), torch.randn(2, 4, 3), torch.randn(2, 4, 3)
+    with pytest.raises(RuntimeError, match='float32 tensors expected'):
+        op(w.double(), P.double(), S.double(), 5, 5, 1)
+    with pytest.raises(RuntimeError, match=r'weight must be \(B, K\) and P, SIG \(2, B, K\)'):
+        op(w, P[:, :3], S, 5, 5, 1)
+    with pytest.raises(RuntimeError, match='interpolation must be 0'):
+        op(w, P, S, 5, 5, 7)
+    with pytest.raises(RuntimeError, match=r'grad must be float32 \(B, L0, L1\)'):
+        torch.ops.dcls_mm.separable_kernel_backward(torch.randn(4, 5, 4), w, P, S, 5, 5, 1)
