@@ -124,3 +124,48 @@ def test_op_rejects_bad_input():
         op(w, P, S, 5, 5, 7)
     with pytest.raises(RuntimeError, match=r'grad must be float32 \(B, L0, L1\)'):
         torch.ops.dcls_mm.separable_kernel_backward(torch.randn(4, 5, 4), w, P, S, 5, 5, 1)
+
+
+ISA_SCRIPT = '''
+import sys, torch
+from dcls_mm.ops import extension
+from dcls_mm.ops.kernel import construct_kernel
+g = torch.Generator().manual_seed(0)
+w, P, S = (torch.randn(2, 37, 1, 5, generator=g)[0], torch.randn(2, 37, 1, 5, generator=g) * 3,
+           torch.randn(2, 37, 1, 5, generator=g))
+ins = [t.requires_grad_() for t in (w, P, S)]
+out = construct_kernel(*ins, (9, 8), 'gaussian')
+out.backward(torch.randn(out.shape, generator=g))
+x, gy = torch.randn(2, 37, 9, 9, generator=g), torch.randn(2, 37, 9, 9, generator=g)
+kg = torch.ops.dcls_mm.depthwise_kernel_grad(x, gy, 9, 9, 4, 4, 1, 1)
+torch.save(dict(isa=extension.isa(), out=out.detach(), grads=[t.grad for t in ins], kg=kg),
+           sys.argv[1])
+'''
+
+
+def test_compiled_copy_follows_aten_capability(tmp_path):
+    """ATEN_CPU_CAPABILITY=avx2 (how an AVX2 machine is emulated) switches the compiled
+    kernels to their x86-64-v3 copy, never to one the CPU lacks; the numbers agree."""
+    import os
+    import subprocess
+    import sys
+    results = {}
+    for cap in ('default', 'avx2', None):
+        env = {k: v for k, v in os.environ.items() if k != 'ATEN_CPU_CAPABILITY'}
+        if cap:
+            env['ATEN_CPU_CAPABILITY'] = cap
+        path = tmp_path / f'{cap}.pt'
+        proc = subprocess.run([sys.executable, '-c', ISA_SCRIPT, str(path)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        results[cap] = torch.load(path)
+    assert results['default']['isa'] == 'baseline'
+    cpu = torch.backends.cpu.get_cpu_capability()
+    expected = {'AVX512': 'x86-64-v4', 'AVX2': 'x86-64-v3'}.get(cpu, 'baseline')
+    assert results[None]['isa'] == expected
+    assert results['avx2']['isa'] == ('x86-64-v3' if expected != 'baseline' else 'baseline')
+    for cap in ('default', 'avx2'):
+        torch.testing.assert_close(results[cap]['out'], results[None]['out'], rtol=1e-5, atol=1e-6)
+        for a, b in zip(results[cap]['grads'], results[None]['grads']):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(results[cap]['kg'], results[None]['kg'], rtol=1e-5, atol=1e-4)
