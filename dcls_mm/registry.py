@@ -28,12 +28,12 @@ OPTIM_WRAPPER_CONSTRUCTORS = Registry('optimizer wrapper constructor',
                                       scope='dcls_mm', locations=['dcls_mm.engine'])
 #: Training hooks (position clamping, repulsive loss).
 HOOKS = Registry('hook', parent=MMENGINE_HOOKS, scope='dcls_mm', locations=['dcls_mm.engine'])
-#: Robustness datasets.
+#: Data sets.
 DATASETS = Registry('dataset', parent=MMENGINE_DATASETS, scope='dcls_mm',
-                    locations=['dcls_mm.evaluation'])
+                    locations=['dcls_mm.datasets'])
 #: Robustness metrics.
 METRICS = Registry('metric', parent=MMENGINE_METRICS, scope='dcls_mm',
                    locations=['dcls_mm.evaluation'])
-#: Data transforms.
+#: Data transforms (``dcls_mm.Corrupt``).
 TRANSFORMS = Registry('transform', parent=MMENGINE_TRANSFORMS, scope='dcls_mm',
-                      locations=['dcls_mm.evaluation', 'dcls_mm.datasets'])
+                      locations=['dcls_mm.datasets'])

@@ -27,9 +27,9 @@ REGISTRIES = {  # name in dcls_mm.registry -> its ``locations``
     'MODELS': ['dcls_mm.models'],
     'HOOKS': ['dcls_mm.engine'],
     'OPTIM_WRAPPER_CONSTRUCTORS': ['dcls_mm.engine'],
-    'DATASETS': ['dcls_mm.evaluation'],
+    'DATASETS': ['dcls_mm.datasets'],
     'METRICS': ['dcls_mm.evaluation'],
-    'TRANSFORMS': ['dcls_mm.evaluation'],
+    'TRANSFORMS': ['dcls_mm.datasets'],
 }
 
 # Prepended to every script: no dotted-path fallback, and a helper to list what of
