@@ -5,6 +5,7 @@ mmdet/mmseg configs that use dcls-mm modules.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import os.path as osp
 import warnings
@@ -56,7 +57,11 @@ def setup_dcls_mm(cfg: Config) -> None:
       or ``'mmseg'``, the Runner builds from);
     * routes mmengine's LOCAL checkpoint loading through
       :func:`dcls_mm.models.load_checkpoint_file` (importing dcls_mm registers it, see
-      :func:`dcls_mm.models.checkpoint.use_checked_checkpoint_loader`).
+      :func:`dcls_mm.models.checkpoint.use_checked_checkpoint_loader`);
+    * makes distributed launches work without a GPU (:func:`setup_distributed`).
+
+    Args:
+        cfg: the tool's config (changed in place by :func:`setup_distributed`).
     """
     import dcls_mm.engine  # noqa: F401  (registers the constructor and hooks)
     import dcls_mm.models  # noqa: F401  (registers the backbone)
@@ -64,6 +69,105 @@ def setup_dcls_mm(cfg: Config) -> None:
     if cfg.get('default_scope') is None:
         raise ValueError('the config sets no default_scope; dcls-mm configs inherit it from '
                          "an mmdet ('mmdet') or mmseg ('mmseg') base config")
+    setup_distributed(cfg)
+
+
+#: norm layer types that need a GPU process group (torch's and mmcv's SyncBatchNorm).
+SYNC_BN_TYPES = ('SyncBN', 'MMSyncBN', 'SyncBatchNorm', 'nn.SyncBatchNorm')
+
+
+def revert_sync_bn_cfg(node) -> int:
+    """Replace every ``type='SyncBN'`` (and mmcv's ``'MMSyncBN'``) in a config subtree by
+    ``'BN'``, in place, as mmengine's ``revert_sync_batchnorm`` does on a built model.
+
+    Args:
+        node: a config dict/list (e.g. ``cfg.model``), walked recursively.
+
+    Returns:
+        How many norm configs were changed.
+    """
+    changed = 0
+    if isinstance(node, dict):
+        if node.get('type') in SYNC_BN_TYPES:
+            node['type'] = 'BN'
+            changed += 1
+        for value in node.values():
+            changed += revert_sync_bn_cfg(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            changed += revert_sync_bn_cfg(value)
+    return changed
+
+
+@contextlib.contextmanager
+def _cuda_set_device_skipped():
+    """mmengine's ``init_dist`` calls ``torch.cuda.set_device(local_rank)`` whatever the
+    backend; without a GPU that raises before the process group exists."""
+    import torch
+    original = torch.cuda.set_device
+    torch.cuda.set_device = lambda device: None
+    try:
+        yield
+    finally:
+        torch.cuda.set_device = original
+
+
+def setup_distributed(cfg: Config) -> None:
+    """Let ``cfg.launcher != 'none'`` (torchrun, slurm, mpi) run on CPU-only machines.
+
+    mmengine assumes GPUs once a launcher is given: NCCL, ``torch.cuda.set_device``,
+    ``DistributedDataParallel(device_ids=[local_rank])`` and SyncBN all fail on a CPU.
+    Without a GPU this helper, in place:
+
+    * selects the gloo backend (``env_cfg.dist_cfg.backend``) and initialises the process
+      group itself, with mmengine's ``init_dist`` minus its CUDA device call (the Runner
+      then sees an initialised group and keeps it);
+    * wraps the model in ``MMDistributedDataParallel`` with ``device_ids=None`` (what
+      DDP requires for CPU modules);
+    * turns SyncBN into BN (torch's SyncBatchNorm refuses CPU tensors) and adds
+      mmengine's ``SyncBuffersHook``, which averages the BN running statistics over the
+      processes after every training epoch and before validation: all ranks evaluate,
+      and checkpoints store, the same statistics. Training normalises with each
+      process's own batch (as non-synchronised BN does on several GPUs).
+
+    Nothing changes for ``launcher='none'`` or when a GPU is present.
+
+    Args:
+        cfg: the tool's config, with ``cfg.launcher`` set (see :func:`apply_common_args`).
+    """
+    import torch
+    launcher = cfg.get('launcher', 'none')
+    if launcher == 'none' or torch.cuda.is_available():
+        return
+    from mmengine.dist import init_dist, is_distributed
+
+    # explicit get/set: ConfigDict.setdefault may return the default it just copied
+    if cfg.get('env_cfg') is None:
+        cfg.env_cfg = dict()
+    if cfg.env_cfg.get('dist_cfg') is None:
+        cfg.env_cfg.dist_cfg = dict()
+    dist_cfg = cfg.env_cfg.dist_cfg
+    if dist_cfg.get('backend', 'nccl') != 'gloo':
+        warnings.warn(f"no GPU: distributed backend {dist_cfg.get('backend', 'nccl')!r} -> "
+                      "'gloo'")
+        dist_cfg['backend'] = 'gloo'
+    wrapper = cfg.get('model_wrapper_cfg')
+    if wrapper is None:
+        cfg.model_wrapper_cfg = dict(
+            type='MMDistributedDataParallel', device_ids=None, broadcast_buffers=False,
+            find_unused_parameters=cfg.get('find_unused_parameters', False))
+    elif wrapper.get('type', 'MMDistributedDataParallel').split('.')[-1] == \
+            'MMDistributedDataParallel':
+        wrapper['device_ids'] = None
+    if revert_sync_bn_cfg(cfg.get('model')):
+        warnings.warn('no GPU: SyncBN -> BN (running statistics averaged over the '
+                      'processes by SyncBuffersHook)')
+        hooks = list(cfg.get('custom_hooks') or [])
+        if not any(h.get('type', '').split('.')[-1] == 'SyncBuffersHook' for h in hooks):
+            cfg.custom_hooks = hooks + [dict(type='SyncBuffersHook')]
+    if not is_distributed():
+        with _cuda_set_device_skipped():
+            init_dist(launcher, **dist_cfg)
 
 
 def fall_back_to_fp32_on_cpu(cfg: Config) -> None:
