@@ -45,3 +45,14 @@ def _close_new_loggers():
             if isinstance(handler, logging.FileHandler):
                 logger.removeHandler(handler)
                 handler.close()
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: on small tensors OpenMP's start-up dominates,
+    and on a busy shared 2-core machine two threads are slower than one."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -7,30 +7,16 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from dcls_mm.ops import Dcls1d, Dcls2d, Dcls3d, construct_kernel, depthwise_conv2d, extension
-from dcls_mm.ops import depthwise as depthwise_module
 
 ROUTES = ['direct', 'fft']
 
 
 def _force_route(monkeypatch, route):
-    """Make the fast path use one kernel-gradient route (direct C++ sum or FFT): through
-    ``DCLS_MM_ROUTES`` (measured routes) or the cost-model threshold (before them)."""
+    """Make the fast path use one kernel-gradient route (direct C++ sum or FFT)."""
     if route == 'direct':
         assert extension.available(), (
             'the compiled CPU kernels are not built: run bash tools/env/setup.sh')
     monkeypatch.setenv('DCLS_MM_ROUTES', f'kernel_grad={route}')
-    monkeypatch.setattr(depthwise_module, 'DIRECT_MACS_PER_FFT_POINT',
-                        float('inf') if route == 'direct' else -1, raising=False)
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: OpenMP start-up would dominate (gradgradcheck calls the op hundreds
-    of times)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _layer(version='gauss', dtype=torch.float32, stride=1):

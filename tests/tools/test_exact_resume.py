@@ -15,7 +15,7 @@ def _losses(runner):
             if k.startswith('train/loss')}
 
 
-def test_demo_detector_two_iterations_resume_two_equals_four(tmp_path):
+def test_demo_detector_two_iterations_resume_two_equals_four(tmp_path, one_thread):
     from dcls_mm.datasets import make_coco_demo
     data = make_coco_demo(str(tmp_path / 'coco'), num_images=4, num_val_images=1,
                           image_size=(96, 64))
