@@ -32,7 +32,6 @@ import cv2
 import numpy as np
 from PIL import Image
 from scipy import ndimage
-from skimage import color as skcolor
 from skimage.filters import gaussian as sk_gaussian
 from skimage.util import random_noise
 
@@ -215,6 +214,45 @@ def _disk(radius: int, alias_blur: float) -> np.ndarray:
     return cv2.GaussianBlur(aliased, ksize=ksize, sigmaX=alias_blur)
 
 
+def _rgb_to_hsv(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hue, saturation and value planes of a float RGB image in [0, 1].
+
+    The same floating-point operations as ``skimage.color.rgb2hsv`` (hence the same
+    numbers), on contiguous planes and without its per-mask copies.
+    """
+    r, g, b = (np.ascontiguousarray(x[..., i]) for i in range(3))
+    v = np.maximum(np.maximum(r, g), b)
+    delta = v - np.minimum(np.minimum(r, g), b)
+    flat = delta == 0.0
+    with np.errstate(invalid='ignore', divide='ignore'):
+        s = delta / v
+        # ties: blue's formula wins over green's, green's over red's (skimage's order)
+        h = np.where(b == v, 4.0 + (r - g) / delta,
+                     np.where(g == v, 2.0 + (b - r) / delta, (g - b) / delta))
+    s[flat] = 0.0
+    h /= 6.0
+    h %= 1.0
+    h[flat] = 0.0
+    return h, s, v
+
+
+def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """RGB image of hue, saturation and value planes: the operations of
+    ``skimage.color.hsv2rgb``, its 6-sector choice made per channel."""
+    h6 = h * 6
+    sector_float = np.floor(h6)
+    f = h6 - sector_float
+    p = v * (1 - s)
+    q = v * (1 - f * s)
+    t = v * (1 - (1 - f) * s)
+    sector = sector_float.astype(np.uint8) % 6
+    out = np.empty(h.shape + (3,))
+    out[..., 0] = np.choose(sector, (v, q, p, p, t, v))
+    out[..., 1] = np.choose(sector, (t, v, v, q, p, p))
+    out[..., 2] = np.choose(sector, (p, p, t, v, v, q))
+    return out
+
+
 def _linear_taps(n_in: int, n_zoomed: int, n_keep: int) -> Tuple[np.ndarray, np.ndarray,
                                                                    np.ndarray]:
     """Indices and weights of ``scipy.ndimage.zoom(order=1)`` along one axis.
@@ -235,8 +273,8 @@ def _clipped_zoom(img: np.ndarray, zoom: float, keep_input_size: bool = True) ->
 
     Same as the reference's ``scipy.ndimage.zoom`` of the central ``ceil(H / zoom)``
     x ``ceil(W / zoom)`` crop (output ``round(crop * zoom)`` pixels per side), computed
-    separably and, with ``keep_input_size``, only for the first H x W output pixels that
-    zoom blur keeps.
+    separably in ``img``'s precision and, with ``keep_input_size``, only for the first
+    H x W output pixels that zoom blur keeps.
     """
     h, w = img.shape[:2]
     ch0, ch1 = int(np.ceil(h / float(zoom))), int(np.ceil(w / float(zoom)))
@@ -245,11 +283,16 @@ def _clipped_zoom(img: np.ndarray, zoom: float, keep_input_size: bool = True) ->
     z0, z1 = int(round(ch0 * zoom)), int(round(ch1 * zoom))
     k0, k1 = (min(h, z0), min(w, z1)) if keep_input_size else (z0, z1)
     lo, hi, t = _linear_taps(ch0, z0, k0)
-    t = t.reshape((-1,) + (1,) * (crop.ndim - 1))
-    rows = crop[lo] * (1.0 - t) + crop[hi] * t
+    t = t.astype(img.dtype).reshape((-1,) + (1,) * (crop.ndim - 1))
+    rows = crop[lo]
+    rows *= 1 - t
+    rows += crop[hi] * t
     lo, hi, t = _linear_taps(ch1, z1, k1)
-    t = t.reshape((1, -1) + (1,) * (crop.ndim - 2))
-    return rows[:, lo] * (1.0 - t) + rows[:, hi] * t
+    t = t.astype(img.dtype).reshape((1, -1) + (1,) * (crop.ndim - 2))
+    out = rows[:, lo]
+    out *= 1 - t
+    out += rows[:, hi] * t
+    return out
 
 
 def _motion_blur(x: np.ndarray, radius: int, sigma: float, angle: float) -> np.ndarray:
@@ -448,8 +491,9 @@ def zoom_blur(x: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
     x = (x / 255.).astype(np.float32)
     out = np.zeros_like(x)
     for zoom in zooms:
-        # the reference's layers are float32 (scipy interpolates in float64, then casts)
-        out += _clipped_zoom(x, zoom).astype(np.float32)
+        # float32 layers, as the reference's (scipy interpolates in float64 and casts:
+        # at most 1 ulp apart)
+        out += _clipped_zoom(x, zoom)
     x = (x + out) / (len(zooms) + 1)
     return np.clip(x, 0, 1) * 255
 
@@ -543,16 +587,14 @@ def contrast(x: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
 
 def brightness(x: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
     c = [.1, .2, .3, .4, .5][s]
-    x = skcolor.rgb2hsv(x / 255.)
-    x[:, :, 2] = np.clip(x[:, :, 2] + c, 0, 1)
-    return np.clip(skcolor.hsv2rgb(x), 0, 1) * 255
+    h, sat, v = _rgb_to_hsv(x / 255.)
+    return np.clip(_hsv_to_rgb(h, sat, np.clip(v + c, 0, 1)), 0, 1) * 255
 
 
 def saturate(x: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
     scale, shift = [(0.3, 0), (0.1, 0), (2, 0), (5, 0.1), (20, 0.2)][s]
-    x = skcolor.rgb2hsv(x / 255.)
-    x[:, :, 1] = np.clip(x[:, :, 1] * scale + shift, 0, 1)
-    return np.clip(skcolor.hsv2rgb(x), 0, 1) * 255
+    h, sat, v = _rgb_to_hsv(x / 255.)
+    return np.clip(_hsv_to_rgb(h, np.clip(sat * scale + shift, 0, 1), v), 0, 1) * 255
 
 
 def jpeg_compression(x: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:

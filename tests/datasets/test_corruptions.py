@@ -328,3 +328,20 @@ def test_large_non_square_image():
     img = photo_like(300, 1100, 4)  # wider than every frost texture
     for name in ('frost', 'fog', 'glass_blur', 'zoom_blur', 'snow', 'elastic_transform'):
         assert corrupt(img, name, 5, seed=0).shape == img.shape
+
+
+def test_hsv_round_trip_equals_scikit_image():
+    """brightness/saturate convert with the same operations as scikit-image (the
+    reference's library): identical floats, ties and grey pixels included."""
+    from skimage import color
+    x = np.random.default_rng(3).integers(0, 256, (24, 40, 3)).astype(np.uint8)
+    x[:4] = 90
+    x[4:8, :, 0] = x[4:8, :, 1]
+    x[8:12, :, 2] = x[8:12, :, 1]
+    x[12:14] = 0
+    f = x / 255.
+    h, s, v = C._rgb_to_hsv(f)
+    np.testing.assert_array_equal(np.stack([h, s, v], -1), color.rgb2hsv(f))
+    s2, v2 = np.clip(s * 5 + 0.1, 0, 1), np.clip(v + 0.3, 0, 1)
+    np.testing.assert_array_equal(C._hsv_to_rgb(h, s2, v2),
+                                  color.hsv2rgb(np.stack([h, s2, v2], -1)))
