@@ -16,7 +16,7 @@ from dcls_mm.evaluation.folders import DataLayoutError
 from dcls_mm.evaluation.records import FingerprintMismatch
 
 from ._robustness_data import (C_BAR, C_SETS, CATEGORIES, MODEL, Reference, build_data_root,
-                               reference_files, save_model_checkpoint)
+                               load_script, reference_files, save_model_checkpoint)
 
 
 @pytest.fixture(scope='module')
@@ -248,12 +248,7 @@ def test_native_sets_must_have_one_size(data, tmp_path):
 
 
 def test_cli_errors_are_one_line(data, tmp_path, capsys):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        'evaluate_cli', osp.join(osp.dirname(__file__), '..', '..', 'tools', 'robustness',
-                                 'evaluate.py'))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script('tools/robustness/evaluate.py')
     cases = [
         (['--benchmark', 'imagenet-c', '--data-root', str(tmp_path)],
          'imagenet-c: folder'),
