@@ -22,6 +22,7 @@ Environment:
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -75,6 +76,7 @@ def cache_path() -> Optional[Path]:
     return Path(cache) / 'dcls-mm' / 'routes.json'
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``; elsewhere what :mod:`platform` knows)."""
     try:

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,18 +25,26 @@ def bench():
 def test_layer_part_writes_json(bench, tmp_path, capsys):
     out = tmp_path / 'bench.json'
     results = bench.main(['--only', 'layer', '--skip-plain', '--repeats', '1', '--batch', '1',
-                          '--out', str(out)])
+                          '--interpolations', 'bilinear', 'gaussian', '--out', str(out)])
     written = json.loads(out.read_text())
     assert written == json.loads(json.dumps(results))
     assert written['compiled_kernels'] is True  # the set-up built them
+    assert written['cpu_capability'] == torch.backends.cpu.get_cpu_capability()
     rows = written['layer']
-    assert [(r['C'], r['H'], r['layout']) for r in rows] == [
-        (c, h, layout) for c, h in bench.STAGES for layout in ('nchw', 'channels_last')]
+    assert [(r['interpolation'], r['dks'], r['K'], r['C'], r['H'], r['layout']) for r in rows] == [
+        (interp, *bench.VARIANTS[interp], c, h, 'channels_last')
+        for interp in ('bilinear', 'gaussian') for c, h in bench.STAGES]
     for row in rows:
         assert row['dense7_ms'] > 0 and row['dcls_ms'] > 0 and 'plain_ms' not in row
+        assert row['construct_share'] == pytest.approx(row['construct_ms'] / row['conv_ms'])
+        assert row['routes']['kernel_grad'] in ('direct', 'fft')
+        assert row['routes']['construct'] == (
+            'scatter' if row['interpolation'] == 'bilinear' else 'compiled')
     printed = capsys.readouterr().out
+    assert f'cpu_capability={torch.backends.cpu.get_cpu_capability()}' in printed
     assert 'compiled C++ kernels' in printed
     assert printed.count('x ') >= len(rows)  # one ratio per row
+    assert printed.count('kernel_grad ') == len(rows)
 
 
 def test_throughput_runs_on_any_device(bench):
@@ -46,3 +55,44 @@ def test_throughput_runs_on_any_device(bench):
     ips = result['images_per_s']
     assert result['ratio'] == pytest.approx(ips['convnext_dcls_tiny'] / ips['convnext_tiny'])
     assert all(v > 0 for v in ips.values())
+
+
+@pytest.fixture(scope='module')
+def downstream():
+    return _load('benchmark_downstream')
+
+
+def test_downstream_detection_inputs_have_the_real_size(downstream):
+    batch = downstream.make_batch('detection')
+    (image,), (sample,) = batch['inputs'], batch['data_samples']
+    assert image.shape == (3, 800, 1333) and image.dtype == torch.uint8
+    gt = sample.gt_instances
+    assert len(gt) == 10 and gt.bboxes.shape == (10, 4) and int(gt.labels.max()) < 80
+    assert gt.masks.masks.shape == (10, 800, 1333)
+    seg = downstream.make_batch('segmentation')
+    assert [tuple(i.shape) for i in seg['inputs']] == [(3, 512, 512)] * 2
+    assert all(s.gt_sem_seg.data.shape == (1, 512, 512) for s in seg['data_samples'])
+
+
+def test_downstream_segmentation_runs_and_reports_routes(downstream, tmp_path, capsys):
+    """UperNet from the recipe configs, ConvNeXt-T vs ConvNeXt-T-dcls, at a tiny size."""
+    out = tmp_path / 'downstream.json'
+    results = downstream.main(['--tasks', 'segmentation', '--image-size', '64', '64',
+                               '--repeats', '1', '--warmup', '0', '--skip-memory',
+                               '--out', str(out)])
+    written = json.loads(out.read_text())
+    assert written == json.loads(json.dumps(results))
+    seg = written['segmentation']
+    assert seg['size'] == [64, 64] and seg['batch'] == 2
+    assert set(seg['models']) == {'convnext_t', 'convnext_dcls_t_bilinear'}
+    base, dcls = seg['models']['convnext_t'], seg['models']['convnext_dcls_t_bilinear']
+    assert seg['ratios']['convnext_dcls_t_bilinear']['train'] == pytest.approx(
+        dcls['train_ms'] / base['train_ms'])
+    routes = dcls['routes']
+    assert len(routes) == 18  # ConvNeXt-T: 3 + 3 + 9 + 3 DCLS depthwise convs
+    assert routes['backbone.stages.0.0.dwconv']['input'] == [2, 96, 16, 16]
+    assert all(r['kernel_grad'] in ('direct', 'fft') and r['construct'] == 'scatter'
+               for r in routes.values())
+    printed = capsys.readouterr().out
+    assert f'cpu_capability={torch.backends.cpu.get_cpu_capability()}' in printed
+    assert 'routes convnext_dcls_t_bilinear: 3 x 96x16x16: kernel_grad' in printed

@@ -1,18 +1,30 @@
 """Speed and memory of DCLS depthwise layers and ConvNeXt-T-dcls against ConvNeXt-T.
 
 Every number is a ratio against a baseline measured in the same run (median of
-repeats after warm-up), because machines are noisy:
+repeats after warm-up, interleaved), because machines are noisy:
 
-- layer: DCLS depthwise ``Dcls2d`` (dks 17, K 34) forward+backward at the four
-  ConvNeXt-T stage shapes (batch 8, 224 input: C 96/192/384/768 at 56/28/14/7), fast and
-  plain paths, against ``nn.Conv2d`` 7x7 depthwise on the same input (NCHW and
-  channels_last inputs);
-- model: ConvNeXt-T-dcls (timm ``convnext_dcls_tiny``, dks 17, K 34) training step
-  (forward + backward) and inference against timm ``convnext_tiny``, and the peak
+- layer: ``Dcls2d`` depthwise forward+backward at the four ConvNeXt-T stage shapes
+  (batch 8, 224 input: C 96/192/384/768 at 56/28/14/7) against ``nn.Conv2d`` 7x7
+  depthwise on the same input, for each interpolation (bilinear: dks 17, K 34; gaussian
+  and triangle: dks 23, K 26, the published gaussian model's setting); with the
+  convolution alone (the kernel as a leaf tensor) and the kernel construction alone
+  (forward+backward), whose share of the convolution is printed (target < 10%);
+- model: ConvNeXt-T-dcls (timm ``convnext_dcls_tiny``) of each interpolation, training
+  step (forward + backward) and inference against timm ``convnext_tiny``, and the peak
   memory of the training step; on CUDA, throughput in images/s with AMP (batch 64).
 
-Targets (issue "fast DCLS depthwise convolution"): layer <= 1.5x, training step <= 1.2x,
-inference <= 1.1x, training peak memory <= 1.1x; on CUDA throughput >= 0.95x.
+The header prints the CPU, ATen's CPU capability (``torch.backends.cpu.get_cpu_capability()``),
+oneDNN's ISA cap and the compiled kernels' instruction-set copy; every layer row and
+every model prints the routes it ran (kernel gradient: measured ``direct``/``fft``,
+:mod:`dcls_mm.ops.routes`; construction: ``scatter``/``compiled``/``torch``).
+To emulate an AVX2-only x86 CPU on an AVX-512 one::
+
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python tools/analysis/benchmark_convnext_dcls.py
+
+(the compiled kernels follow ATen's capability and run their x86-64-v3 copy).
+
+Targets (issue 13): layer <= 1.5x, training step <= 1.2x, inference <= 1.1x, training
+peak memory <= 1.1x, for every interpolation; on CUDA throughput >= 0.95x.
 
 Example::
 
@@ -21,62 +33,95 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
-import os
+from collections import OrderedDict
 
 import timm
 import torch
 import torch.nn as nn
 
 import dcls_mm.models  # noqa: F401  (registers convnext_dcls_* in timm)
-from dcls_mm.ops import Dcls2d, extension, set_impl
-from dcls_mm.utils import peak_memory_mib, time_fn, time_fns
+from dcls_mm.ops import Dcls2d, depthwise_conv2d, set_impl
+from dcls_mm.utils import (DclsRouteRecorder, dcls_layer_routes, machine_info, machine_line,
+                           peak_memory_mib, time_fn, time_fns, write_json)
 
 STAGES = ((96, 56), (192, 28), (384, 14), (768, 7))
+#: interpolation -> (dilated kernel size, kernel count) of the benchmarked models
+VARIANTS = OrderedDict(bilinear=(17, 34), gaussian=(23, 26), triangle=(23, 26))
 
 
 def layer_rows(args, device):
     rows = []
-    print(f'\n[layer] fwd+bwd, batch {args.batch}, dks 17, K 34 (ms; ratio vs 7x7 on the same input)')
-    print(f'{"C":>4} {"HxW":>6} {"input":>13} {"7x7":>8} {"dcls":>8} {"ratio":>6} {"plain":>9} {"ratio":>7}')
-    for C, H in STAGES:
-        for layout in ('nchw', 'channels_last'):
-            x = torch.randn(args.batch, C, H, H, device=device)
-            if layout == 'channels_last':
-                x = x.contiguous(memory_format=torch.channels_last)
-            x.requires_grad_(True)
-            dcls = Dcls2d(C, C, 34, padding='same', dilated_kernel_size=17, groups=C,
-                          version='bilinear').to(device)
-            dense = nn.Conv2d(C, C, 7, padding=3, groups=C).to(device)
+    print(f'\n[layer] fwd+bwd, batch {args.batch} (ms; ratio vs 7x7 on the same input; '
+          'construct share = construction / convolution alone)')
+    print(f'{"interp":9} {"dks":>3} {"K":>3} {"C":>4} {"HxW":>6} {"input":>13} {"7x7":>7} '
+          f'{"dcls":>7} {"ratio":>6} {"conv":>7} {"constr":>7} {"share":>6} {"plain":>8} '
+          f'{"ratio":>6}  routes')
+    for interp in args.interpolations:
+        dks, K = VARIANTS[interp]
+        for C, H in STAGES:
+            for layout in args.layouts:
+                torch.manual_seed(0)
+                x = torch.randn(args.batch, C, H, H, device=device)
+                if layout == 'channels_last':
+                    x = x.contiguous(memory_format=torch.channels_last)
+                x.requires_grad_(True)
+                dcls = Dcls2d(C, C, K, padding='same', dilated_kernel_size=dks, groups=C,
+                              version=interp).to(device)
+                dense = nn.Conv2d(C, C, 7, padding=3, groups=C).to(device)
+                leaf = dcls.construct_kernel().detach().requires_grad_(True)
+                kernel_grad = torch.randn_like(leaf)
 
-            def step(m):
-                def run():
-                    y = m(x)
+                def step(m):
+                    def run():
+                        y = m(x)
+                        y.backward(torch.ones_like(y))
+                    return run
+
+                def conv_alone():
+                    y = depthwise_conv2d(x, leaf, dcls.stride, dcls.padding)
                     y.backward(torch.ones_like(y))
-                return run
-            row = dict(C=C, H=H, layout=layout)
-            dense_s, dcls_s = time_fns([step(dense), step(dcls)], device, args.repeats)
-            row['dense7_ms'], row['dcls_ms'] = 1e3 * dense_s, 1e3 * dcls_s
-            if not args.skip_plain:
-                dcls.impl = 'plain'
-                row['plain_ms'] = 1e3 * time_fn(step(dcls), device, max(1, args.repeats // 2), 1)
-            rows.append(row)
-            plain = (f'{row["plain_ms"]:9.1f} {row["plain_ms"] / row["dense7_ms"]:6.1f}x'
-                     if 'plain_ms' in row else '')
-            print(f'{C:4d} {H:3d}x{H:<3d}{layout:>13} {row["dense7_ms"]:8.1f} {row["dcls_ms"]:8.1f} '
-                  f'{row["dcls_ms"] / row["dense7_ms"]:5.2f}x {plain}', flush=True)
+
+                def construct_alone():
+                    dcls.construct_kernel().backward(kernel_grad)
+
+                row = dict(interpolation=interp, dks=dks, K=K, C=C, H=H, layout=layout)
+                times = time_fns([step(dense), step(dcls), conv_alone, construct_alone], device,
+                                 args.repeats)
+                for name, t in zip(('dense7_ms', 'dcls_ms', 'conv_ms', 'construct_ms'), times):
+                    row[name] = 1e3 * t
+                row['ratio'] = row['dcls_ms'] / row['dense7_ms']
+                row['construct_share'] = row['construct_ms'] / row['conv_ms']
+                row['routes'] = dcls_layer_routes(dcls, x.shape)
+                if not args.skip_plain:
+                    dcls.impl = 'plain'
+                    row['plain_ms'] = 1e3 * time_fn(step(dcls), device,
+                                                    max(1, args.repeats // 2), 1)
+                rows.append(row)
+                plain = (f'{row["plain_ms"]:8.1f} {row["plain_ms"] / row["dense7_ms"]:5.1f}x'
+                         if 'plain_ms' in row else f'{"":8} {"":6}')
+                print(f'{interp:9} {dks:3d} {K:3d} {C:4d} {H:3d}x{H:<3d}{layout:>13} '
+                      f'{row["dense7_ms"]:7.1f} {row["dcls_ms"]:7.1f} {row["ratio"]:5.2f}x '
+                      f'{row["conv_ms"]:7.1f} {row["construct_ms"]:7.2f} '
+                      f'{100 * row["construct_share"]:5.1f}% {plain}  kernel_grad '
+                      f'{row["routes"]["kernel_grad"]}, construct {row["routes"]["construct"]}',
+                      flush=True)
     return rows
 
 
 def model_rows(args, device):
     torch.manual_seed(0)
-    models = {'convnext_tiny': timm.create_model('convnext_tiny').to(device),
-              'convnext_dcls_tiny': timm.create_model('convnext_dcls_tiny').to(device)}
+    models = OrderedDict(convnext_tiny=timm.create_model('convnext_tiny').to(device))
+    for interp in args.interpolations:
+        dks, K = VARIANTS[interp]
+        models[f'convnext_dcls_tiny_{interp}'] = timm.create_model(
+            'convnext_dcls_tiny', interpolation=interp, dilated_kernel_size=dks,
+            kernel_count=K).to(device)
     x = torch.randn(args.batch, 3, 224, 224, device=device)
     target = torch.randint(0, 1000, (args.batch,), device=device)
     loss_fn = nn.CrossEntropyLoss()
-    result = {}
+    result = OrderedDict()
     print(f'\n[model] batch {args.batch}, 224x224 (ms; ratio vs convnext_tiny)')
+
     def train_step(model):
         def run():
             model.train()
@@ -91,6 +136,7 @@ def model_rows(args, device):
                 model(x)
         return run
     names = list(models)
+    recorders = {n: DclsRouteRecorder(models[n]) for n in names[1:]}
     train_s = time_fns([train_step(models[n]) for n in names], device, args.repeats)
     infer_s = time_fns([infer(models[n]) for n in names], device, args.repeats)
     for name, t_train, t_infer in zip(names, train_s, infer_s):
@@ -98,25 +144,31 @@ def model_rows(args, device):
         entry = dict(train_ms=1e3 * t_train, infer_ms=1e3 * t_infer)
         entry['train_peak_mib'] = peak_memory_mib(train_step(model), device)
         model.zero_grad(set_to_none=True)
+        if name in recorders:
+            entry['routes'] = recorders[name].report()
         result[name] = entry
     if not args.skip_plain:
-        dcls = models['convnext_dcls_tiny']
+        dcls = models[names[1]]
         set_impl(dcls, 'plain')
-
-        result['convnext_dcls_tiny_plain'] = dict(
-            train_ms=1e3 * time_fn(train_step(dcls), device, 1, 0))
+        result[f'{names[1]}_plain'] = dict(train_ms=1e3 * time_fn(train_step(dcls), device, 1, 0))
         set_impl(dcls, 'auto')
-    base, ours = result['convnext_tiny'], result['convnext_dcls_tiny']
-    ratios = dict(train=ours['train_ms'] / base['train_ms'],
-                  infer=ours['infer_ms'] / base['infer_ms'],
-                  memory=ours['train_peak_mib'] / base['train_peak_mib'])
-    print(f'{"model":28} {"train ms":>10} {"infer ms":>10} {"train peak MiB":>15}')
+    base = result['convnext_tiny']
+    ratios = OrderedDict()
+    for name in names[1:]:
+        ours = result[name]
+        ratios[name] = dict(train=ours['train_ms'] / base['train_ms'],
+                            infer=ours['infer_ms'] / base['infer_ms'],
+                            memory=ours['train_peak_mib'] / base['train_peak_mib'])
+    print(f'{"model":34} {"train ms":>10} {"infer ms":>10} {"train peak MiB":>15}')
     for name, e in result.items():
-        print(f'{name:28} {e["train_ms"]:10.1f} {e.get("infer_ms", float("nan")):10.1f} '
+        print(f'{name:34} {e["train_ms"]:10.1f} {e.get("infer_ms", float("nan")):10.1f} '
               f'{e.get("train_peak_mib", float("nan")):15.1f}')
-    print(f'ratios dcls/dense: train {ratios["train"]:.2f}x (target <= 1.2), '
-          f'inference {ratios["infer"]:.2f}x (target <= 1.1), '
-          f'peak memory {ratios["memory"]:.2f}x (target <= 1.1)')
+    for name, r in ratios.items():
+        print(f'ratios {name}/convnext_tiny: train {r["train"]:.2f}x (target <= 1.2), '
+              f'inference {r["infer"]:.2f}x (target <= 1.1), '
+              f'peak memory {r["memory"]:.2f}x (target <= 1.1)')
+    for name in names[1:]:
+        print(f'routes {name}: {DclsRouteRecorder.summary(result[name]["routes"])}')
     return dict(models=result, ratios=ratios)
 
 
@@ -155,18 +207,19 @@ def main(argv=None) -> dict:
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--batch', type=int, default=8)
     parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--interpolations', nargs='+', default=list(VARIANTS),
+                        choices=list(VARIANTS))
+    parser.add_argument('--layouts', nargs='+', default=['channels_last'],
+                        choices=['nchw', 'channels_last'], help='input layouts of the layer part')
     parser.add_argument('--skip-plain', action='store_true',
                         help='skip the (slow on CPU) plain-path numbers')
     parser.add_argument('--only', choices=['layer', 'model'], help='run one part only')
     parser.add_argument('--out', help='write results as JSON to this file')
     args = parser.parse_args(argv)
     device = args.device
-    compiled = extension.available()
-    print(f'device={device} torch={torch.__version__} threads={torch.get_num_threads()} '
-          f'kernel gradient on CPU: '
-          f'{"compiled C++ kernels" if compiled else "PyTorch FFT fallback (C++ kernels not built)"}')
-    results = dict(device=device, torch=torch.__version__, threads=torch.get_num_threads(),
-                   batch=args.batch, compiled_kernels=compiled)
+    info = machine_info()
+    print(f'device={device} {machine_line(info)}')
+    results = dict(device=device, batch=args.batch, **info)
     if args.only in (None, 'layer'):
         results['layer'] = layer_rows(args, device)
     if args.only in (None, 'model'):
@@ -174,10 +227,7 @@ def main(argv=None) -> dict:
     if device.startswith('cuda'):
         results['gpu'] = throughput(device, 64, args.repeats, plain=not args.skip_plain)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)) or '.', exist_ok=True)
-        with open(args.out, 'w') as f:
-            json.dump(results, f, indent=2)
-        print(f'wrote {args.out}')
+        write_json(results, args.out)
     return results
 
 
