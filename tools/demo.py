@@ -1,7 +1,7 @@
 """dcls-mm demo on built-in data, CPU friendly (a few minutes on 2 cores).
 
     bash tools/demo.sh            # sets up .venv if needed, then runs this file
-    python tools/demo.py [--work-dir work_dirs/demo] [--skip-det] [--skip-seg]
+    python tools/demo.py [--work-dir work_dirs/demo] [--skip-det] [--skip-seg] [--skip-coco-c]
         [--skip-robustness]
 
 Steps:
@@ -11,6 +11,8 @@ Steps:
   3. COCO-format demo data -> a tiny Cascade Mask R-CNN (configs/demo) trained for a few
      iterations, then one validation pass with the real CocoMetric (bbox/segm AP);
   4. ADE20K-format demo data -> a tiny UperNet (configs/demo), same, IoUMetric (mIoU);
+  5. COCO-C: the detector of step 3 on its clean val set and with gaussian noise at
+     severity 3 (dcls_mm.evaluation.downstream, as tools/robustness/test_downstream.py);
   6. ImageNet-C: ConvNeXt-dcls-atto vs dense ConvNeXt-atto (random weights) on a tiny
      generated ImageNet-C-layout set, mCE table (as tools/robustness/evaluate.py and
      compare.py; skip with --skip-robustness).
@@ -46,6 +48,8 @@ def parse_args(argv=None):
                         help='data, logs, checkpoints and summary.json go here')
     parser.add_argument('--skip-det', action='store_true', help='skip Cascade Mask R-CNN')
     parser.add_argument('--skip-seg', action='store_true', help='skip UperNet')
+    parser.add_argument('--skip-coco-c', action='store_true',
+                        help='skip the COCO-C step (also skipped with --skip-det)')
     parser.add_argument('--skip-robustness', action='store_true',
                         help='skip the ImageNet-C classifier step')
     parser.add_argument('--num-images', type=int, default=8,
@@ -197,6 +201,50 @@ def demo_seg(work_dir: str, num_images: int) -> dict:
     return result
 
 
+# --- 5. COCO-C ------------------------------------------------------------------------------
+def demo_coco_c(work_dir: str, det: dict, corruption: str = 'gaussian_noise',
+                severity: int = 3) -> dict:
+    """Evaluate step 3's checkpoint on the clean and one corrupted COCO val set.
+
+    Args:
+        work_dir: the demo folder (data under ``data/coco``, results under ``coco-c``).
+        det: the result of :func:`demo_det` (its work dir holds the checkpoint).
+        corruption: corruption name.
+        severity: 1..5.
+
+    Returns:
+        P, mPC and rPC of every CocoMetric value, and the per-set table.
+    """
+    from mmengine.config import Config
+
+    from dcls_mm.evaluation.downstream import evaluate_downstream
+    banner(f'5. COCO-C: the detector of step 3 under {corruption}, severity {severity}')
+    root = osp.join(work_dir, 'data', 'coco') + '/'
+    checkpoint = osp.join(det['work_dir'], 'epoch_1.pth')
+    out_dir = osp.join(work_dir, 'coco-c')
+    if osp.isdir(out_dir):  # a new checkpoint each run: start afresh
+        shutil.rmtree(out_dir)
+    cfg = Config.fromfile(DET_CONFIG)
+    cfg.merge_from_dict({'test_dataloader.dataset.data_root': root,
+                         'test_evaluator.ann_file': root + 'annotations/instances_val2017.json',
+                         'log_level': 'WARNING'})
+    cfg.work_dir = osp.join(out_dir, 'runner')
+    cfg.launcher = 'none'
+    t0 = time.perf_counter()
+    results = evaluate_downstream(cfg, checkpoint, out_dir, [corruption], [0, severity])
+    box = results['metrics'].get('coco/bbox_mAP', {})
+    mask = results['metrics'].get('coco/segm_mAP', {})
+
+    def fmt(row):
+        return ', '.join(f'{k} {row.get(k):.3f}' if row.get(k) is not None else f'{k} -'
+                         for k in ('P', 'mPC', 'rPC'))
+
+    print(f'  box AP: {fmt(box)}; mask AP: {fmt(mask)} ({time.perf_counter() - t0:.1f} s)')
+    print(f'  results: {osp.join(out_dir, "results.json")}, results.csv, plots/')
+    return dict(metrics=results['metrics'], per_set=results['per_set'], clean=results['clean'],
+                out_dir=out_dir)
+
+
 # --- 6. ImageNet-C classifier robustness ---------------------------------------------------
 def demo_robustness(work_dir: str, num_classes: int = 4, size: int = 64) -> dict:
     """ConvNeXt-dcls-atto vs dense ConvNeXt-atto (random weights) on a generated set.
@@ -273,6 +321,8 @@ def main(argv=None) -> dict:
     summary = dict(torch=torch.__version__, layer=demo_layer(), backbone=demo_backbone())
     if not args.skip_det:
         summary['cascade_mask_rcnn'] = demo_det(work_dir, args.num_images)
+        if not args.skip_coco_c:
+            summary['coco_c'] = demo_coco_c(work_dir, summary['cascade_mask_rcnn'])
     if not args.skip_seg:
         summary['upernet'] = demo_seg(work_dir, args.num_images)
     if not args.skip_robustness:
@@ -287,6 +337,10 @@ def main(argv=None) -> dict:
         m = summary['cascade_mask_rcnn']['metrics']
         print(f'  Cascade Mask R-CNN: bbox AP {m.get("coco/bbox_mAP", float("nan")):.3f}, '
               f'segm AP {m.get("coco/segm_mAP", float("nan")):.3f}')
+    if 'coco_c' in summary:
+        row = summary['coco_c']['metrics'].get('coco/bbox_mAP', {})
+        print(f'  COCO-C (gaussian_noise, severity 3): box AP P {row.get("P")}, '
+              f'mPC {row.get("mPC")}')
     if 'upernet' in summary:
         m = summary['upernet']['metrics']
         print(f'  UperNet: mIoU {m.get("mIoU", float("nan")):.2f}')

@@ -517,7 +517,7 @@ def _write_outputs(results: Dict[str, Any], out_dir: str, label: str) -> None:
         if not any(curves.values()):
             continue  # clean set only: nothing to draw against severity
         plot_severity_curves({label: curves}, osp.join(out_dir, 'plots', _file_name(name) + '.png'),
-                             ylabel=name, title=f'{label}: {name} vs severity',
+                             ylabel=name, title=name,
                              note='severity 0 = clean; ' + results['images'])
 
 

@@ -264,3 +264,25 @@ def test_pipeline_and_folder_rewrites():
     with pytest.raises(ValueError, match='no LoadImageFromFile'):
         with_corruption(dict(dataset=dict(pipeline=[dict(type='Resize')])), 'fog', 1, 0)
     assert check_severities([5, 0, 3, 3]) == [0, 3, 5]
+
+
+def test_demo_coco_c_step(det_ckpt, tmp_path):
+    """tools/demo.py's step 5 on step 3's checkpoint location (here: random weights)."""
+    import shutil
+
+    from dcls_mm.datasets import make_coco_demo
+    spec = importlib.util.spec_from_file_location('dcls_mm_tools_demo',
+                                                  osp.join(ROOT, 'tools/demo.py'))
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    make_coco_demo(str(tmp_path / 'data' / 'coco'), num_images=1, num_val_images=2,
+                   image_size=(96, 64))
+    (tmp_path / 'det').mkdir()
+    shutil.copy(det_ckpt, tmp_path / 'det' / 'epoch_1.pth')
+    out = demo.demo_coco_c(str(tmp_path), dict(work_dir=str(tmp_path / 'det')))
+    assert list(out['per_set']) == ['gaussian_noise'] and list(
+        out['per_set']['gaussian_noise']) == ['3']
+    box = out['metrics']['coco/bbox_mAP']
+    assert box['P'] == out['clean']['coco/bbox_mAP']
+    assert box['mPC'] == out['per_set']['gaussian_noise']['3']['coco/bbox_mAP']
+    assert osp.isfile(osp.join(out['out_dir'], 'results.json'))
