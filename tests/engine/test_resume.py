@@ -260,3 +260,28 @@ def test_each_rank_gets_its_own_states_back(tmp_path):
                        start_method='fork')
     draws = [torch.load(tmp_path / f'draw{r}.pt') for r in range(2)]
     assert not torch.equal(draws[0], draws[1])
+
+
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
+    """A real SIGKILL in the middle of a save (after the data is written, before the
+    rename): the checkpoint under its name is the previous, complete one."""
+    import signal
+    import subprocess
+    import sys
+    path = tmp_path / 'iter_1.pth'
+    torch.save({'step': torch.tensor(1)}, path)
+    code = f'''
+import os, signal, io, torch
+from dcls_mm.engine.hooks.atomic_checkpoint_hook import AtomicLocalBackend
+os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)
+buf = io.BytesIO()
+torch.save({{'step': torch.tensor(2), 'big': torch.zeros(1 << 20)}}, buf)
+AtomicLocalBackend().put(buf.getvalue(), {str(path)!r})
+'''
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert torch.load(path)['step'] == 1
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != 'iter_1.pth']
+    assert len(leftovers) == 1 and leftovers[0].startswith('.iter_1.pth.')
+    assert leftovers[0].endswith('.tmp')
+    assert find_resumable_checkpoint(str(path), (str(tmp_path), )) == (str(path), None)
