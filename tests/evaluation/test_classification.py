@@ -17,6 +17,7 @@ from dcls_mm.evaluation.records import FingerprintMismatch
 
 from ._robustness_data import (C_BAR, C_SETS, CATEGORIES, MODEL, Reference, build_data_root,
                                load_script, reference_files, save_model_checkpoint)
+from ._robustness_data import one_thread  # noqa: F401  (autouse fixture)
 
 
 @pytest.fixture(scope='module')

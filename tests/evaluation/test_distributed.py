@@ -8,6 +8,7 @@ import sys
 from dcls_mm.evaluation.classification import EvalConfig, run_evaluation
 
 from ._robustness_data import MODEL, build_data_root, save_model_checkpoint
+from ._robustness_data import one_thread  # noqa: F401  (autouse fixture)
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOOL = osp.join(ROOT, 'tools', 'robustness', 'evaluate.py')

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ._robustness_data import load_script
+from ._robustness_data import one_thread  # noqa: F401  (autouse fixture)
 
 
 def test_benchmark_prints_ratio_and_cpu_capability(tmp_path, capsys):
