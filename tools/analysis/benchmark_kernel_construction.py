@@ -4,7 +4,10 @@ For the ConvNeXt-dcls depthwise layer shapes (C_out = C, C_in/g = 1, K elements,
 kernel dks x dks) it times construction forward + backward (median of repeats after
 warm-up) and measures peak memory, for:
 
-- ``separable``: ``dcls_mm.ops.construct_kernel`` (product of 1-D profiles + batched matmul);
+- ``separable``: ``dcls_mm.ops.construct_kernel`` (bilinear: scatter of the taps;
+  triangle/gaussian: the compiled op when built, else the einsum below);
+- ``einsum`` (gaussian only here): the PyTorch fallback, an ``einsum`` of the 1-D
+  profiles (a batched matmul of one tiny GEMM per channel on the CPU);
 - ``dense``: the direct formulation, evaluating every element on the full grid
   (a ``(dks, dks, C, 1, K)`` temporary), as the method is usually written;
 - ``reference``: the reference package ``DCLS`` (``pip install dcls``), when installed.
@@ -24,7 +27,8 @@ import os
 
 import torch
 
-from dcls_mm.ops.kernel import canonical_interpolation, construct_kernel
+from dcls_mm.ops.kernel import (WITH_SIGMA, _separable_kernel_torch, canonical_interpolation,
+                                construct_kernel)
 from dcls_mm.utils import peak_memory_mib, time_fn
 
 #: (model, stage widths, kernel_count) from the paper (dks 17).
@@ -69,6 +73,11 @@ def make_fn(method, C, K, dks, interpolation, device):
     if method == 'separable':
         def fn():
             construct_kernel(w, P, SIG, (dks, dks), interpolation).backward(grad)
+    elif method == 'einsum':
+        grids = [torch.arange(dks, dtype=P.dtype, device=P.device)] * 2
+
+        def fn():
+            _separable_kernel_torch(w, P, SIG, (dks, dks), interpolation, grids).backward(grad)
     elif method == 'dense':
         def fn():
             dense_kernel(w, P, SIG, (dks, dks), interpolation).backward(grad)
@@ -103,7 +112,8 @@ def main(argv=None):
     parser.add_argument('--out', help='write the results as JSON to this file')
     args = parser.parse_args(argv)
     interp = canonical_interpolation(args.interpolation)
-    methods = ['separable', 'dense'] + (['reference'] if reference_available() else [])
+    methods = (['separable', 'dense'] + (['einsum'] if interp in WITH_SIGMA else [])
+               + (['reference'] if reference_available() else []))
     print(f'device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} '
           f'dks={args.dks} interpolation={interp} methods={methods}', flush=True)
     header = (f'{"model":6} {"C":>5} {"K":>3} ' + ' '.join(f'{m + " ms":>13} {m + " MiB":>13}'
