@@ -282,17 +282,24 @@ def _clipped_zoom(img: np.ndarray, zoom: float, keep_input_size: bool = True) ->
     crop = img[top0:top0 + ch0, top1:top1 + ch1]
     z0, z1 = int(round(ch0 * zoom)), int(round(ch1 * zoom))
     k0, k1 = (min(h, z0), min(w, z1)) if keep_input_size else (z0, z1)
+    rest = crop.shape[2:]
+    # both passes gather whole rows: the column pass runs on the transposed result
     lo, hi, t = _linear_taps(ch0, z0, k0)
-    t = t.astype(img.dtype).reshape((-1,) + (1,) * (crop.ndim - 1))
-    rows = crop[lo]
-    rows *= 1 - t
-    rows += crop[hi] * t
+    flat = crop.reshape(ch0, -1)
+    rows = flat[lo]
+    step = flat[hi]
+    step -= rows
+    step *= t.astype(img.dtype)[:, None]
+    rows += step  # (1 - t) a + t b, as a + t (b - a): the same up to 1 ulp
+    cols = rows.reshape(k0, ch1, -1).transpose(1, 0, 2)
     lo, hi, t = _linear_taps(ch1, z1, k1)
-    t = t.astype(img.dtype).reshape((1, -1) + (1,) * (crop.ndim - 2))
-    out = rows[:, lo]
-    out *= 1 - t
-    out += rows[:, hi] * t
-    return out
+    out = cols[lo]
+    step = cols[hi]
+    step -= out
+    step *= t.astype(img.dtype)[:, None, None]
+    out += step
+    out = out.transpose(1, 0, 2)  # a view: (k0, k1, channels)
+    return out if rest else out[..., 0]
 
 
 def _motion_blur(x: np.ndarray, radius: int, sigma: float, angle: float) -> np.ndarray:
@@ -315,7 +322,8 @@ def _motion_blur(x: np.ndarray, radius: int, sigma: float, angle: float) -> np.n
     for dy, dx, weight in taps:
         # a shift by (dy, dx) reads x[row - dy, col - dx]: correlation tap at (r-dy, r-dx)
         kernel[r - dy, r - dx] += weight
-    return cv2.filter2D(np.asarray(x, np.float64), -1, kernel, borderType=cv2.BORDER_REPLICATE)
+    return cv2.filter2D(np.ascontiguousarray(x, np.float64), -1, kernel,
+                        borderType=cv2.BORDER_REPLICATE)
 
 
 def _plasma_fractal(mapsize: int, wibbledecay: float, rng: np.random.Generator) -> np.ndarray:

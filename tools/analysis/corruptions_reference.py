@@ -4,8 +4,8 @@ Not for dcls-mm's own environment (the reference fails on NumPy 2): run by
 ``benchmark_corruptions.py --reference-python PY`` with the Python of a side
 environment made as that script's docstring says. Two jobs, one JSON line on stdout:
 
-* ``time``: ms/image of ``imagecorruptions.corrupt`` per corruption (all severities),
-  on the images of an ``.npy`` file;
+* ``serve``: ms/image of ``imagecorruptions.corrupt`` (all severities) on the images of
+  an ``.npy`` file, for each corruption name read from stdin (one JSON number a line);
 * ``compare``: outputs of dcls_mm (computed in dcls-mm's own environment, saved as
   ``.npy``) against the reference on the same images, with the reference's
   ``np.random.*`` calls replayed from an ``np.random.Generator`` seeded as dcls_mm's was,
@@ -80,18 +80,28 @@ class _Module(types.ModuleType):
         return getattr(self._base, name)
 
 
-def time_reference(images: np.ndarray, names, repeats: int) -> dict:
-    out = {}
-    for name in names:
-        imagecorruptions.corrupt(images[0], 1, name)  # warm-up, as for dcls_mm
-        t0 = time.perf_counter()
+def time_reference(images: np.ndarray, name: str, repeats: int) -> float:
+    """ms per image of ``imagecorruptions.corrupt``: for each severity the fastest call
+    over images x repeats (the least disturbed by other load), averaged over severities;
+    after a warm-up call. The benchmark times dcls_mm the same way."""
+    imagecorruptions.corrupt(images[0], 1, name)
+    best = []
+    for severity in range(1, 6):
+        calls = []
         for _ in range(repeats):
             for img in images:
-                for severity in range(1, 6):
-                    imagecorruptions.corrupt(img, severity, name)
-        out[name] = (time.perf_counter() - t0) * 1000 / (repeats * len(images) * 5)
-        print(f'  reference {name:18s} {out[name]:9.1f} ms/image', file=sys.stderr, flush=True)
-    return out
+                t0 = time.perf_counter()
+                imagecorruptions.corrupt(img, severity, name)
+                calls.append(time.perf_counter() - t0)
+        best.append(min(calls))
+    return 1000 * sum(best) / len(best)
+
+
+def serve(images: np.ndarray, repeats: int) -> None:
+    """Time one corruption per request: a name on each stdin line, its ms on stdout (so
+    the benchmark can interleave the reference with dcls_mm corruption by corruption)."""
+    for line in sys.stdin:
+        print(json.dumps(time_reference(images, line.strip(), repeats)), flush=True)
 
 
 def compare(images: np.ndarray, names, outputs_dir: str) -> dict:
@@ -131,18 +141,18 @@ def compare_seed(image_index: int, severity_index: int) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('job', choices=('time', 'compare'))
+    parser.add_argument('job', choices=('serve', 'compare'))
     parser.add_argument('images', help='.npy file of uint8 RGB images (N, H, W, 3)')
-    parser.add_argument('--names', nargs='+', required=True)
+    parser.add_argument('--names', nargs='+', help='compare: corruption names')
     parser.add_argument('--repeats', type=int, default=1)
     parser.add_argument('--ours', help='compare: folder of <corruption>.npy outputs of dcls_mm, '
                         '(images, 5, H, W, 3), seeded with compare_seed()')
     args = parser.parse_args()
     images = np.load(args.images)
-    if args.job == 'time':
-        result = time_reference(images, args.names, args.repeats)
-    else:
-        result = compare(images, args.names, args.ours)
+    if args.job == 'serve':
+        serve(images, args.repeats)
+        return
+    result = compare(images, args.names, args.ours)
     versions = dict(numpy=numpy.__version__, skimage=skimage.__version__,
                     imagecorruptions='1.1.2')
     print(json.dumps(dict(result=result, versions=versions)))
