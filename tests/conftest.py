@@ -47,8 +47,7 @@ def _close_new_loggers():
                 handler.close()
 
 
-@pytest.fixture
-def one_thread():
+def _one_thread():
     """torch on one thread for the test: on small tensors OpenMP's start-up dominates,
     and on a busy shared 2-core machine two threads are slower than one."""
     import torch
@@ -56,3 +55,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+one_thread = pytest.fixture(_one_thread, name='one_thread')
+#: the same for a whole module, its module-scoped fixtures included (request it with
+#: ``pytestmark = pytest.mark.usefixtures('one_thread_module')``)
+one_thread_module = pytest.fixture(_one_thread, scope='module', name='one_thread_module')

@@ -12,7 +12,6 @@ import pkgutil
 import shutil
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -151,15 +150,3 @@ def load_script(relpath: str):
     spec.loader.exec_module(module)
     return module
 
-
-def _one_thread():
-    """Tiny models on 2 shared cores: one intra-op thread avoids the thread pool's
-    oversubscription (these tests check numbers and logic, never speed)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-# imported by the test modules: applies to their module-scoped fixtures too
-one_thread = pytest.fixture(scope='module', autouse=True)(_one_thread)

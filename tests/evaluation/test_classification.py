@@ -17,7 +17,9 @@ from dcls_mm.evaluation.records import FingerprintMismatch
 
 from ._robustness_data import (C_BAR, C_SETS, CATEGORIES, MODEL, Reference, build_data_root,
                                load_script, reference_files, save_model_checkpoint)
-from ._robustness_data import one_thread  # noqa: F401  (autouse fixture)
+
+# tiny models: one torch thread, module-scoped fixtures included (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures('one_thread_module')
 
 
 @pytest.fixture(scope='module')

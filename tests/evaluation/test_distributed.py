@@ -5,10 +5,14 @@ import os.path as osp
 import subprocess
 import sys
 
+import pytest
+
 from dcls_mm.evaluation.classification import EvalConfig, run_evaluation
 
 from ._robustness_data import MODEL, build_data_root, save_model_checkpoint
-from ._robustness_data import one_thread  # noqa: F401  (autouse fixture)
+
+# tiny models: one torch thread, module-scoped fixtures included (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures('one_thread_module')
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOOL = osp.join(ROOT, 'tools', 'robustness', 'evaluate.py')

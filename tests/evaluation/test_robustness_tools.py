@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from ._robustness_data import load_script
-from ._robustness_data import one_thread  # noqa: F401  (autouse fixture)
+
+# tiny models: one torch thread, module-scoped fixtures included (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures('one_thread_module')
 
 
 def test_benchmark_prints_ratio_and_cpu_capability(tmp_path, capsys):
