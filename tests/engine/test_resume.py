@@ -224,7 +224,7 @@ def _per_rank_worker(rank, world_size, port, out_dir):
                             world_size=world_size)
     try:
         random.seed(rank), np.random.seed(10 + rank), torch.manual_seed(20 + rank)
-        runner = SimpleNamespace(epoch=0, train_dataloader=None)
+        runner = SimpleNamespace(epoch=0, train_dataloader=None, _resume=True)
         hook = RNGStateHook()
         hook.before_train_epoch(runner)
         hook.after_train_iter(runner, 0)   # all ranks gather here
@@ -285,3 +285,22 @@ AtomicLocalBackend().put(buf.getvalue(), {str(path)!r})
     assert len(leftovers) == 1 and leftovers[0].startswith('.iter_1.pth.')
     assert leftovers[0].endswith('.tmp')
     assert find_resumable_checkpoint(str(path), (str(tmp_path), )) == (str(path), None)
+
+
+def test_load_from_without_resume_starts_afresh(tmp_path):
+    """``load_from`` (fine-tuning from a training checkpoint) takes the weights only: no
+    generator states restored, no batches skipped."""
+    _run(tmp_path / 'a', 'epoch', 1, seed=0)
+    from mmengine.runner import Runner
+    runner = Runner(
+        model=DropoutModel(), work_dir=str(tmp_path / 'c'), experiment_name=f'load{next(_names)}',
+        train_dataloader=dict(dataset=RandomAugmentDataset(), batch_size=2, num_workers=0,
+                              sampler=dict(type='DefaultSampler', shuffle=True)),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.0)),
+        train_cfg=dict(by_epoch=True, max_epochs=1),
+        custom_hooks=[dict(type='dcls_mm.RNGStateHook')], randomness=dict(seed=0),
+        load_from=str(tmp_path / 'a' / 'iter_2.pth'), log_level='WARNING')
+    runner.train()
+    assert runner.iter == 4  # all four batches of the epoch, none skipped
+    loaded = torch.load(tmp_path / 'a' / 'iter_2.pth', weights_only=False)['state_dict']
+    _assert_bitwise_equal(_params(runner), loaded)  # lr 0: the loaded weights, unchanged

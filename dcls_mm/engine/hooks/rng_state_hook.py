@@ -265,7 +265,10 @@ class RNGStateHook(Hook):
             checkpoint: the dict about to be saved (modified in place).
         """
         world_size = get_world_size()
-        ranks = list(self._gathered) if world_size > 1 else [self._training_state()]
+        if world_size == 1:
+            ranks = [self._training_state()]
+        else:  # None: saved before any gather (no iteration yet); not restorable
+            ranks = None if self._gathered is None else list(self._gathered)
         sampler = _sampler_of(runner.train_dataloader)
         checkpoint[STATE_KEY] = dict(
             version=1, world_size=world_size, rng=ranks, epoch=runner.epoch,
@@ -282,7 +285,9 @@ class RNGStateHook(Hook):
         """
         state = checkpoint.get(STATE_KEY)
         self._pending = None
-        if state is None:
+        if not getattr(runner, '_resume', False):
+            return  # load_from / testing: weights only, the run starts afresh
+        if state is None or state['rng'] is None:
             print_log('resume: the checkpoint holds no random generator states (saved '
                       'without dcls_mm.RNGStateHook); the resumed run will not repeat a '
                       'straight run exactly', logger='current', level=logging.WARNING)
