@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dcls_mm.utils.fileio import atomic_open
+
 from .plotting import pyplot, save_figure
 
 #: RepLKNet's thresholds of the high-contribution area ratio.
@@ -85,9 +87,8 @@ def _layer_output(model: nn.Module, layer: Optional[str], x: Tensor) -> Tensor:
 
 def _save_state(path: str, key: str, accumulated: np.ndarray, done: int) -> None:
     """Write the partial sum atomically (a killed run leaves the previous state intact)."""
-    tmp = path + '.tmp.npz'
-    np.savez(tmp, accumulated=accumulated, done=done, key=key)
-    os.replace(tmp, path)
+    with atomic_open(path, 'wb') as f:
+        np.savez(f, accumulated=accumulated, done=done, key=key)
 
 
 def compute_erf(model: nn.Module, images: Sequence[Union[Tensor, Callable[[], Tensor]]],

@@ -33,14 +33,14 @@ import multiprocessing
 import os
 import os.path as osp
 import sys
-import tempfile
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import cv2
 import numpy as np
 
 from dcls_mm.datasets.corruptions import CORRUPTION_SUBSETS, corrupt_bgr, image_seed
+from dcls_mm.utils.fileio import atomic_write
 
 from .records import SetRecords
 
@@ -81,23 +81,6 @@ def list_images(src: str) -> List[str]:
     return sorted(found)
 
 
-def _write_bytes_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a
-    rename, so that ``path`` never holds a partial image."""
-    folder = osp.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + osp.basename(path) + '.', suffix='.part',
-                               dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if osp.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def corrupt_file(src_path: str, dst_path: str, corruption: str, severity: int, seed: int,
                  fmt: str = 'png', quality: int = IMAGENET_C_JPEG_QUALITY) -> None:
     """Corrupt one image file into ``dst_path`` (atomically).
@@ -131,7 +114,7 @@ def corrupt_file(src_path: str, dst_path: str, corruption: str, severity: int, s
         ok, buf = cv2.imencode('.jpg', out, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
     if not ok:
         raise ValueError(f'could not encode {dst_path} as {fmt}')
-    _write_bytes_atomic(dst_path, buf.tobytes())
+    atomic_write(dst_path, buf.tobytes())
 
 
 def _corrupt_task(task: Tuple[str, str, str, int, int, str, int]) -> None:

@@ -18,8 +18,9 @@ import hashlib
 import json
 import os
 import os.path as osp
-import tempfile
 from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+from dcls_mm.utils.fileio import atomic_open
 
 __all__ = ['SetRecords', 'FingerprintMismatch', 'write_json_atomic', 'write_csv_atomic',
            'file_digest']
@@ -38,28 +39,11 @@ def file_digest(path: str, algorithm: str = 'sha256', chunk: int = 1 << 20) -> s
     return h.hexdigest()
 
 
-def _atomic_write(path: str, write) -> None:
-    """Write through a temporary file in the same folder, then rename: a reader (or a
-    killed writer) never leaves a half-written file under ``path``."""
-    folder = osp.dirname(osp.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + osp.basename(path) + '.', dir=folder)
-    try:
-        with os.fdopen(fd, 'w', newline='') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if osp.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_json_atomic(path: str, obj: Any) -> None:
     """``json.dump(obj)`` (indent 2) to ``path`` atomically."""
-    _atomic_write(path, lambda f: (json.dump(obj, f, indent=2, sort_keys=False),
-                                   f.write('\n')))
+    with atomic_open(path, 'w') as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write('\n')
 
 
 def write_csv_atomic(path: str, rows: Iterable[Dict[str, Any]],
@@ -67,13 +51,10 @@ def write_csv_atomic(path: str, rows: Iterable[Dict[str, Any]],
     """Write ``rows`` (dicts) as CSV with the header ``columns`` atomically; missing
     fields are left empty, extra fields raise (a typo must not vanish silently)."""
     rows = list(rows)
-
-    def write(f):
+    with atomic_open(path, 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=list(columns))
         writer.writeheader()
         writer.writerows(rows)
-
-    _atomic_write(path, write)
 
 
 class SetRecords:

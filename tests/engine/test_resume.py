@@ -14,8 +14,8 @@ from mmengine.model import BaseModel
 from torch import nn
 
 import dcls_mm.engine  # noqa: F401  (registers the hooks)
-from dcls_mm.engine.hooks import (atomic_write, find_resumable_checkpoint, get_rng_state,
-                                  set_rng_state)
+from dcls_mm.engine.hooks import find_resumable_checkpoint, get_rng_state, set_rng_state
+from dcls_mm.utils.fileio import atomic_write
 
 _names = itertools.count()
 
@@ -144,18 +144,18 @@ def test_rng_state_roundtrip_and_weights_only_load(tmp_path):
 
 def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch):
     path = tmp_path / 'ckpt.pth'
-    atomic_write(b'old', path)
+    atomic_write(path, b'old')
 
     def killed(fd):  # the process dies after writing, before the rename
         raise KeyboardInterrupt
 
     monkeypatch.setattr(os, 'fsync', killed)
     with pytest.raises(KeyboardInterrupt):
-        atomic_write(b'new' * 1000, path)
+        atomic_write(path, b'new' * 1000)
     monkeypatch.undo()
     assert path.read_bytes() == b'old'
     assert os.listdir(tmp_path) == ['ckpt.pth']  # no temporary file left behind
-    atomic_write(b'new', path)
+    atomic_write(path, b'new')
     assert path.read_bytes() == b'new'
 
 

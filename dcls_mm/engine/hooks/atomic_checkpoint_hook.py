@@ -14,7 +14,6 @@ import glob
 import logging
 import os
 import os.path as osp
-import tempfile
 import zipfile
 from typing import List, Optional, Tuple, Union
 
@@ -23,6 +22,7 @@ from mmengine.hooks import CheckpointHook
 from mmengine.logging import print_log
 
 from dcls_mm.registry import HOOKS
+from dcls_mm.utils.fileio import atomic_write
 
 #: mmengine file backend name of :class:`AtomicLocalBackend`.
 ATOMIC_BACKEND = 'dcls_mm_atomic_local'
@@ -40,7 +40,7 @@ class AtomicLocalBackend(LocalBackend):
             obj: the bytes to write.
             filepath: destination; its folder is created if needed.
         """
-        atomic_write(obj, filepath)
+        atomic_write(filepath, obj)
 
     def put_text(self, obj: str, filepath: Union[str, os.PathLike],
                  encoding: str = 'utf-8') -> None:
@@ -51,41 +51,7 @@ class AtomicLocalBackend(LocalBackend):
             filepath: destination.
             encoding: text encoding.
         """
-        atomic_write(obj.encode(encoding), filepath)
-
-
-def atomic_write(data: bytes, filepath: Union[str, os.PathLike]) -> None:
-    """Write ``data`` to a temporary file next to ``filepath``, flush it to disk, then
-    rename it over ``filepath``; on any error the temporary file is removed.
-
-    Args:
-        data: bytes to write.
-        filepath: final path (its folder is created if missing).
-    """
-    filepath = os.fspath(filepath)
-    folder = osp.dirname(osp.abspath(filepath))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{osp.basename(filepath)}.', suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, filepath)
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+        atomic_write(filepath, obj.encode(encoding))
 
 
 def checkpoint_problem(path: Optional[str]) -> Optional[str]:
