@@ -26,7 +26,6 @@ import functools
 import json
 import os
 import platform
-import tempfile
 import threading
 import time
 import warnings
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
+
+from dcls_mm.utils.fileio import atomic_open
 
 ENV_FORCE = 'DCLS_MM_ROUTES'
 ENV_CACHE = 'DCLS_MM_ROUTE_CACHE'
@@ -129,10 +130,8 @@ def _write(path: Path, machine: str, key: str, entry: dict) -> None:
         # an unreadable file was reported when it was loaded: start it afresh
         data = _read(path, warn=False)
         data.setdefault(machine, {})[key] = entry
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix='.tmp')
-        with os.fdopen(fd, 'w') as f:
+        with atomic_open(path, 'w') as f:
             json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
     except OSError as err:  # a read-only home must not break training
         warnings.warn(f'dcls_mm: could not write the route cache {path} ({err})',
                       RuntimeWarning, stacklevel=3)
