@@ -5,8 +5,7 @@ from collections import OrderedDict
 import pytest
 
 
-@pytest.fixture(autouse=True)
-def _restore_default_scope():
+def _default_scope_restored():
     """MMEngine's default scope is process-global (the last DefaultScope created wins):
     a test that builds an mmseg config must not change how the next test's registry
     lookups resolve."""
@@ -15,6 +14,13 @@ def _restore_default_scope():
     yield
     DefaultScope._instance_dict.clear()
     DefaultScope._instance_dict.update(saved)
+
+
+#: per test, and per module: module-scoped fixtures (data, checkpoints built from a
+#: config) run before any test's snapshot and would otherwise leak their scope
+_restore_default_scope = pytest.fixture(autouse=True)(_default_scope_restored)
+_restore_default_scope_per_module = pytest.fixture(autouse=True, scope='module')(
+    _default_scope_restored)
 
 
 @pytest.fixture(autouse=True)
