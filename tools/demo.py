@@ -1,4 +1,4 @@
-"""dcls-mm demo on built-in data, CPU friendly (a few minutes on 2 cores).
+"""dcls-mm demo on built-in data, CPU friendly (about half a minute on 2 cores).
 
     bash tools/demo.sh            # sets up .venv if needed, then runs this file
     python tools/demo.py [--work-dir work_dirs/demo] [--skip-det] [--skip-seg] [--skip-coco-c]
