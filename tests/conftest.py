@@ -67,3 +67,20 @@ one_thread = pytest.fixture(_one_thread, name='one_thread')
 #: the same for a whole module, its module-scoped fixtures included (request it with
 #: ``pytestmark = pytest.mark.usefixtures('one_thread_module')``)
 one_thread_module = pytest.fixture(_one_thread, scope='module', name='one_thread_module')
+
+
+@pytest.fixture(autouse=True, scope='session')
+def _route_cache_in_tmp(tmp_path_factory):
+    """The fast path measures its routes once per shape and keeps them in
+    ``~/.cache/dcls-mm/routes.json``: the suite (and the tools it runs in subprocesses,
+    which inherit the environment) writes its own file instead of the user's, so tiny
+    test shapes measured on a busy CI machine never steer a user's later runs."""
+    import os
+    if 'DCLS_MM_ROUTE_CACHE' in os.environ:
+        yield
+        return
+    os.environ['DCLS_MM_ROUTE_CACHE'] = str(tmp_path_factory.mktemp('routes') / 'routes.json')
+    try:
+        yield
+    finally:
+        os.environ.pop('DCLS_MM_ROUTE_CACHE', None)
