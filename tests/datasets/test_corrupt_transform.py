@@ -9,22 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dcls_mm.datasets import corrupt, image_seed, make_ade20k_demo, make_coco_demo
+from dcls_mm.datasets import corrupt, image_seed
 from dcls_mm.datasets.transforms import Corrupt
 
+# the suite's demo data sets (session fixtures, shared with the integration tests)
+from ..integration.conftest import ade_demo as ade  # noqa: F401
+from ..integration.conftest import coco_demo as coco  # noqa: F401
+
 META = ('img_id', 'img_path', 'ori_shape', 'img_shape', 'corruption', 'severity')
-
-
-@pytest.fixture(scope='module')
-def coco(tmp_path_factory):
-    return make_coco_demo(str(tmp_path_factory.mktemp('coco')), num_images=1,
-                          num_val_images=2, image_size=(96, 64))
-
-
-@pytest.fixture(scope='module')
-def ade(tmp_path_factory):
-    return make_ade20k_demo(str(tmp_path_factory.mktemp('ade')), num_images=1,
-                            num_val_images=2, image_size=(64, 48))
 
 
 def expected_bgr(path, corruption, severity, seed):
