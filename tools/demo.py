@@ -34,7 +34,7 @@ import time
 import warnings
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-DET_CONFIG = osp.join(ROOT, 'configs/demo/cascade-mask-rcnn_convnext-dcls-atto_fpn_demo-coco.py')
+DET_CONFIG = osp.join(ROOT, 'configs/demo/cascade-mask-rcnn_convnext-dcls-atto_fpn_4conv1fc-giou_ms-crop-1e_demo-coco.py')
 SEG_CONFIG = osp.join(ROOT, 'configs/demo/upernet_convnext-dcls-atto_demo-ade20k-64x64.py')
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Distributed training on one node with torchrun (GPUs, or CPU processes without a GPU):
 #   bash tools/dist_train.sh CONFIG NPROC [tools/train.py args...]
-# e.g. bash tools/dist_train.sh configs/cascade_mask_rcnn/cascade-mask-rcnn_convnext-dcls-t_fpn_ms-crop-3x_coco.py 8
+# e.g. bash tools/dist_train.sh configs/cascade_mask_rcnn/cascade-mask-rcnn_convnext-dcls-t_fpn_4conv1fc-giou_amp-ms-crop-3x_coco.py 8
 # Multi-node: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT as for torchrun (tools/dist_run.sh).
 set -euo pipefail
 if [ $# -lt 2 ]; then

@@ -96,7 +96,7 @@ def test_config_backbone_with_a_downstream_checkpoint(tmp_path, capsys):
     a whole-detector checkpoint (backbone under ``backbone.``, other keys ignored)."""
     from dcls_mm.analysis.loading import build_analysis_model
     config = osp.join(ROOT, 'configs', 'demo',
-                      'cascade-mask-rcnn_convnext-dcls-atto_fpn_demo-coco.py')
+                      'cascade-mask-rcnn_convnext-dcls-atto_fpn_4conv1fc-giou_ms-crop-1e_demo-coco.py')
     source = build_analysis_model(config)
     with torch.no_grad():
         for m in source.dcls_convs():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-DEMO_DET = osp.join(ROOT, 'configs/demo/cascade-mask-rcnn_convnext-dcls-atto_fpn_demo-coco.py')
+DEMO_DET = osp.join(ROOT, 'configs/demo/cascade-mask-rcnn_convnext-dcls-atto_fpn_4conv1fc-giou_ms-crop-1e_demo-coco.py')
 DEMO_SEG = osp.join(ROOT, 'configs/demo/upernet_convnext-dcls-atto_demo-ade20k-64x64.py')
 DET_DIR = osp.join(ROOT, 'configs/cascade_mask_rcnn')
 SEG_DIR = osp.join(ROOT, 'configs/upernet')

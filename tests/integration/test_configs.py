@@ -19,7 +19,7 @@ VARIANTS = [(s, dcls) for s in 'tsb' for dcls in (True, False)]
 
 def det_path(size, dcls):
     name = f'convnext-dcls-{size}' if dcls else f'convnext-{size}'
-    return osp.join(DET_DIR, f'cascade-mask-rcnn_{name}_fpn_ms-crop-3x_coco.py')
+    return osp.join(DET_DIR, f'cascade-mask-rcnn_{name}_fpn_4conv1fc-giou_amp-ms-crop-3x_coco.py')
 
 
 def seg_path(size, dcls):

@@ -9,7 +9,7 @@ import torch
 from .conftest import (DEMO_DET, DET_DIR, atto_backbone_options, build_runner, data_batch,
                        det_data_options, group_of, load_cfg, train_step_changes_params)
 
-FULL_T = f'{DET_DIR}/cascade-mask-rcnn_convnext-dcls-t_fpn_ms-crop-3x_coco.py'
+FULL_T = f'{DET_DIR}/cascade-mask-rcnn_convnext-dcls-t_fpn_4conv1fc-giou_amp-ms-crop-3x_coco.py'
 SMALL_PIPELINE = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadAnnotations', with_bbox=True, with_mask=True),

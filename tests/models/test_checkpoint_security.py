@@ -168,7 +168,7 @@ def test_entry_point_converter(tmp_path):
 def test_entry_point_train_and_test_tools(tmp_path, how):
     from dcls_mm.datasets import make_coco_demo
     path, marker = _write_evil(tmp_path, 'raw-pickle')
-    config = str(ROOT / 'configs/demo/cascade-mask-rcnn_convnext-dcls-atto_fpn_demo-coco.py')
+    config = str(ROOT / 'configs/demo/cascade-mask-rcnn_convnext-dcls-atto_fpn_4conv1fc-giou_ms-crop-1e_demo-coco.py')
     data = make_coco_demo(str(tmp_path / 'coco'), num_images=1, num_val_images=1,
                           image_size=(64, 48))
     options = ['--cfg-options'] + [f'{s}_dataloader.dataset.data_root={data["data_root"]}'

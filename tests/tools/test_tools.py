@@ -13,7 +13,7 @@ import torch
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOOLS = osp.join(ROOT, 'tools')
 DEMO_SEG = osp.join(ROOT, 'configs/demo/upernet_convnext-dcls-atto_demo-ade20k-64x64.py')
-DEMO_DET = osp.join(ROOT, 'configs/demo/cascade-mask-rcnn_convnext-dcls-atto_fpn_demo-coco.py')
+DEMO_DET = osp.join(ROOT, 'configs/demo/cascade-mask-rcnn_convnext-dcls-atto_fpn_4conv1fc-giou_ms-crop-1e_demo-coco.py')
 
 
 def load_tool(name):

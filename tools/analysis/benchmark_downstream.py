@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[2]
 TASKS = OrderedDict(
     detection=dict(
         scope='mmdet', batch=1, size=(800, 1333),
-        dense='configs/cascade_mask_rcnn/cascade-mask-rcnn_convnext-t_fpn_ms-crop-3x_coco.py',
-        dcls='configs/cascade_mask_rcnn/cascade-mask-rcnn_convnext-dcls-t_fpn_ms-crop-3x_coco.py'),
+        dense='configs/cascade_mask_rcnn/cascade-mask-rcnn_convnext-t_fpn_4conv1fc-giou_amp-ms-crop-3x_coco.py',
+        dcls='configs/cascade_mask_rcnn/cascade-mask-rcnn_convnext-dcls-t_fpn_4conv1fc-giou_amp-ms-crop-3x_coco.py'),
     segmentation=dict(
         scope='mmseg', batch=2, size=(512, 512),
         dense='configs/upernet/upernet_convnext-t_8xb2-amp-160k_ade20k-512x512.py',

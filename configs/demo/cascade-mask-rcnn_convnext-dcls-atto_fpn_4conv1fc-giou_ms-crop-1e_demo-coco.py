@@ -3,8 +3,8 @@
 # evaluated with the real CocoMetric (pycocotools). Structure, pipeline shape, loss and
 # optimizer constructor are those of the full T-dcls recipe config; only sizes shrink.
 #   python -c "from dcls_mm.datasets import make_coco_demo; make_coco_demo('work_dirs/demo/data/coco')"
-#   python tools/train.py configs/demo/cascade-mask-rcnn_convnext-dcls-atto_fpn_demo-coco.py
-_base_ = '../cascade_mask_rcnn/cascade-mask-rcnn_convnext-dcls-t_fpn_ms-crop-3x_coco.py'
+#   python tools/train.py configs/demo/cascade-mask-rcnn_convnext-dcls-atto_fpn_4conv1fc-giou_ms-crop-1e_demo-coco.py
+_base_ = '../cascade_mask_rcnn/cascade-mask-rcnn_convnext-dcls-t_fpn_4conv1fc-giou_amp-ms-crop-3x_coco.py'
 
 data_root = 'work_dirs/demo/data/coco/'
 classes = ('square', 'disc', 'triangle')

@@ -1,11 +1,11 @@
 # Dense baseline: the SAME recipe and backbone class with plain 7x7 depthwise convs
-# (dwconv='dense'), i.e. ConvNeXt-T (recipes.md row "ConvNeXt-T").
-_base_ = './cascade-mask-rcnn_convnext-dcls-t_fpn_ms-crop-3x_coco.py'
+# (dwconv='dense'), i.e. ConvNeXt-B (recipes.md row "ConvNeXt-B").
+_base_ = './cascade-mask-rcnn_convnext-dcls-b_fpn_4conv1fc-giou_amp-ms-crop-3x_coco.py'
 
 # The official ConvNeXt IN-1k weights (github.com/facebookresearch/ConvNeXt,
-# convnext_tiny_1k_224.pth: a {'model': ...} file with the same key names, loaded by
+# convnext_base_1k_224.pth: a {'model': ...} file with the same key names, loaded by
 # the same checked loader as the DCLS files).
-checkpoint_file = 'checkpoints/convnext_tiny_1k_224.pth'
+checkpoint_file = 'checkpoints/convnext_base_1k_224.pth'
 
 model = dict(
     backbone=dict(
