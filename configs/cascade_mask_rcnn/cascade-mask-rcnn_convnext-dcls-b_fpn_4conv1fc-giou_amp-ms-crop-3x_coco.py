@@ -1,4 +1,4 @@
-# Cascade Mask R-CNN 3x ms-crop, ConvNeXt-B-dcls (recipes.md: 53.0 box AP / 46.0 mask AP).
+# Cascade Mask R-CNN 3x ms-crop, ConvNeXt-B-dcls (docs/recipes.md: 53.0 box AP / 46.0 mask AP).
 # As the T-dcls config, with drop_path 0.7 and layer-wise decay 0.8 over 12 layers.
 _base_ = './cascade-mask-rcnn_convnext-dcls-t_fpn_4conv1fc-giou_amp-ms-crop-3x_coco.py'
 

@@ -1,4 +1,4 @@
-# Cascade Mask R-CNN 3x ms-crop, ConvNeXt-S-dcls (recipes.md: 52.8 box AP / 45.6 mask AP).
+# Cascade Mask R-CNN 3x ms-crop, ConvNeXt-S-dcls (docs/recipes.md: 52.8 box AP / 45.6 mask AP).
 # As the T-dcls config, with drop_path 0.6 and layer-wise decay 0.7 over 12 layers.
 _base_ = './cascade-mask-rcnn_convnext-dcls-t_fpn_4conv1fc-giou_amp-ms-crop-3x_coco.py'
 

@@ -1,5 +1,5 @@
 # Cascade Mask R-CNN 3x (36 epochs, "ms-crop" augmentation), ConvNeXt-T-dcls backbone.
-# Reproduces recipes.md (COCO, ConvNeXt-T-dcls: 51.2 box AP / 44.5 mask AP).
+# Reproduces docs/recipes.md (COCO, ConvNeXt-T-dcls: 51.2 box AP / 44.5 mask AP).
 #
 # Everything that is not the backbone comes from mmdet 3.3.0's own ConvNeXt-T config
 # (4conv1fc heads with SyncBN, GIoU x10 + reg_decoded_bbox, per-stage target stds,
@@ -7,7 +7,7 @@
 # MultiStepLR [27, 33], 36 epochs, AmpOptimWrapper, batch 2 per GPU). This file only
 # swaps the backbone for dcls_mm.ConvNeXtDCLS and the lr-decay constructor for the
 # DCLS-aware one (positions: weight decay 0, lr x1 as in the published downstream code).
-# tests/integration/test_configs.py checks the merged values against recipes.md.
+# tests/integration/test_configs.py checks the merged values against docs/recipes.md.
 _base_ = 'mmdet::convnext/cascade-mask-rcnn_convnext-t-p4-w7_fpn_4conv1fc-giou_amp-ms-crop-3x_coco.py'  # noqa
 
 # The mmdet base imports mmpretrain (for its ConvNeXt); we need dcls_mm instead. The

@@ -1,5 +1,5 @@
 # Dense baseline: the SAME recipe and backbone class with plain 7x7 depthwise convs
-# (dwconv='dense'), i.e. ConvNeXt-S (recipes.md row "ConvNeXt-S").
+# (dwconv='dense'), i.e. ConvNeXt-S (docs/recipes.md row "ConvNeXt-S").
 _base_ = './cascade-mask-rcnn_convnext-dcls-s_fpn_4conv1fc-giou_amp-ms-crop-3x_coco.py'
 
 # The official ConvNeXt IN-1k weights (github.com/facebookresearch/ConvNeXt,

@@ -1,5 +1,5 @@
 # Dense baseline: the SAME recipe and backbone class with plain 7x7 depthwise convs
-# (dwconv='dense'), i.e. ConvNeXt-T (recipes.md row "ConvNeXt-T").
+# (dwconv='dense'), i.e. ConvNeXt-T (docs/recipes.md row "ConvNeXt-T").
 _base_ = './cascade-mask-rcnn_convnext-dcls-t_fpn_4conv1fc-giou_amp-ms-crop-3x_coco.py'
 
 # The official ConvNeXt IN-1k weights (github.com/facebookresearch/ConvNeXt,

@@ -1,5 +1,5 @@
 # Dense baseline: the SAME recipe and backbone class with plain 7x7 depthwise convs
-# (dwconv='dense'), i.e. ConvNeXt-B (recipes.md row "ConvNeXt-B").
+# (dwconv='dense'), i.e. ConvNeXt-B (docs/recipes.md row "ConvNeXt-B").
 _base_ = './upernet_convnext-dcls-b_8xb2-amp-160k_ade20k-512x512.py'
 
 # The official ConvNeXt IN-1k weights (github.com/facebookresearch/ConvNeXt,

@@ -1,4 +1,4 @@
-# UperNet 160k ADE20K 512x512, ConvNeXt-B-dcls (recipes.md: 49.3 / 49.6 mIoU).
+# UperNet 160k ADE20K 512x512, ConvNeXt-B-dcls (docs/recipes.md: 49.3 / 49.6 mIoU).
 # As the T-dcls config, with drop_path 0.4 and stage-wise decay 0.9 with num_layers 12.
 _base_ = './upernet_convnext-dcls-t_8xb2-amp-160k_ade20k-512x512.py'
 

@@ -1,4 +1,4 @@
-# UperNet 160k ADE20K 512x512, ConvNeXt-S-dcls (recipes.md: 48.4 / 49.0 mIoU).
+# UperNet 160k ADE20K 512x512, ConvNeXt-S-dcls (docs/recipes.md: 48.4 / 49.0 mIoU).
 # As the T-dcls config, with drop_path 0.3 and stage-wise decay 0.9 with num_layers 12.
 _base_ = './upernet_convnext-dcls-t_8xb2-amp-160k_ade20k-512x512.py'
 

@@ -1,5 +1,5 @@
 # UperNet 160k, ADE20K 512x512, ConvNeXt-T-dcls backbone.
-# Reproduces recipes.md (ADE20K, ConvNeXt-T-dcls: 47.1 mIoU single-scale / 47.1 multi-scale).
+# Reproduces docs/recipes.md (ADE20K, ConvNeXt-T-dcls: 47.1 mIoU single-scale / 47.1 multi-scale).
 #
 # Everything that is not the backbone comes from mmseg 1.2.2's own ConvNeXt-T config
 # (UPerHead 512 ch, pool_scales (1, 2, 3, 6), aux FCNHead on stage 3 with 256 ch and
@@ -9,7 +9,7 @@
 # test: the `tta_pipeline` below (mmseg's base resizes by scale_factor instead).
 # This file only swaps the backbone for dcls_mm.ConvNeXtDCLS and the lr-decay
 # constructor for the DCLS-aware one (positions: weight decay 0, lr x1).
-# tests/integration/test_configs.py checks the merged values against recipes.md.
+# tests/integration/test_configs.py checks the merged values against docs/recipes.md.
 _base_ = 'mmseg::convnext/convnext-tiny_upernet_8xb2-amp-160k_ade20k-512x512.py'
 
 # The mmseg base imports mmpretrain (for its ConvNeXt); we need dcls_mm instead.

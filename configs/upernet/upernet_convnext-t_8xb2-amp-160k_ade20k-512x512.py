@@ -1,5 +1,5 @@
 # Dense baseline: the SAME recipe and backbone class with plain 7x7 depthwise convs
-# (dwconv='dense'), i.e. ConvNeXt-T (recipes.md row "ConvNeXt-T").
+# (dwconv='dense'), i.e. ConvNeXt-T (docs/recipes.md row "ConvNeXt-T").
 _base_ = './upernet_convnext-dcls-t_8xb2-amp-160k_ade20k-512x512.py'
 
 # The official ConvNeXt IN-1k weights (github.com/facebookresearch/ConvNeXt,
