@@ -13,7 +13,6 @@ What is checked here is what the rest of the toolkit silently relies on:
 from __future__ import annotations
 
 import importlib.metadata as md
-import importlib.util
 import math
 import os
 import re
@@ -25,10 +24,10 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests._helpers import ROOT, load_tool
+
 STACK = ROOT / 'requirements' / 'stack.txt'
 SETUP = ROOT / 'tools' / 'env' / 'setup.sh'
-CHECK_ENV = ROOT / 'tools' / 'env' / 'check_env.py'
 
 
 # --------------------------------------------------------------------------------------
@@ -340,10 +339,7 @@ def test_setup_check_complete_environment():
 # (e) installed versions are the pinned ones
 # --------------------------------------------------------------------------------------
 def _check_env_module():
-    spec = importlib.util.spec_from_file_location('dcls_mm_check_env', CHECK_ENV)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool('tools/env/check_env.py')
 
 
 def _read_pins() -> dict[str, str]:

@@ -17,11 +17,9 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests._helpers import ROOT
 
 REGISTRIES = {  # name in dcls_mm.registry -> its ``locations``
     'MODELS': ['dcls_mm.models'],

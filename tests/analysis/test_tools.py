@@ -1,5 +1,4 @@
 """The CLIs in tools/analysis over dcls_mm.analysis: specs, checkpoints, outputs, errors."""
-import importlib.util
 import json
 import os.path as osp
 
@@ -7,18 +6,10 @@ import pytest
 import torch
 
 from dcls_mm.models import ConvNeXtDCLS
+from tests._helpers import ROOT, load_tool
 
-ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 ARCH = "arch={'depths': [1, 1, 1, 1], 'dims': [8, 8, 8, 8]}"
 SPEC = f'convnext_dcls:{ARCH},dilated_kernel_size=7,kernel_count=3'
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(
-        f'dcls_mm_analysis_{name}', osp.join(ROOT, 'tools', 'analysis', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -38,7 +29,7 @@ def checkpoint(tmp_path):
 
 def test_erf_cli(tmp_path, capsys):
     out = tmp_path / 'erf'
-    result = load_tool('erf').main([
+    result = load_tool('tools/analysis/erf.py').main([
         '--model', SPEC, '--model', 'timm:test_convnext', '--label', 'dcls', '--label', 'timm',
         '--num-images', '1', '--size', '32', '--stage', '1', '--out-dir', str(out)])
     assert set(result['models']) == {'dcls', 'timm'}
@@ -47,8 +38,8 @@ def test_erf_cli(tmp_path, capsys):
 
 
 def test_positions_cli_reads_the_checkpoint(tmp_path, checkpoint, capsys):
-    result = load_tool('positions').main(['--model', f'{SPEC}@{checkpoint}',
-                                          '--out-dir', str(tmp_path / 'pos')])
+    result = load_tool('tools/analysis/positions.py').main(['--model', f'{SPEC}@{checkpoint}',
+                                                            '--out-dir', str(tmp_path / 'pos')])
     for stats in result['groups'].values():
         assert stats['num_elements'] == 24 and stats['at_limit'] == 24
         assert stats['cell_counts'][6][6] == 24
@@ -60,18 +51,18 @@ def test_position_dynamics_cli(tmp_path, checkpoint, capsys):
     moved = {k: (v - 1 if k.endswith('.P') else v) for k, v in state['state_dict'].items()}
     second = str(tmp_path / 'second.pth')
     torch.save({'state_dict': moved, 'meta': {'epoch': 5}}, second)
-    result = load_tool('position_dynamics').main(
+    result = load_tool('tools/analysis/position_dynamics.py').main(
         ['--checkpoints', checkpoint, second, '--out-dir', str(tmp_path / 'dyn')])
     # every element moved by (-1, -1) over 4 epochs
     assert [r['speed'] for r in result['rows']] == pytest.approx([2 ** 0.5 / 4] * 4)
     assert (tmp_path / 'dyn' / 'position_speeds.csv').exists()
     with pytest.raises(SystemExit, match='at least two'):
-        load_tool('position_dynamics').main(['--checkpoints', checkpoint])
+        load_tool('tools/analysis/position_dynamics.py').main(['--checkpoints', checkpoint])
 
 
 def test_complexity_cli(tmp_path, capsys):
     out = str(tmp_path / 'table.md')
-    table = load_tool('complexity').main([
+    table = load_tool('tools/analysis/complexity.py').main([
         '--model', SPEC, '--model', f'convnext_dcls:{ARCH},dwconv=dense', '--label', 'dcls',
         '--label', 'dense', '--shape', '32', '32', '--batch-size', '1', '--repeats', '1',
         '--out', out])
@@ -83,12 +74,12 @@ def test_complexity_cli(tmp_path, capsys):
 
 def test_bad_specs_are_one_line_errors(tmp_path):
     with pytest.raises(SystemExit, match="SOURCE must be one of"):
-        load_tool('complexity').main(['--model', 'resnet50', '--no-throughput'])
+        load_tool('tools/analysis/complexity.py').main(['--model', 'resnet50', '--no-throughput'])
     with pytest.raises(SystemExit, match='is not a file'):
-        load_tool('positions').main(['--model', f'{SPEC}@{tmp_path}/missing.pth'])
+        load_tool('tools/analysis/positions.py').main(['--model', f'{SPEC}@{tmp_path}/missing.pth'])
     with pytest.raises(SystemExit, match='no DCLS layer'):
-        load_tool('positions').main(['--model', f'convnext_dcls:{ARCH},dwconv=dense',
-                                     '--out-dir', str(tmp_path)])
+        load_tool('tools/analysis/positions.py').main(
+            ['--model', f'convnext_dcls:{ARCH},dwconv=dense', '--out-dir', str(tmp_path)])
 
 
 def test_config_backbone_with_a_downstream_checkpoint(tmp_path, capsys):
@@ -109,6 +100,6 @@ def test_config_backbone_with_a_downstream_checkpoint(tmp_path, capsys):
     assert loaded.dilated_kernel_size == 9 and not loaded.training
     for a, b in zip(source.dcls_convs(), loaded.dcls_convs()):
         assert torch.equal(a.P, b.P)
-    result = load_tool('positions').main(['--model', f'{config}@{path}',
-                                          '--out-dir', str(tmp_path / 'pos')])
+    result = load_tool('tools/analysis/positions.py').main(['--model', f'{config}@{path}',
+                                                            '--out-dir', str(tmp_path / 'pos')])
     assert result['groups']['stage0']['dilated_kernel_size'] == [9, 9]

@@ -12,11 +12,12 @@ from PIL import Image
 from dcls_mm.datasets import make_ade20k_demo, make_coco_demo
 from dcls_mm.datasets.checks import check_coco, check_datasets, check_segmentation_folders
 from dcls_mm.models import ConvNeXtDCLS
-from tests.tools.test_tools import DEMO_DET, DEMO_SEG, load_tool
+from tests._helpers import load_tool
+from tests.tools.test_tools import DEMO_DET, DEMO_SEG
 
 
 def _train_tool():
-    return load_tool('train')
+    return load_tool('tools/train.py')
 
 
 @pytest.fixture(scope='module')

@@ -15,8 +15,8 @@ from dcls_mm.datasets.transforms import Corrupt
 from dcls_mm.evaluation import corrupted_sets
 from dcls_mm.evaluation.corrupted_sets import list_images, make_corrupted
 from dcls_mm.evaluation.records import FingerprintMismatch
+from tests._helpers import ROOT
 
-ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 WNIDS = ('n01440764', 'n01443537')
 
 

@@ -138,15 +138,3 @@ def build_data_root(root: str, checkpoint: str) -> str:
             _place_by_prediction(folder, ref, native=True)
     return root
 
-
-def load_script(relpath: str):
-    """A script of the repository (e.g. ``tools/robustness/evaluate.py``) as a module
-    with a unique name (sys.path is left alone)."""
-    import importlib.util
-    root = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-    name = 'dcls_mm_script_' + relpath.replace('/', '_').replace('.py', '')
-    spec = importlib.util.spec_from_file_location(name, osp.join(root, relpath))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-

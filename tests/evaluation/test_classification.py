@@ -14,9 +14,10 @@ from dcls_mm.evaluation.classification import (BadImageError, CheckpointError, E
                                                build_classifier, run_evaluation)
 from dcls_mm.evaluation.folders import DataLayoutError
 from dcls_mm.evaluation.records import FingerprintMismatch
+from tests._helpers import load_tool
 
 from ._robustness_data import (C_BAR, C_SETS, CATEGORIES, MODEL, Reference, build_data_root,
-                               load_script, reference_files, save_model_checkpoint)
+                               reference_files, save_model_checkpoint)
 
 # tiny models: one torch thread, module-scoped fixtures included (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures('one_thread_module')
@@ -251,7 +252,7 @@ def test_native_sets_must_have_one_size(data, tmp_path):
 
 
 def test_cli_errors_are_one_line(data, tmp_path, capsys):
-    cli = load_script('tools/robustness/evaluate.py')
+    cli = load_tool('tools/robustness/evaluate.py')
     cases = [
         (['--benchmark', 'imagenet-c', '--data-root', str(tmp_path)],
          'imagenet-c: folder'),

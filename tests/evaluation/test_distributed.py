@@ -8,13 +8,13 @@ import sys
 import pytest
 
 from dcls_mm.evaluation.classification import EvalConfig, run_evaluation
+from tests._helpers import ROOT
 
 from ._robustness_data import MODEL, build_data_root, save_model_checkpoint
 
 # tiny models: one torch thread, module-scoped fixtures included (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures('one_thread_module')
 
-ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOOL = osp.join(ROOT, 'tools', 'robustness', 'evaluate.py')
 
 

@@ -2,7 +2,6 @@
 and rPC against a recomputation from the per-set metrics, resuming, pre-generated
 corrupted images equal to on-the-fly corruption, and the one-line errors."""
 import csv
-import importlib.util
 import json
 import os.path as osp
 import subprocess
@@ -11,24 +10,19 @@ import sys
 import pytest
 import torch
 
-from ..integration.conftest import (DEMO_DET, DEMO_SEG, ROOT, ade_demo,  # noqa: F401
-                                   coco_demo, det_data_options, seg_data_options)
+from tests._helpers import ROOT, load_tool
+
+from ..integration.conftest import (DEMO_DET, DEMO_SEG, ade_demo, coco_demo,  # noqa: F401
+                                   det_data_options, seg_data_options)
 from ..tools.test_distributed import run_dist
 
 TOOL = osp.join(ROOT, 'tools/robustness/test_downstream.py')
 MAKE_CORRUPTED = osp.join(ROOT, 'tools/robustness/make_corrupted.py')
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location('dcls_mm_tools_test_downstream', TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope='module')
 def tool():
-    return load_tool()
+    return load_tool('tools/robustness/test_downstream.py')
 
 
 def _random_checkpoint(config, path, seed=0):
@@ -271,10 +265,7 @@ def test_demo_coco_c_step(det_ckpt, tmp_path):
     import shutil
 
     from dcls_mm.datasets import make_coco_demo
-    spec = importlib.util.spec_from_file_location('dcls_mm_tools_demo',
-                                                  osp.join(ROOT, 'tools/demo.py'))
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = load_tool('tools/demo.py')
     make_coco_demo(str(tmp_path / 'data' / 'coco'), num_images=1, num_val_images=2,
                    image_size=(96, 64))
     (tmp_path / 'det').mkdir()

@@ -5,14 +5,14 @@ import json
 import pytest
 import torch
 
-from ._robustness_data import load_script
+from tests._helpers import load_tool
 
 # tiny models: one torch thread, module-scoped fixtures included (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures('one_thread_module')
 
 
 def test_benchmark_prints_ratio_and_cpu_capability(tmp_path, capsys):
-    bench = load_script('tools/analysis/benchmark_robustness.py')
+    bench = load_tool('tools/analysis/benchmark_robustness.py')
     out = tmp_path / 'bench.json'
     result = bench.main(['--model', 'test_resnet', '--images', '10', '--sets', '1',
                          '--batch-size', '4', '--rounds', '1', '--workers', '0',
@@ -28,7 +28,7 @@ def test_benchmark_prints_ratio_and_cpu_capability(tmp_path, capsys):
 
 
 def test_demo_imagenet_c_step(tmp_path, capsys):
-    demo = load_script('tools/demo.py')
+    demo = load_tool('tools/demo.py')
     out = demo.demo_robustness(str(tmp_path), num_classes=1, size=32)
     assert set(out['models']) == {'convnext_atto', 'convnext_dcls_tiny-atto'}
     for model in out['models'].values():
@@ -41,7 +41,7 @@ def test_demo_imagenet_c_step(tmp_path, capsys):
 
 
 def test_compare_cli(tmp_path, capsys):
-    cli = load_script('tools/robustness/compare.py')
+    cli = load_tool('tools/robustness/compare.py')
     a = tmp_path / 'a.json'
     a.write_text(json.dumps({'model': 'm', 'benchmarks': {'imagenet': {'top1': 70.0}}}))
     cli.main([str(a)])

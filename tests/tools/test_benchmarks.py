@@ -1,25 +1,16 @@
 """The analysis benchmarks run end to end and write what they print (tiny settings: these
 tests check the scripts' logic and output format, never speed)."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / 'tools' / 'analysis' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests._helpers import load_tool
 
 
 @pytest.fixture(scope='module')
 def bench():
-    return _load('benchmark_convnext_dcls')
+    return load_tool('tools/analysis/benchmark_convnext_dcls.py')
 
 
 def test_layer_part_writes_json(bench, tmp_path, capsys):
@@ -59,7 +50,7 @@ def test_throughput_runs_on_any_device(bench):
 
 @pytest.fixture(scope='module')
 def downstream():
-    return _load('benchmark_downstream')
+    return load_tool('tools/analysis/benchmark_downstream.py')
 
 
 def test_downstream_detection_inputs_have_the_real_size(downstream):

@@ -1,7 +1,6 @@
 """Multi-process training and testing on a CPU (torchrun + gloo): tools/dist_train.sh and
 tools/dist_test.sh start, and 2 processes evaluate exactly what 1 process does."""
 import glob
-import importlib.util
 import json
 import os
 import os.path as osp
@@ -14,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from ..integration.conftest import DEMO_DET, ROOT, coco_demo  # noqa: F401  (fixture)
+from tests._helpers import ROOT, load_tool
+
+from ..integration.conftest import DEMO_DET, coco_demo  # noqa: F401  (fixture)
 
 TOOLS = osp.join(ROOT, 'tools')
 
@@ -86,9 +87,7 @@ def test_two_cpu_processes_train_and_evaluate_like_one(coco_demo, tmp_path):
     val2 = next(s for s in scalars if 'coco/bbox_mAP' in s)
 
     # the same checkpoint, one process
-    spec = importlib.util.spec_from_file_location('dcls_mm_tools_test', osp.join(TOOLS, 'test.py'))
-    test_tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(test_tool)
+    test_tool = load_tool('tools/test.py')
     one = test_tool.main([DEMO_DET, ckpt, '--work-dir', str(tmp_path / 'test1'), '--out',
                           str(tmp_path / 'test1.pkl')] + options)
     for key, value in one.items():

@@ -3,11 +3,12 @@ COCO-format data): 4 straight iterations == 2 + ``tools/train.py --resume`` + 2,
 bit on the CPU (parameters, optimizer state and every logged loss)."""
 import torch
 
-from tests.tools.test_tools import DEMO_DET, load_tool
+from tests._helpers import load_tool
+from tests.tools.test_tools import DEMO_DET
 
 
 def _train_tool():
-    return load_tool('train')
+    return load_tool('tools/train.py')
 
 
 def _losses(runner):
