@@ -9,7 +9,7 @@ from torch import nn
 from dcls_mm.engine import ClampPositionsHook, RepulsiveLossHook, repulsive_loss
 from dcls_mm.ops import Dcls1d, Dcls2_1d, Dcls2d, Dcls3d
 
-from _engine_toy import ToyDetector, make_backbone
+from ._engine_toy import ToyDetector, make_backbone
 
 
 def slow_repulsive(position_tensors):

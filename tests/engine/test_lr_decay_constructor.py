@@ -13,7 +13,7 @@ from mmseg.engine.optimizers.layer_decay_optimizer_constructor import \
 from dcls_mm.engine import DCLSLearningRateDecayOptimizerConstructor
 from dcls_mm.models import ConvNeXtDCLS
 
-from _engine_toy import ToyDetector, make_backbone
+from ._engine_toy import ToyDetector, make_backbone
 
 BASE_LR, WD = 2e-4, 0.05
 T_DEPTHS, SB_DEPTHS = (3, 3, 9, 3), (3, 3, 27, 3)

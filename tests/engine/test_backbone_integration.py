@@ -1,11 +1,12 @@
-"""The backbone with the other parts of dcls-mm and OpenMMLab."""
+"""The ConvNeXt-dcls backbone with the engine (the layer-decay optimizer constructor) and
+with OpenMMLab (an mmdet neck built through the registry)."""
 import mmdet.registry
 import torch
 
 from dcls_mm.engine import DCLSLearningRateDecayOptimizerConstructor
 from dcls_mm.models import ConvNeXtDCLS
 
-from ._synthetic import SMALL_ARCH
+from ..models._synthetic import SMALL_ARCH
 
 
 def _small(**kwargs):
