@@ -1,4 +1,5 @@
-"""DCLSLearningRateDecayOptimizerConstructor against the tables of recipes.md."""
+"""DCLSLearningRateDecayOptimizerConstructor against the tables of docs/recipes.md
+("Layer-wise and stage-wise lr decay")."""
 import re
 
 import pytest
@@ -17,12 +18,12 @@ from ._engine_toy import ToyDetector, make_backbone
 
 BASE_LR, WD = 2e-4, 0.05
 T_DEPTHS, SB_DEPTHS = (3, 3, 9, 3), (3, 3, 27, 3)
-# recipes.md, "Example T, 0.7, N=6: ids 0..7 -> ..."
+# docs/recipes.md, "Worked example, ConvNeXt-T, decay 0.7, N = 6: ids 0 to 7 get ..."
 T_LAYER_TABLE = [0.0824, 0.1176, 0.1681, 0.2401, 0.343, 0.49, 0.7, 1.0]
 
 
 def expected_layer_id(local, n):
-    """recipes.md layer_wise table, written out case by case (local = name w/o backbone.)."""
+    """docs/recipes.md `layer_wise` ids, written out case by case (local = name w/o backbone.)."""
     parts = local.split('.')
     if parts[0] == 'downsample_layers':
         return {'0': 0, '1': 2, '2': 3, '3': n}[parts[1]]

@@ -6,7 +6,8 @@ from dcls_mm.evaluation.imagenet_c import (ALEXNET_MEAN_ERROR, BENCHMARK_CORRUPT
                                            C_BAR_SEVERITY_PARAMS, EXTRA_CORRUPTIONS,
                                            summarize_imagenet_c, summarize_imagenet_c_bar)
 
-# typed from ../shared/reference/robustness.md (not imported from the code under test)
+# the AlexNet mean errors published with ImageNet-C (Hendrycks & Dietterich, ICLR 2019),
+# typed here rather than imported from the code under test
 REFERENCE_ALEXNET = {
     'gaussian_noise': 0.886428, 'shot_noise': 0.894468, 'impulse_noise': 0.922640,
     'defocus_blur': 0.819880, 'glass_blur': 0.826268, 'motion_blur': 0.785948,

@@ -1,5 +1,5 @@
 """The recipe configs: merged values (after mmdet/mmseg base inheritance) are exactly
-those of /work/shared/reference/recipes.md, and the full-size T models and optimizer
+those of docs/recipes.md, and the full-size T models and optimizer
 wrappers build with the right layer-/stage-wise lr decay groups."""
 import os.path as osp
 
@@ -10,9 +10,9 @@ from .conftest import DET_DIR, SEG_DIR, group_of, load_cfg
 WIDTHS = {'t': [96, 192, 384, 768], 's': [96, 192, 384, 768], 'b': [128, 256, 512, 1024]}
 ARCH = {'t': 'tiny', 's': 'small', 'b': 'base'}
 KERNEL_COUNT = {'t': 34, 's': 40, 'b': 40}
-# recipes.md, COCO: drop_path, layer decay, num_layers
+# docs/recipes.md, "COCO": drop_path, layer decay, num_layers
 DET_RECIPE = {'t': (0.4, 0.7, 6), 's': (0.6, 0.7, 12), 'b': (0.7, 0.8, 12)}
-# recipes.md, ADE20K: drop_path, num_layers (stage-wise decay 0.9 for all)
+# docs/recipes.md, "ADE20K": drop_path, num_layers (stage-wise decay 0.9 for all)
 SEG_RECIPE = {'t': (0.4, 6), 's': (0.3, 12), 'b': (0.4, 12)}
 VARIANTS = [(s, dcls) for s in 'tsb' for dcls in (True, False)]
 

@@ -1,6 +1,6 @@
 """Plain, slow reference of the DCLS method for the tests.
 
-Written from the formulas in ../shared/reference/dcls-method.md, independently of
+Written from the formulas in docs/dcls-method.md ("Interpolations"), independently of
 dcls_mm.ops.kernel: every element is evaluated on the FULL grid (no separability), the
 way the method paper states it.
 """
