@@ -5,9 +5,14 @@ absolute numbers against a threshold.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import re
 import statistics
+import sys
+import tempfile
 import time
-from typing import Callable, List, Sequence
+from typing import Callable, Iterator, List, Sequence
 
 import torch
 
@@ -67,7 +72,8 @@ def peak_memory_mib(fn: Callable[[], object], device: str = 'cpu') -> float:
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _without_profiler_chatter(), \
+            profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = []
     for e in prof.events():
@@ -80,6 +86,39 @@ def peak_memory_mib(fn: Callable[[], object], device: str = 'cpu') -> float:
         current += delta
         peak = max(peak, current)
     return peak / 2**20
+
+
+#: a line libkineto (the profiler's C++ backend) writes to stderr itself, e.g.
+#: ``USDT:2026-11-30 14:59:43 22950:22950 SyncActivityProfilerHandler.cpp:52] profiler_start``
+#: or ``ERROR:... DeviceProperties.cpp:50] gpuGetDeviceCount failed with code 35``.
+PROFILER_CHATTER = re.compile(r'^[A-Z]+:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \d+:\d+ [\w.]+\.cpp:\d+\] ')
+
+
+@contextlib.contextmanager
+def _without_profiler_chatter() -> Iterator[None]:
+    """Keep libkineto's own lines off stderr while the profiler runs.
+
+    libkineto writes them to file descriptor 2 from C++ (no Python logger or
+    environment setting turns them off once torch is imported), so fd 2 is pointed at a
+    temporary file for the duration and everything else written meanwhile (Python
+    warnings, the measured function's own messages) is copied back to stderr after.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode='w+b') as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [line for line in capture.read().decode(errors='replace').splitlines(True)
+                    if not PROFILER_CHATTER.match(line)]
+            if kept:
+                sys.stderr.write(''.join(kept))
+                sys.stderr.flush()
 
 
 def machine_info() -> dict:

@@ -198,3 +198,22 @@ def test_demo_layer_and_backbone_steps():
     backbone = demo.demo_backbone()
     assert backbone['positions_with_grad'] == backbone['position_tensors'] == 4
     assert backbone['params'] <= backbone['dense_params']
+
+
+def test_cpu_peak_memory_prints_no_profiler_chatter(capfd):
+    """The profiler's own USDT / gpuGetDeviceCount lines stay off the console; what the
+    measured function writes to stderr still gets there."""
+    import sys
+
+    from dcls_mm.utils.benchmark import PROFILER_CHATTER, peak_memory_mib
+
+    def fn():
+        print('from the measured function', file=sys.stderr)
+        return torch.ones(256, 1024) * 2  # 1 MiB result + the ones temporary
+
+    assert PROFILER_CHATTER.match('USDT:2026-11-30 14:59:43 22950:22950 '
+                                  'SyncActivityProfilerHandler.cpp:52] profiler_start')
+    assert peak_memory_mib(fn) == pytest.approx(2.0, abs=0.1)
+    out, err = capfd.readouterr()
+    assert 'USDT' not in out + err and 'gpuGetDeviceCount' not in out + err
+    assert err.splitlines() == ['from the measured function']
