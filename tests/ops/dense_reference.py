@@ -45,3 +45,34 @@ def reference_kernel(weight, P, SIG, dilated_kernel_size, version):
                 grid = grid / (grid.sum() + 1e-7)
             out[idx] += float(weight[(*idx, k)]) * grid
     return out
+
+
+def reference_gauss_axis_kernel(weight, P, SIG, dilated_kernel_size):
+    """Dense 2-D kernel of the reference DCLS package's ``gauss`` interpolation, with ITS
+    axis convention (docs/dcls-method.md, "Axis order of the positions"): ``P[0]``/``SIG[0]``
+    act on the column (x) coordinate, centred with ``dks[0] // 2``, and ``P[1]``/``SIG[1]``
+    on the row (y) coordinate, centred with ``dks[1] // 2``.
+
+    What a checkpoint of the reference package means; loading one into dcls-mm must
+    reproduce it, which a plain load (ours is row-first) does not.
+
+    Args:
+        weight: ``(C_out, C_in / groups, K)`` weights.
+        P: ``(2, C_out, C_in / groups, K)`` positions in the reference package's order.
+        SIG: ``(2, C_out, C_in / groups, K)`` widths in the same order.
+        dilated_kernel_size: ``(H, W)`` of the dense kernel, or one int for a square one.
+
+    Returns:
+        The ``(C_out, C_in / groups, H, W)`` kernel in float64.
+    """
+    H, W = ((dilated_kernel_size, ) * 2 if isinstance(dilated_kernel_size, int)
+            else dilated_kernel_size)
+    weight, P, SIG = weight.double(), P.double(), SIG.double()
+    rows = torch.arange(H, dtype=torch.float64).view(H, 1, 1, 1, 1)
+    cols = torch.arange(W, dtype=torch.float64).view(1, W, 1, 1, 1)
+    u_col = cols - (P[0] + H // 2)
+    u_row = rows - (P[1] + W // 2)
+    s_col, s_row = SIG[0].abs() + 0.27, SIG[1].abs() + 0.27
+    grid = torch.exp(-0.5 * ((u_col / s_col) ** 2 + (u_row / s_row) ** 2))
+    grid = grid / (grid.sum((0, 1)) + 1e-7)
+    return (grid * weight).sum(-1).permute(2, 3, 0, 1)
