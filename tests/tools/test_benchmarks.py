@@ -1,10 +1,13 @@
 """The analysis benchmarks run end to end and write what they print (tiny settings: these
 tests check the scripts' logic and output format, never speed)."""
 import json
+import os
+import shutil
 
 import pytest
 import torch
 
+from dcls_mm.ops import extension
 from tests._helpers import load_tool
 
 
@@ -13,29 +16,53 @@ def bench():
     return load_tool('tools/analysis/benchmark_convnext_dcls.py')
 
 
-def test_layer_part_writes_json(bench, tmp_path, capsys):
+@pytest.fixture(params=['as built', 'no compiler'])
+def compiled(request, monkeypatch, tmp_path):
+    """Whether the C++ kernels are used: as the set-up left them, and as on a machine
+    where the set-up found no C++ compiler (README: supported, with the PyTorch
+    fallback). The latter is the real fallback path: an empty library folder, and the
+    module's load state reset so that it looks there again."""
+    if request.param == 'no compiler':
+        monkeypatch.setenv('DCLS_MM_EXT_DIR', str(tmp_path / 'no-kernels'))
+        monkeypatch.setitem(extension._state, 'loaded', None)
+        monkeypatch.setitem(extension._state, 'isa', None)
+        assert not extension.available()
+    elif shutil.which(os.environ.get('CXX', 'c++')):
+        assert extension.available(), 'a C++ compiler is here, but the set-up built no kernels'
+    return extension.available()
+
+
+def test_layer_part_writes_json(bench, compiled, tmp_path, capsys):
     out = tmp_path / 'bench.json'
     results = bench.main(['--only', 'layer', '--skip-plain', '--repeats', '1', '--batch', '1',
                           '--interpolations', 'bilinear', 'gaussian', '--out', str(out)])
     written = json.loads(out.read_text())
     assert written == json.loads(json.dumps(results))
-    assert written['compiled_kernels'] is True  # the set-up built them
+    assert written['compiled_kernels'] is compiled
+    assert written['compiled_isa'] == (extension.isa() if compiled else 'not built')
     assert written['cpu_capability'] == torch.backends.cpu.get_cpu_capability()
     rows = written['layer']
     assert [(r['interpolation'], r['dks'], r['K'], r['C'], r['H'], r['layout']) for r in rows] == [
         (interp, *bench.VARIANTS[interp], c, h, 'channels_last')
         for interp in ('bilinear', 'gaussian') for c, h in bench.STAGES]
+    # without the C++ kernels FFT is the only kernel-gradient route and the gaussian
+    # kernel is built by the einsum
+    grad_routes = ('direct', 'fft') if compiled else ('fft (only one available)', )
     for row in rows:
         assert row['dense7_ms'] > 0 and row['dcls_ms'] > 0 and 'plain_ms' not in row
         assert row['construct_share'] == pytest.approx(row['construct_ms'] / row['conv_ms'])
-        assert row['routes']['kernel_grad'] in ('direct', 'fft')
+        assert row['routes']['kernel_grad'] in grad_routes
         assert row['routes']['construct'] == (
-            'scatter' if row['interpolation'] == 'bilinear' else 'compiled')
+            'scatter' if row['interpolation'] == 'bilinear' else
+            'compiled' if compiled else 'torch')
     printed = capsys.readouterr().out
     assert f'cpu_capability={torch.backends.cpu.get_cpu_capability()}' in printed
-    assert 'compiled C++ kernels' in printed
+    assert ('compiled C++ kernels' if compiled else
+            'PyTorch fallback (C++ kernels not built)') in printed
     assert printed.count('x ') >= len(rows)  # one ratio per row
     assert printed.count('kernel_grad ') == len(rows)
+    assert printed.count(f'construct {"compiled" if compiled else "torch"}') == sum(
+        r['interpolation'] == 'gaussian' for r in rows)
 
 
 def test_throughput_runs_on_any_device(bench):
@@ -82,7 +109,8 @@ def test_downstream_segmentation_runs_and_reports_routes(downstream, tmp_path, c
     routes = dcls['routes']
     assert len(routes) == 18  # ConvNeXt-T: 3 + 3 + 9 + 3 DCLS depthwise convs
     assert routes['backbone.stages.0.0.dwconv']['input'] == [2, 96, 16, 16]
-    assert all(r['kernel_grad'] in ('direct', 'fft') and r['construct'] == 'scatter'
+    grad_routes = ('direct', 'fft') if extension.available() else ('fft (only one available)', )
+    assert all(r['kernel_grad'] in grad_routes and r['construct'] == 'scatter'
                for r in routes.values())
     printed = capsys.readouterr().out
     assert f'cpu_capability={torch.backends.cpu.get_cpu_capability()}' in printed
