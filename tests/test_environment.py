@@ -3,12 +3,14 @@
 What is checked here is what the rest of the toolkit silently relies on:
 
 * ``dcls_mm`` imports;
-* torchvision's and mmcv's *compiled* ops run (a torchvision built for another torch, or
-  an mmcv built without ``MMCV_WITH_OPS``, imports fine and fails only when an op is
-  called), with results compared to plain NumPy / Python references written here;
+* the environment check (``tools/env/check_env.py``, run by ``tools/env/setup.sh``)
+  passes: installed versions equal the pins of ``requirements/stack.txt``, and
+  torchvision's and mmcv's *compiled* ops agree with the check's plain-Python references
+  (the op-by-op comparisons live in the check, which every set-up runs; here it runs once,
+  and its references are checked by hand);
 * ``tools/env/setup.sh --check`` reports a missing, broken or incomplete environment in
   one clear message, without a Python traceback;
-* the installed versions are the ones pinned in ``requirements/stack.txt``.
+* the versions are pinned in ``requirements/stack.txt`` only.
 """
 from __future__ import annotations
 
@@ -22,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from tests._helpers import ROOT, load_tool
 
@@ -42,176 +43,49 @@ def test_dcls_mm_imports_with_version():
 
 
 # --------------------------------------------------------------------------------------
-# Independent references
+# (b) the environment check itself: compiled ops against its references, pins
 # --------------------------------------------------------------------------------------
-def _iou(a, b) -> float:
-    """IoU of two (x1, y1, x2, y2) boxes, areas without the legacy +1 (offset 0)."""
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+@pytest.fixture(scope='module')
+def check_env():
+    return load_tool('tools/env/check_env.py')
 
 
-def greedy_nms(boxes: np.ndarray, scores: np.ndarray, thr: float) -> list[int]:
-    """Plain greedy NMS: keep by decreasing score, drop a box whose IoU with a kept box
-    is above ``thr``."""
-    keep: list[int] = []
-    for i in np.argsort(-scores, kind='stable'):
-        if all(_iou(boxes[i], boxes[j]) <= thr for j in keep):
-            keep.append(int(i))
-    return keep
+def test_environment_check_passes_and_reports_what_it_finds(check_env, tmp_path, monkeypatch):
+    """The one run of the environment check in the suite: the running environment
+    passes all of it (pins, imports, torchvision's and mmcv's compiled ops against the
+    references); a wrong pin and an op that misbehaves are each reported in one line."""
+    assert check_env.find_problems(STACK) == []
 
+    stack = tmp_path / 'stack.txt'
+    stack.write_text(STACK.read_text().replace(f'torch=={_read_pins()["torch"]}',
+                                               'torch==0.0.1'))
+    assert check_env.find_problems(stack) == [
+        f'torch {md.version("torch")} is installed, requirements/stack.txt pins 0.0.1']
 
-def _bilinear(feat: np.ndarray, y: float, x: float) -> float:
-    """Bilinear sample of a (H, W) map as RoIAlign does it: zero outside [-1, H] x
-    [-1, W], coordinates clamped to the border inside that band."""
-    h, w = feat.shape
-    if y < -1.0 or y > h or x < -1.0 or x > w:
-        return 0.0
-    y, x = max(y, 0.0), max(x, 0.0)
-    y0, x0 = int(y), int(x)
-    if y0 >= h - 1:
-        y0 = y1 = h - 1
-        y = float(y0)
-    else:
-        y1 = y0 + 1
-    if x0 >= w - 1:
-        x0 = x1 = w - 1
-        x = float(x0)
-    else:
-        x1 = x0 + 1
-    ly, lx = y - y0, x - x0
-    hy, hx = 1.0 - ly, 1.0 - lx
-    return (hy * hx * feat[y0, x0] + hy * lx * feat[y0, x1] + ly * hx * feat[y1, x0] +
-            ly * lx * feat[y1, x1])
-
-
-def roi_align_reference(feat: np.ndarray, rois: np.ndarray, out_hw: tuple[int, int],
-                        scale: float, sampling_ratio: int) -> np.ndarray:
-    """RoIAlign (average pooling, ``aligned=True``) written from its definition: each
-    output bin averages ``sampling_ratio**2`` bilinear samples at the centres of a
-    regular grid inside the bin; box corners are shifted by half a pixel."""
-    assert sampling_ratio > 0
-    ph_n, pw_n = out_hw
-    out = np.zeros((len(rois), feat.shape[1], ph_n, pw_n))
-    for k, (b, x1, y1, x2, y2) in enumerate(rois):
-        sx, sy = x1 * scale - 0.5, y1 * scale - 0.5
-        bw, bh = (x2 - x1) * scale / pw_n, (y2 - y1) * scale / ph_n
-        for c in range(feat.shape[1]):
-            fmap = feat[int(b), c]
-            for ph in range(ph_n):
-                for pw in range(pw_n):
-                    acc = 0.0
-                    for iy in range(sampling_ratio):
-                        y = sy + ph * bh + (iy + 0.5) * bh / sampling_ratio
-                        for ix in range(sampling_ratio):
-                            x = sx + pw * bw + (ix + 0.5) * bw / sampling_ratio
-                            acc += _bilinear(fmap, y, x)
-                    out[k, c, ph, pw] = acc / sampling_ratio**2
-    return out
-
-
-def _nms_case(seed: int = 0, n: int = 40):
-    """Boxes in a few overlapping clusters (so that NMS suppresses), distinct scores."""
-    rng = np.random.default_rng(seed)
-    centres = rng.uniform(20, 80, size=(4, 2))
-    c = centres[rng.integers(0, 4, size=n)] + rng.normal(0, 4, size=(n, 2))
-    wh = rng.uniform(8, 30, size=(n, 2))
-    boxes = np.concatenate([c - wh / 2, c + wh / 2], axis=1).astype(np.float32)
-    scores = rng.permutation(np.linspace(0.05, 0.95, n)).astype(np.float32)
-    return boxes, scores
-
-
-# Feature map and boxes for RoIAlign: inside, partly outside, the other image, sub-pixel.
-_FEAT = np.random.default_rng(1).normal(size=(2, 3, 7, 9)).astype(np.float32)
-_ROIS = np.array([
-    [0, 1.3, 0.7, 6.1, 5.2],
-    [0, -2.3, -1.6, 4.4, 3.9],
-    [1, 3.2, 2.1, 10.7, 8.3],
-    [1, 2.2, 3.1, 2.9, 3.4],
-], dtype=np.float32)
-
-
-# --------------------------------------------------------------------------------------
-# (b) torchvision and timm
-# --------------------------------------------------------------------------------------
-def test_torchvision_nms_runs_and_matches_greedy_reference():
     import torchvision
-    boxes, scores = _nms_case(seed=0)
-    for thr in (0.3, 0.5, 0.7):
-        keep = torchvision.ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores), thr)
-        expected = greedy_nms(boxes, scores, thr)
-        assert keep.tolist() == expected
-    assert 0 < len(greedy_nms(boxes, scores, 0.3)) < len(boxes)  # the case suppresses
+    nms = torchvision.ops.nms
+    monkeypatch.setattr(torchvision.ops, 'nms', lambda *args: nms(*args).flip(0))
+    problems = check_env.find_problems(STACK)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith('torchvision compiled ops (nms) failed: RuntimeError: '
+                                  'torchvision.ops.nms at IoU 0.3 gave ['), problems
 
 
-def test_timm_imports_and_builds_a_layer():
-    import timm
-    from timm.layers import DropPath
-    assert timm.__version__
-    assert DropPath(0.1).eval()(torch.ones(2, 3)).eq(1).all()
-
-
-# --------------------------------------------------------------------------------------
-# (c) mmcv's compiled ops on the CPU
-# --------------------------------------------------------------------------------------
-def test_mmcv_was_built_with_its_ops():
-    from mmcv.ops import get_compiler_version
-    assert get_compiler_version()  # raises/empty when mmcv._ext is missing
-
-
-@pytest.mark.parametrize('thr', [0.3, 0.5, 0.7])
-def test_mmcv_nms_matches_greedy_reference(thr):
-    from mmcv.ops import nms
-    boxes, scores = _nms_case(seed=2)
-    dets, inds = nms(torch.from_numpy(boxes), torch.from_numpy(scores), thr)
-    expected = greedy_nms(boxes, scores, thr)
-    assert inds.tolist() == expected
-    assert dets.shape == (len(expected), 5)
-    np.testing.assert_allclose(dets[:, :4].numpy(), boxes[expected])
-    np.testing.assert_allclose(dets[:, 4].numpy(), scores[expected])
-
-
-def test_mmcv_roi_align_matches_numpy_reference():
-    from mmcv.ops import roi_align
-    out = roi_align(torch.from_numpy(_FEAT), torch.from_numpy(_ROIS), (3, 3),
-                    spatial_scale=1.0, sampling_ratio=2, pool_mode='avg', aligned=True)
-    ref = roi_align_reference(_FEAT, _ROIS, (3, 3), 1.0, 2)
-    assert out.shape == (len(_ROIS), 3, 3, 3)
-    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-5)
-
-
-def test_mmcv_roi_align_simple_value():
-    """A 2x2 box on a ramp, one bin, one sample: the bilinear value at its centre."""
-    from mmcv.ops import roi_align
-    feat = torch.arange(16.).view(1, 1, 4, 4)  # value = 4 * y + x
-    # aligned box [1, 3] x [1, 3] -> pixel-centre coordinates [0.5, 2.5]; centre (1.5, 1.5)
-    out = roi_align(feat, torch.tensor([[0., 1., 1., 3., 3.]]), (1, 1), 1.0, 1, 'avg', True)
-    assert out.item() == pytest.approx(4 * 1.5 + 1.5)
-
-
-def test_mmcv_roialign_module_and_backward():
-    from mmcv.ops import RoIAlign
-    layer = RoIAlign((2, 4), spatial_scale=0.5, sampling_ratio=2, pool_mode='avg',
-                     aligned=True)
-    rois = _ROIS * np.array([1, 2, 2, 2, 2], dtype=np.float32)  # image coords at scale 0.5
-    feat = torch.from_numpy(_FEAT).requires_grad_(True)
-    out = layer(feat, torch.from_numpy(rois))
-    ref = roi_align_reference(_FEAT, rois, (2, 4), 0.5, 2)
-    np.testing.assert_allclose(out.detach().numpy(), ref, rtol=1e-5, atol=1e-5)
-
-    # Backward: for a box well inside the map, the bilinear weights of each sample sum to
-    # one, so d(sum of its outputs)/d(input) sums to the number of outputs.
-    inside = torch.tensor([[0., 2.6, 2.2, 12.2, 10.4]])
-    feat.grad = None
-    layer(feat, inside).sum().backward()
-    assert feat.grad[0].sum().item() == pytest.approx(3 * 2 * 4, rel=1e-5)
-    assert feat.grad[1].abs().sum().item() == 0.0
+def test_check_env_references_by_hand(check_env):
+    """The references of the environment check, on cases small enough to do by hand."""
+    assert check_env.iou([0, 0, 2, 2], [1, 1, 3, 3]) == pytest.approx(1 / 7)
+    assert check_env.greedy_nms([[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60]],
+                                [0.9, 0.8, 0.7], 0.5) == [0, 2]
+    ramp = np.arange(16.).reshape(4, 4).tolist()
+    assert check_env.bilinear(ramp, 1.5, 2.25) == pytest.approx(4 * 1.5 + 2.25)
+    assert check_env.bilinear(ramp, -1.5, 0) == 0.0
+    assert check_env.bilinear(ramp, 3.5, 0) == ramp[3][0]  # clamped to the last row
+    out = check_env.roi_align_reference([[ramp]], [[0, 1, 1, 3, 3]], (1, 1), 1, 1)
+    assert math.isclose(out[0][0][0][0], 7.5)
 
 
 # --------------------------------------------------------------------------------------
-# (d) the set-up command on a missing / broken / incomplete environment
+# (c) the set-up command on a missing / broken / incomplete environment
 # --------------------------------------------------------------------------------------
 def _run_check(venv: Path | str, timeout: float = 300) -> tuple[int, str]:
     env = {k: v for k, v in os.environ.items()
@@ -336,17 +210,13 @@ def test_setup_check_complete_environment():
 
 
 # --------------------------------------------------------------------------------------
-# (e) installed versions are the pinned ones
+# (d) the pins live in requirements/stack.txt only
 # --------------------------------------------------------------------------------------
-def _check_env_module():
-    return load_tool('tools/env/check_env.py')
-
-
 def _read_pins() -> dict[str, str]:
-    return _check_env_module().read_pins(STACK)
+    return load_tool('tools/env/check_env.py').read_pins(STACK)
 
 
-def test_read_pins_parses_stack_file(tmp_path):
+def test_read_pins_parses_stack_file(check_env, tmp_path):
     pins = _read_pins()
     for dist in ('torch', 'torchvision', 'mmcv', 'mmengine', 'mmdet', 'mmsegmentation',
                  'timm', 'numpy', 'setuptools', 'pytest'):
@@ -354,24 +224,9 @@ def test_read_pins_parses_stack_file(tmp_path):
     # Comments, blank lines and surrounding spaces are tolerated; names are lower-cased.
     f = tmp_path / 'stack.txt'
     f.write_text('# comment torch==0.0\n\n  Foo_Bar==1.2.3  \nbaz>=2\nqux==4.5 # trailing\n')
-    got = _check_env_module().read_pins(f)
+    got = check_env.read_pins(f)
     assert got['foo_bar'] == '1.2.3'
     assert 'baz' not in got and 'torch' not in got
-
-
-@pytest.mark.parametrize('dist', ['torch', 'torchvision', 'mmcv', 'mmengine', 'mmdet',
-                                  'mmsegmentation'])
-def test_installed_version_equals_pin(dist):
-    pins = _read_pins()
-    installed = md.version(dist)
-    assert installed.split('+')[0] == pins[dist], (
-        f'{dist} {installed} is installed, requirements/stack.txt pins {pins[dist]}: '
-        'run bash tools/env/setup.sh')
-
-
-def test_torch_is_the_pypi_build():
-    """The local '+cpu' torch breaks torchvision's compiled ops (see stack.txt)."""
-    assert '+cpu' not in md.version('torch')
 
 
 def test_versions_live_only_in_stack_txt():
@@ -392,17 +247,3 @@ def test_versions_live_only_in_stack_txt():
             assert not re.search(rf'\b{re.escape(dist)}==', text, re.I), (
                 f'docker/Dockerfile pins {dist}; take it from requirements/stack.txt')
             assert f'{dist}=={version}' not in text
-
-
-def test_math_reference_self_check():
-    """The references themselves, on cases small enough to do by hand."""
-    assert _iou([0, 0, 2, 2], [1, 1, 3, 3]) == pytest.approx(1 / 7)
-    assert greedy_nms(np.array([[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60]], float),
-                      np.array([0.9, 0.8, 0.7]), 0.5) == [0, 2]
-    ramp = np.arange(16.).reshape(4, 4)
-    assert _bilinear(ramp, 1.5, 2.25) == pytest.approx(4 * 1.5 + 2.25)
-    assert _bilinear(ramp, -1.5, 0) == 0.0
-    assert _bilinear(ramp, 3.5, 0) == ramp[3, 0]  # clamped to the last row
-    assert math.isclose(
-        roi_align_reference(ramp[None, None], np.array([[0, 1, 1, 3, 3]]), (1, 1), 1, 1)[0, 0, 0, 0],
-        7.5)
