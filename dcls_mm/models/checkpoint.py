@@ -244,13 +244,14 @@ def _fmt(keys: Iterable[str], limit: int = 20) -> str:
     return ', '.join(keys[:limit]) + more
 
 
-def checkpoint_filter_fn(state_dict: dict, model: nn.Module,
+def checkpoint_filter_fn(checkpoint: dict, model: nn.Module,
                          checkpoint_format: Optional[str] = None,
                          prefix: Optional[str] = None) -> Dict[str, Tensor]:
     """Remap a ConvNeXt-dcls checkpoint to ``model``'s state dict (timm filter signature).
 
     Args:
-        state_dict: a loaded checkpoint (wrapped or flat, see the module docstring).
+        checkpoint: a loaded checkpoint (wrapped or flat, see the module docstring; timm
+            passes the state dict it unwrapped).
         model: a :class:`~dcls_mm.models.ConvNeXtDCLS` backbone or a
             :class:`~dcls_mm.models.classifiers.ConvNeXtDCLSClassifier` (any device,
             ``meta`` included: only names and shapes are used).
@@ -271,8 +272,8 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module,
     """
     if checkpoint_format is None:
         checkpoint_format = getattr(model, 'checkpoint_format', 'auto')
-    fmt = resolve_checkpoint_format(checkpoint_format, state_dict)
-    sd, _ = unwrap_checkpoint(state_dict)
+    fmt = resolve_checkpoint_format(checkpoint_format, checkpoint)
+    sd, _ = unwrap_checkpoint(checkpoint)
     sd = _select_prefix(sd, prefix)
     if fmt == 'reference_gauss':
         sd = OrderedDict(convert_reference_state_dict(sd, _dilated_kernel_size(model)))
@@ -359,7 +360,7 @@ def load_pretrained(model: nn.Module, filename: str, prefix: Optional[str] = Non
 # --- architecture inference (converter) ---------------------------------------------------
 def infer_backbone_kwargs(state_dict: Dict[str, Tensor]) -> dict:
     """Guess :class:`ConvNeXtDCLS` constructor arguments from a remapped/flat state dict
-    (``arch`` dict, ``dwconv``, ``kernel_count``, ``share_positions``, ``in_channels``,
+    (``arch`` dict, ``dwconv_type``, ``kernel_count``, ``share_positions``, ``in_channels``,
     whether layer scale exists, and ``'gaussian'`` when ``SIG`` is present -- pass
     ``interpolation`` yourself for ``'triangle'``). ``dilated_kernel_size`` cannot be
     inferred from weights."""
@@ -391,9 +392,9 @@ def infer_backbone_kwargs(state_dict: Dict[str, Tensor]) -> dict:
     dw_pattern = r'stages\.\d+\.\d+\.dwconv\.weight'
     dw_keys = "'stages.*.*.dwconv.weight' key"
     if majority(dw_pattern, lambda v: v.dim(), 'the depthwise convolution type', dw_keys) == 4:
-        kwargs['dwconv'] = 'dense'
+        kwargs['dwconv_type'] = 'dense'
     else:
-        kwargs['dwconv'] = 'dcls'
+        kwargs['dwconv_type'] = 'dcls'
         kwargs['kernel_count'] = majority(dw_pattern, lambda v: int(v.shape[-1]),
                                           'the kernel count', dw_keys)
         if any(k.endswith('.dwconv.SIG') for k in sd):

@@ -5,10 +5,12 @@ from .convert import convert_reference_positions, convert_reference_state_dict
 from .depthwise import depthwise_conv2d
 from .introspect import dcls_layers, dcls_position_parameters, is_dcls_layer
 from .kernel import INTERPOLATIONS, canonical_interpolation, construct_kernel
-from .modules import Dcls1d, Dcls2_1d, Dcls2d, Dcls2dK1d, Dcls3_1d, Dcls3d, set_impl
+from .modules import (DCLS_LAYER_TYPES, Dcls1d, Dcls2_1d, Dcls2d, Dcls2dK1d, Dcls3_1d, Dcls3d,
+                      set_impl)
 
 __all__ = [
-    'Dcls1d', 'Dcls2d', 'Dcls3d', 'Dcls2_1d', 'Dcls3_1d', 'Dcls2dK1d', 'construct_kernel',
+    'Dcls1d', 'Dcls2d', 'Dcls3d', 'Dcls2_1d', 'Dcls3_1d', 'Dcls2dK1d', 'DCLS_LAYER_TYPES',
+    'construct_kernel',
     'canonical_interpolation', 'INTERPOLATIONS', 'convert_reference_positions',
     'convert_reference_state_dict', 'depthwise_conv2d', 'set_impl',
     'dcls_layers', 'dcls_position_parameters', 'is_dcls_layer', 'convert_to_dcls',

@@ -338,7 +338,7 @@ def _build_layer(conv: nn.Module, dks: Tuple[int, ...], count: int, interpolatio
     dims = len(conv.kernel_size)
     layer = _DCLS[dims](conv.in_channels, conv.out_channels, count, stride=tuple(conv.stride),
                         padding=0, dilated_kernel_size=dks, groups=conv.groups,
-                        bias=conv.bias is not None, version=interpolation)
+                        bias=conv.bias is not None, interpolation=interpolation)
     # Per-side paddings are not a constructor argument; the resolved attribute holds them.
     layer.padding = tuple((lo + kernel_offset(k, L), hi + L - k - kernel_offset(k, L))
                           for (lo, hi), k, L in zip(dense_padding(conv), conv.kernel_size, dks))
@@ -397,7 +397,7 @@ def convert_dense_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]
                              f'with one element per tap ({math.prod(source)}), this layer '
                              f'has kernel_count={layer.kernel_count}; convert with '
                              "kernel_count=None or load a DCLS checkpoint")
-        weight, P = exact_dcls_parameters(dense, layer.dilated_kernel_size, layer.version)
+        weight, P = exact_dcls_parameters(dense, layer.dilated_kernel_size, layer.interpolation)
         out[key], out[prefix + 'P'] = weight, P
         if layer.SIG is not None:
             out[prefix + 'SIG'] = torch.zeros_like(P)

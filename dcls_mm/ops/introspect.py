@@ -22,8 +22,8 @@ POSITION_ATTRS = ('P', 'SIG')
 def is_dcls_layer(module: nn.Module) -> bool:
     """Whether ``module`` is a DCLS convolution.
 
-    True for every :class:`dcls_mm.ops.modules._DclsNd` (``Dcls1d/2d/3d``, the N_M
-    variants) and, by duck typing, for any module with a ``clamp_parameters()`` method
+    True for every layer of :data:`dcls_mm.ops.DCLS_LAYER_TYPES` (``Dcls1d/2d/3d``, the
+    N_M variants) and, by duck typing, for any module with a ``clamp_parameters()`` method
     and a positions parameter ``P`` (e.g. the reference ``DCLS`` package's layers).
 
     Args:

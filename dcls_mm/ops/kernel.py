@@ -33,9 +33,10 @@ from torch import Tensor
 
 from . import extension, routes
 
-#: Canonical interpolation names and the reference package's names for them.
+#: Canonical interpolation names and the reference package's names for them (its
+#: ``version=`` argument: ``'v0'``, ``'v1'``, ``'max'``, ``'gauss'``).
 INTERPOLATIONS = ('bilinear', 'bilinear_normalized', 'triangle', 'gaussian')
-VERSION_ALIASES = {
+INTERPOLATION_ALIASES = {
     'v0': 'bilinear',
     'bilinear': 'bilinear',
     'v1': 'bilinear_normalized',
@@ -53,19 +54,27 @@ SIGMA_OFFSET = {'triangle': 1.0, 'gaussian': 0.27}
 SIGMA_INIT = {'triangle': 0.0, 'gaussian': 0.23}
 #: Added to the normalisation sum, as in the reference package.
 NORM_EPS = 1e-7
+#: per learned dim, the ``(start, stop)`` taps to build (see :func:`construct_kernel`)
+Window = Tuple[Tuple[int, int], ...]
 
 
-def canonical_interpolation(version: str) -> str:
+def canonical_interpolation(interpolation: str, arg_name: str = 'interpolation') -> str:
     """Map a reference (``'v0'``, ``'v1'``, ``'max'``, ``'gauss'``) or readable name to
     its canonical name in :data:`INTERPOLATIONS`.
+
+    Args:
+        interpolation: any key of :data:`INTERPOLATION_ALIASES`.
+        arg_name: the argument name the error message quotes (``'version'`` when a
+            caller still uses the reference package's spelling).
 
     Raises:
         ValueError: for an unknown name.
     """
     try:
-        return VERSION_ALIASES[version]
+        return INTERPOLATION_ALIASES[interpolation]
     except (KeyError, TypeError):
-        raise ValueError(f'version must be one of {sorted(VERSION_ALIASES)}, got {version!r}') from None
+        raise ValueError(f'{arg_name} must be one of {sorted(INTERPOLATION_ALIASES)}, '
+                         f'got {interpolation!r}') from None
 
 
 def profile_1d(pos: Tensor, sig: Tensor, grid: Tensor, interpolation: str) -> Tensor:
@@ -136,14 +145,18 @@ def _bilinear_kernel(weight: Tensor, P: Tensor, sizes: Sequence[int], normalize:
 
 
 def _separable_kernel_torch(weight: Tensor, P: Tensor, SIG: Tensor, sizes: Sequence[int],
-                            interpolation: str, grids: Sequence[Tensor]) -> Tensor:
-    """Triangle/gaussian kernel as an ``einsum`` of the 1-D profiles (any D, device, dtype)."""
+                            interpolation: str, grids: Sequence[Tensor],
+                            window: Optional[Window] = None) -> Tensor:
+    """Triangle/gaussian kernel as an ``einsum`` of the 1-D profiles (any D, device, dtype);
+    only the taps in ``window`` (the normalisation still sums the whole profiles)."""
     profiles = [profile_1d(P[d] + (L // 2), SIG[d], grids[d].to(P.dtype), interpolation)
                 for d, L in enumerate(sizes)]
     norm = profiles[0].sum(-1)
     for prof in profiles[1:]:
         norm = norm * prof.sum(-1)
     scale = weight / (norm + NORM_EPS)
+    if window is not None:
+        profiles = [prof[..., lo:hi] for prof, (lo, hi) in zip(profiles, window)]
     # '...k,...ki,...kj->...ij' for D=2; torch contracts left to right, so the K-sum
     # is a batched matmul of (…, L_0, K) x (…, K, L_1) with no (L_0 x L_1 x K) temporary.
     letters = 'ijl'[:len(sizes)]
@@ -160,38 +173,46 @@ class _CompiledSeparableKernel2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight: Tensor, P: Tensor, SIG: Tensor, sizes: Tuple[int, int],
-                interpolation: str) -> Tensor:
+                interpolation: str, window: Window) -> Tensor:
         lead, K = weight.shape[:-1], weight.shape[-1]
         out = torch.ops.dcls_mm.separable_kernel(
             weight.reshape(-1, K), P.reshape(2, -1, K), SIG.reshape(2, -1, K), *sizes,
-            _COMPILED_INTERP[interpolation])
+            _COMPILED_INTERP[interpolation], *_window_args(window))
         ctx.save_for_backward(weight, P, SIG)
-        ctx.sizes, ctx.interpolation = sizes, interpolation
-        return out.view(*lead, *sizes)
+        ctx.sizes, ctx.interpolation, ctx.window = sizes, interpolation, window
+        return out.view(*lead, *(hi - lo for lo, hi in window))
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         weight, P, SIG = ctx.saved_tensors
-        sizes, interpolation = ctx.sizes, ctx.interpolation
+        sizes, interpolation, window = ctx.sizes, ctx.interpolation, ctx.window
         if torch.is_grad_enabled():
             # backward(create_graph=True): the compiled backward has no derivative, so
             # differentiate the same formula through PyTorch's ops instead
             grids = [torch.arange(L, dtype=P.dtype) for L in sizes]
-            out = _separable_kernel_torch(weight, P, SIG, sizes, interpolation, grids)
+            out = _separable_kernel_torch(weight, P, SIG, sizes, interpolation, grids, window)
             needed = [t for t, need in zip((weight, P, SIG), ctx.needs_input_grad[:3]) if need]
             grads = iter(torch.autograd.grad(out, needed, grad, create_graph=True))
             return (*(next(grads) if need else None for need in ctx.needs_input_grad[:3]),
-                    None, None)
+                    None, None, None)
         K = weight.shape[-1]
         dw, dP, dSIG = torch.ops.dcls_mm.separable_kernel_backward(
-            grad.reshape(-1, *sizes).float(), weight.reshape(-1, K), P.reshape(2, -1, K),
-            SIG.reshape(2, -1, K), *sizes, _COMPILED_INTERP[interpolation])
-        return dw.view(weight.shape), dP.view(P.shape), dSIG.view(SIG.shape), None, None
+            grad.reshape(-1, *grad.shape[-2:]).float(), weight.reshape(-1, K),
+            P.reshape(2, -1, K), SIG.reshape(2, -1, K), *sizes, _COMPILED_INTERP[interpolation],
+            *_window_args(window))
+        return dw.view(weight.shape), dP.view(P.shape), dSIG.view(SIG.shape), None, None, None
+
+
+def _window_args(window: Window) -> Tuple[int, int, int, int]:
+    """``(r0, nr, c0, nc)`` of a 2-D window, as the compiled ops take it."""
+    (r0, r1), (c0, c1) = window
+    return r0, r1 - r0, c0, c1 - c0
 
 
 def construct_kernel(weight: Tensor, P: Tensor, SIG: Optional[Tensor],
                      dilated_kernel_size: Sequence[int], interpolation: str,
-                     grids: Optional[Sequence[Tensor]] = None) -> Tensor:
+                     grids: Optional[Sequence[Tensor]] = None,
+                     window: Optional[Window] = None) -> Tensor:
     """Build the dense DCLS kernel.
 
     Args:
@@ -202,23 +223,39 @@ def construct_kernel(weight: Tensor, P: Tensor, SIG: Optional[Tensor],
         interpolation: canonical name (see :func:`canonical_interpolation`).
         grids: optional precomputed ``arange(L_d)`` tensors (module buffers; used by the
             triangle/gaussian construction).
+        window: optional ``((start, stop), ...)`` per learned dim: build only those taps
+            (a convolution on a feature map smaller than the kernel meets only part of
+            it). The result equals the same slice of the full kernel (the normalisation
+            still covers the whole kernel) and gradients flow as through that slice, but
+            triangle/gaussian skip the work for the other taps. ``None``: every tap.
 
     Returns:
-        Dense kernel ``(C_out, C_in/g, *dense, L_0, ..., L_{D-1})`` in the dtype of ``weight``.
+        Dense kernel ``(C_out, C_in/g, *dense, L_0, ..., L_{D-1})`` (the window's sizes
+        instead of ``L_d`` with a ``window``) in the dtype of ``weight``.
     """
     D = len(dilated_kernel_size)
     if P.shape[0] != D or P.shape[1:] != weight.shape:
         raise ValueError(f'P must have shape ({D}, *weight.shape) = ({D}, {tuple(weight.shape)}), '
                          f'got {tuple(P.shape)}')
-    if interpolation in ('bilinear', 'bilinear_normalized'):
-        return _bilinear_kernel(weight, P, dilated_kernel_size,
-                                normalize=interpolation == 'bilinear_normalized')
-    if grids is None:
-        grids = [torch.arange(L, device=P.device, dtype=P.dtype) for L in dilated_kernel_size]
     sizes = tuple(dilated_kernel_size)
+    full = tuple((0, L) for L in sizes)
+    window = full if window is None else tuple(tuple(map(int, w)) for w in window)
+    if len(window) != D or any(not 0 <= lo < hi <= L for (lo, hi), L in zip(window, sizes)):
+        raise ValueError(f'window must be {D} (start, stop) pairs inside the dilated kernel '
+                         f'{sizes}, got {window}')
+    if interpolation in ('bilinear', 'bilinear_normalized'):
+        # the scatter costs O(C K 2^D) whatever the window: build all, slice
+        kernel = _bilinear_kernel(weight, P, sizes,
+                                  normalize=interpolation == 'bilinear_normalized')
+        for d, (lo, hi) in enumerate(window):
+            if (lo, hi) != full[d]:
+                kernel = kernel.narrow(kernel.dim() - D + d, lo, hi - lo)
+        return kernel
+    if grids is None:
+        grids = [torch.arange(L, device=P.device, dtype=P.dtype) for L in sizes]
     if construction_route(interpolation, D, P, SIG) == 'compiled':
-        return _CompiledSeparableKernel2d.apply(weight, P, SIG, sizes, interpolation)
-    return _separable_kernel_torch(weight, P, SIG, sizes, interpolation, grids)
+        return _CompiledSeparableKernel2d.apply(weight, P, SIG, sizes, interpolation, window)
+    return _separable_kernel_torch(weight, P, SIG, sizes, interpolation, grids, window)
 
 
 def construction_route(interpolation: str, learned_dims: int, P: Tensor,

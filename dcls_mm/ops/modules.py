@@ -5,10 +5,17 @@ load unchanged (mind the axis convention of ``'v1'``/``'max'``/``'gauss'`` state
 see :mod:`dcls_mm.ops.convert`). All modules share :class:`_DclsNd`; they only differ by
 how many spatial dims the convolution has, which of them carry learned positions, and
 how the constructed kernel is laid onto the convolution's kernel shape.
+
+The interpolation is chosen by ``interpolation=`` (the name the models use too); the
+reference package's ``version=`` is accepted as a deprecated alias, so ported code runs
+unchanged (with a ``DeprecationWarning``).
 """
 from __future__ import annotations
 
+import inspect
 import math
+import textwrap
+import warnings
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -17,14 +24,64 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import init
 
-from .depthwise import depthwise_conv2d
+from .depthwise import depthwise_conv2d, used_taps
 from .introspect import dcls_layers
-from .kernel import (SIGMA_INIT, WITH_SIGMA, canonical_interpolation, construct_kernel)
+from .kernel import (SIGMA_INIT, WITH_SIGMA, Window, canonical_interpolation, construct_kernel)
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 PADDING_MODES = ('zeros', 'reflect', 'replicate', 'circular')
 IMPLS = ('auto', 'plain')
 IntOrTuple = Union[int, Sequence[int]]
+#: Argument documentation shared by the public layers; each class's ``Args:`` section is
+#: generated from its own ``__init__`` signature (:func:`_document_args`), as torch
+#: formats the shared notes into ``Conv1d/2d/3d.__doc__``.
+_ARG_DOCS = {
+    'in_channels': 'input channels ``C_in``.',
+    'out_channels': 'output channels ``C_out``.',
+    'kernel_count': 'number ``K`` of learned elements per (output, input) channel pair{per}.',
+    'stride': 'convolution stride: an int or one per conv dim. Defaults to 1.',
+    'padding': "an int, one per conv dim, ``'same'`` (stride 1 only; even kernels are "
+               "padded asymmetrically like ``torch.nn.Conv2d``) or ``'valid'``. Defaults "
+               'to 0.',
+    'dense_kernel_size': 'sizes of the dense (not learned) leading kernel dims: an int or '
+                         'one per dense dim. Defaults to 1.',
+    'dilated_kernel_size': 'size ``L`` of the learned kernel dims (positions are kept in '
+                           '``[-(L // 2), L // 2]``): an int or one per learned dim. '
+                           'Defaults to 1.',
+    'groups': 'blocked connections; ``C_in`` and ``C_out`` must be divisible by it. '
+              'Defaults to 1.',
+    'bias': 'add a learnable bias ``(C_out,)``. Defaults to True.',
+    'padding_mode': "``'zeros'``, ``'reflect'``, ``'replicate'`` or ``'circular'``. "
+                    "Defaults to ``'zeros'``.",
+    'interpolation': "how elements spread onto the grid: ``'bilinear'`` (``'v0'``), "
+                     "``'bilinear_normalized'`` (``'v1'``), ``'triangle'`` (``'max'``) or "
+                     "``'gaussian'`` (``'gauss'``); the last two learn a width ``SIG``. "
+                     'Defaults to ``{default!r}``.',
+    'impl': "``'auto'`` runs depthwise layers (``groups == in_channels == out_channels``, "
+            'zero padding) through :func:`dcls_mm.ops.depthwise_conv2d`, exact and much '
+            'faster on the CPU for large kernels (its output is channels_last); '
+            "``'plain'`` always constructs the kernel and calls ``F.conv2d`` (the "
+            'reference path, for comparisons). Can be changed later by setting the '
+            "attribute, e.g. with :func:`dcls_mm.ops.set_impl`. Defaults to ``'auto'``.",
+    'flat_dim': "``0`` lays the 1-D kernel along height, ``1`` along width. Defaults to 0.",
+    'version': 'deprecated alias of ``interpolation`` (the reference package\'s name); '
+               'given, it wins and a ``DeprecationWarning`` is issued.',
+}
+
+
+def _document_args(cls: type) -> type:
+    """Fill the ``{args}`` field of ``cls.__doc__`` with one Google-style line per
+    argument of ``cls.__init__``, in signature order (so a new argument cannot go
+    undocumented: :data:`_ARG_DOCS` raises ``KeyError`` at import)."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    per = ' (per dense tap)' if 'dense_kernel_size' in [p.name for p in params] else ''
+    lines = []
+    for p in params:
+        text = _ARG_DOCS[p.name].format(per=per, default=p.default)
+        lines.append(textwrap.fill(f'{p.name}: {text}', width=88, initial_indent=' ' * 8,
+                                   subsequent_indent=' ' * 12))
+    cls.__doc__ = cls.__doc__.format(args='\n'.join(lines))
+    return cls
 
 
 def _ntuple(value, n: int, name: str, minimum: int) -> Tuple[int, ...]:
@@ -75,7 +132,8 @@ def _dcls_forward(module: '_DclsNd', x: Tensor) -> Tensor:
         x: its input.
     """
     module._check_input(x)
-    return module.conv(x, module.construct_kernel())
+    window = module.kernel_window(x)
+    return module.conv(x, module.construct_kernel(window), window)
 
 
 # torch.fx (torchvision's create_feature_extractor, timm's FeatureGraphNet) records the
@@ -88,19 +146,9 @@ class _DclsNd(nn.Module):
     """Base class of all DCLS convolutions (not meant to be used directly).
 
     Args:
-        in_channels: input channels ``C_in``.
-        out_channels: output channels ``C_out``.
-        kernel_count: number ``K`` of learned elements per (output, input) channel pair
-            (per dense tap for the N_M variants).
-        stride: convolution stride, int or one per conv dim.
-        padding: int, one per conv dim, ``'same'`` (stride 1 only; even kernels are
-            padded asymmetrically like ``torch.nn.Conv2d``) or ``'valid'``.
-        dilated_kernel_size: size ``L_d`` of the learned dims of the kernel.
-        groups: blocked connections; ``C_in`` and ``C_out`` must be divisible by it.
-        bias: add a learnable bias ``(C_out,)``.
-        padding_mode: ``'zeros'``, ``'reflect'``, ``'replicate'`` or ``'circular'``.
-        version: interpolation: ``'v0'``/``'bilinear'``, ``'v1'``/``'bilinear_normalized'``,
-            ``'max'``/``'triangle'``, ``'gauss'``/``'gaussian'``.
+        in_channels, out_channels, kernel_count, stride, padding, dilated_kernel_size,
+            groups, bias, padding_mode, interpolation, version: as documented by each
+            public layer (e.g. :class:`Dcls2d`).
         conv_dims: spatial dims of the convolution (set by subclasses).
         learned_dims: number ``D`` of kernel dims with learned positions (set by subclasses).
         dense_kernel_size: sizes of the dense (not learned) leading kernel dims (N_M
@@ -120,9 +168,17 @@ class _DclsNd(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_count: int,
                  stride: IntOrTuple, padding: Union[IntOrTuple, str],
                  dilated_kernel_size: IntOrTuple, groups: int, bias: bool, padding_mode: str,
-                 version: str, conv_dims: int, learned_dims: int,
-                 dense_kernel_size: Optional[IntOrTuple] = None) -> None:
+                 interpolation: str, conv_dims: int, learned_dims: int,
+                 dense_kernel_size: Optional[IntOrTuple] = None,
+                 version: Optional[str] = None) -> None:
         super().__init__()
+        arg_name = 'interpolation'
+        if version is not None:
+            # stacklevel 3: the line that built the public layer
+            warnings.warn(f"{type(self).__name__}(version=...) is deprecated: use "
+                          "interpolation=... (same values, 'v0'/'gauss'/... included)",
+                          DeprecationWarning, stacklevel=3)
+            interpolation, arg_name = version, 'version'
         for name, value in (('in_channels', in_channels), ('out_channels', out_channels),
                             ('kernel_count', kernel_count), ('groups', groups)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -137,7 +193,7 @@ class _DclsNd(nn.Module):
         self.kernel_count = kernel_count
         self.groups = groups
         self.padding_mode = padding_mode
-        self.version = canonical_interpolation(version)
+        self.interpolation = canonical_interpolation(interpolation, arg_name)
         self.conv_dims = conv_dims
         self.stride = _ntuple(stride, conv_dims, 'stride', 1)
         self.dilated_kernel_size = _ntuple(dilated_kernel_size, learned_dims,
@@ -151,7 +207,7 @@ class _DclsNd(nn.Module):
         shape = (out_channels, in_channels // groups, *self.dense_kernel_size, kernel_count)
         self.weight = nn.Parameter(torch.empty(shape))
         self.P = nn.Parameter(torch.empty(learned_dims, *shape))
-        if self.version in WITH_SIGMA:
+        if self.interpolation in WITH_SIGMA:
             self.SIG = nn.Parameter(torch.empty(learned_dims, *shape))
         else:
             self.register_parameter('SIG', None)
@@ -164,6 +220,25 @@ class _DclsNd(nn.Module):
             self.register_buffer(f'grid{d}', torch.arange(size, dtype=torch.float32),
                                  persistent=False)
         self.reset_parameters()
+
+    @property
+    def version(self) -> str:
+        """Deprecated alias of :attr:`interpolation` (the reference package's name)."""
+        warnings.warn('DCLS layer attribute .version is deprecated: use .interpolation',
+                      DeprecationWarning, stacklevel=2)
+        return self.interpolation
+
+    @version.setter
+    def version(self, value: str) -> None:
+        warnings.warn('DCLS layer attribute .version is deprecated: use .interpolation',
+                      DeprecationWarning, stacklevel=2)
+        self.interpolation = canonical_interpolation(value, 'version')
+
+    def __setstate__(self, state: dict) -> None:
+        # whole modules pickled before the rename hold 'version' in their __dict__
+        if 'version' in state:
+            state['interpolation'] = state.pop('version')
+        super().__setstate__(state)
 
     # --- geometry -------------------------------------------------------------------
     @property
@@ -204,7 +279,7 @@ class _DclsNd(nn.Module):
                     init.uniform_(self.P[d], -lim, lim)
             self.clamp_parameters()
             if self.SIG is not None:
-                init.constant_(self.SIG, SIGMA_INIT[self.version])
+                init.constant_(self.SIG, SIGMA_INIT[self.interpolation])
 
     @torch.no_grad()
     def clamp_parameters(self) -> None:
@@ -213,7 +288,7 @@ class _DclsNd(nn.Module):
             self.P[d].clamp_(-(size // 2), size // 2)
 
     # --- kernel and convolution -----------------------------------------------------
-    def construct_kernel(self) -> Tensor:
+    def construct_kernel(self, window: Optional[Window] = None) -> Tensor:
         """Dense kernel laid out for ``F.conv{N}d``: ``(C_out, C_in/groups, *kernel_size)``.
 
         Built in float32 (float64 for a float64 module) with autocast disabled, then cast
@@ -224,6 +299,11 @@ class _DclsNd(nn.Module):
         Without autograd (inference, on the CPU) the kernel is reused while the parameters
         hold the same values as when it was built (compared bit for bit, so updates
         through ``.data``, e.g. an EMA / mean-teacher model, are seen too).
+
+        Args:
+            window: optional ``((start, stop), ...)`` per learned dim: only those taps
+                (see :func:`dcls_mm.ops.construct_kernel`; :meth:`kernel_window` says
+                which taps an input meets).
         """
         # CPU only: comparing values on a GPU would synchronise the device at every layer,
         # and building the kernel there is cheap and asynchronous anyway. Skipped under
@@ -233,8 +313,8 @@ class _DclsNd(nn.Module):
         params = [p for p in (self.weight, self.P, self.SIG) if p is not None]
         if memo:
             cached = self.__dict__.get('_kernel_memo')
-            if cached is not None and _same_values(cached[0], params):
-                return cached[1]
+            if cached is not None and cached[1] == window and _same_values(cached[0], params):
+                return cached[2]
         dtype = self.weight.dtype
         build_dtype = dtype if dtype == torch.float64 else torch.float32
         device_type = self.weight.device.type
@@ -242,11 +322,11 @@ class _DclsNd(nn.Module):
             grids = [getattr(self, f'grid{d}') for d in range(len(self.dilated_kernel_size))]
             weight, P, SIG = (None if p is None else p.to(build_dtype)
                               for p in (self.weight, self.P, self.SIG))
-            kernel = construct_kernel(weight, P, SIG, self.dilated_kernel_size, self.version,
-                                      grids).to(dtype)
+            kernel = construct_kernel(weight, P, SIG, self.dilated_kernel_size, self.interpolation,
+                                      grids, window).to(dtype)
         if memo:
             # copies: a version counter misses `.data` updates, the values cannot
-            self.__dict__['_kernel_memo'] = ([p.detach().clone() for p in params], kernel)
+            self.__dict__['_kernel_memo'] = ([p.detach().clone() for p in params], window, kernel)
         return kernel
 
     def _check_input(self, x: Tensor) -> None:
@@ -277,8 +357,26 @@ class _DclsNd(nn.Module):
                 raise ValueError(f'input shape {tuple(x.shape)} is too small for kernel size '
                                  f'{self.kernel_size} with padding {self.padding}')
 
-    def conv(self, x: Tensor, kernel: Tensor) -> Tensor:
-        """Convolve ``x`` with a given dense ``kernel`` using this layer's geometry and bias."""
+    def kernel_window(self, x: Tensor) -> Optional[Window]:
+        """The taps of the learned kernel that input ``x`` meets, when that is fewer than
+        all of them, as ``((start, stop), ...)`` per learned dim; ``None``: all taps.
+
+        Only :class:`Dcls2d`'s depthwise fast path builds partial kernels (on maps smaller
+        than the kernel, e.g. ConvNeXt's last stage); the other layers always use every tap.
+        """
+        return None
+
+    def conv(self, x: Tensor, kernel: Tensor, window: Optional[Window] = None) -> Tensor:
+        """Convolve ``x`` with a given dense ``kernel`` using this layer's geometry and bias.
+
+        Args:
+            x: the input.
+            kernel: ``(C_out, C_in/groups, *kernel_size)``, or the ``window`` of it.
+            window: the taps ``kernel`` holds, from :meth:`kernel_window` (``None``: all).
+        """
+        if window is not None:
+            raise ValueError(f'{type(self).__name__} convolves with whole kernels only, got '
+                             f'window={window}')
         conv = _CONV[self.conv_dims]
         symmetric = all(lo == hi for lo, hi in self.padding)
         if self.padding_mode == 'zeros' and symmetric:
@@ -305,7 +403,7 @@ class _DclsNd(nn.Module):
 
     def extra_repr(self) -> str:
         s = (f'{self.in_channels}, {self.out_channels}, kernel_count={self.kernel_count}, '
-             f'dilated_kernel_size={self.dilated_kernel_size}, version={self.version!r}, '
+             f'dilated_kernel_size={self.dilated_kernel_size}, interpolation={self.interpolation!r}, '
              f'stride={self.stride}, padding={self.padding}')
         if self.dense_kernel_size:
             s += f', dense_kernel_size={self.dense_kernel_size}'
@@ -318,47 +416,49 @@ class _DclsNd(nn.Module):
         return s
 
 
+@_document_args
 class Dcls1d(_DclsNd):
     """1-D DCLS convolution: positions learned along the kernel's only dim.
 
-    Input ``(N, C_in, L_in)``; kernel ``(C_out, C_in/g, L)`` with ``L = dilated_kernel_size``.
-    See :class:`_DclsNd` for the arguments.
+    Input ``(N, C_in, L_in)``; ``weight`` ``(C_out, C_in/g, K)``, ``P`` (and ``SIG``)
+    ``(1, C_out, C_in/g, K)``; kernel ``(C_out, C_in/g, L)``.
+
+    Args:
+{args}
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_count: int,
                  stride: IntOrTuple = 1, padding: Union[IntOrTuple, str] = 0,
                  dilated_kernel_size: IntOrTuple = 1, groups: int = 1, bias: bool = True,
-                 padding_mode: str = 'zeros', version: str = 'gauss') -> None:
+                 padding_mode: str = 'zeros', interpolation: str = 'gaussian', *,
+                 version: Optional[str] = None) -> None:
         super().__init__(in_channels, out_channels, kernel_count, stride, padding,
-                         dilated_kernel_size, groups, bias, padding_mode, version,
-                         conv_dims=1, learned_dims=1)
+                         dilated_kernel_size, groups, bias, padding_mode, interpolation,
+                         conv_dims=1, learned_dims=1, version=version)
 
 
+@_document_args
 class Dcls2d(_DclsNd):
     """2-D DCLS convolution: positions learned along height (``P[0]``) and width (``P[1]``).
 
-    Input ``(N, C_in, H, W)``; kernel ``(C_out, C_in/g, L_0, L_1)``.
-    See :class:`_DclsNd` for the other arguments.
+    Input ``(N, C_in, H, W)``; ``weight`` ``(C_out, C_in/g, K)``, ``P`` (and ``SIG``)
+    ``(2, C_out, C_in/g, K)``; kernel ``(C_out, C_in/g, L_0, L_1)``.
 
     Args:
-        impl: ``'auto'`` (default) runs depthwise layers (``groups == in_channels ==
-            out_channels``, zero padding) through :func:`dcls_mm.ops.depthwise_conv2d`,
-            exact and much faster on the CPU for large kernels (its output is
-            channels_last); ``'plain'`` always constructs the kernel and calls
-            ``F.conv2d`` (the reference path, for comparisons). Can be changed later by
-            setting the attribute, e.g. with :func:`dcls_mm.ops.set_impl`.
+{args}
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_count: int,
                  stride: IntOrTuple = 1, padding: Union[IntOrTuple, str] = 0,
                  dilated_kernel_size: IntOrTuple = 1, groups: int = 1, bias: bool = True,
-                 padding_mode: str = 'zeros', version: str = 'gauss', impl: str = 'auto') -> None:
+                 padding_mode: str = 'zeros', interpolation: str = 'gaussian',
+                 impl: str = 'auto', *, version: Optional[str] = None) -> None:
         if impl not in IMPLS:
             raise ValueError(f'impl must be one of {IMPLS}, got {impl!r}')
         self.impl = impl
         super().__init__(in_channels, out_channels, kernel_count, stride, padding,
-                         dilated_kernel_size, groups, bias, padding_mode, version,
-                         conv_dims=2, learned_dims=2)
+                         dilated_kernel_size, groups, bias, padding_mode, interpolation,
+                         conv_dims=2, learned_dims=2, version=version)
 
     @property
     def uses_fast_path(self) -> bool:
@@ -366,9 +466,21 @@ class Dcls2d(_DclsNd):
         return (self.impl == 'auto' and self.padding_mode == 'zeros'
                 and self.groups == self.in_channels == self.out_channels)
 
-    def conv(self, x: Tensor, kernel: Tensor) -> Tensor:
+    def kernel_window(self, x: Tensor) -> Optional[Window]:
         if not self.uses_fast_path:
-            return super().conv(x, kernel)
+            return None
+        (r0, r1, c0, c1), _ = used_taps(x.shape[-2:], self.kernel_size, self.stride, self.padding)
+        if (r0, r1, c0, c1) == (0, self.kernel_size[0], 0, self.kernel_size[1]):
+            return None
+        return (r0, r1), (c0, c1)
+
+    def conv(self, x: Tensor, kernel: Tensor, window: Optional[Window] = None) -> Tensor:
+        if not self.uses_fast_path:
+            return super().conv(x, kernel, window)
+        padding = self.padding
+        if window is not None:
+            # the padding that goes with the cropped kernel (same output)
+            padding = used_taps(x.shape[-2:], self.kernel_size, self.stride, self.padding)[1]
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
@@ -377,7 +489,7 @@ class Dcls2d(_DclsNd):
             # what autocast would do to F.conv2d's input on the plain path
             x = x.to(torch.get_autocast_dtype(device_type))
         with torch.autocast(device_type=device_type, enabled=False):
-            y = depthwise_conv2d(x, kernel, self.stride, self.padding)
+            y = depthwise_conv2d(x, kernel, self.stride, padding)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype).view(1, -1, 1, 1)
         return y[0] if unbatched else y
@@ -386,28 +498,37 @@ class Dcls2d(_DclsNd):
         return super().extra_repr() + (f', impl={self.impl!r}' if self.impl != 'auto' else '')
 
 
+@_document_args
 class Dcls3d(_DclsNd):
     """3-D DCLS convolution: positions learned along depth, height and width.
 
-    Input ``(N, C_in, D, H, W)``; kernel ``(C_out, C_in/g, L_0, L_1, L_2)``.
-    See :class:`_DclsNd` for the arguments.
+    Input ``(N, C_in, D, H, W)``; ``weight`` ``(C_out, C_in/g, K)``, ``P`` (and ``SIG``)
+    ``(3, C_out, C_in/g, K)``; kernel ``(C_out, C_in/g, L_0, L_1, L_2)``.
+
+    Args:
+{args}
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_count: int,
                  stride: IntOrTuple = 1, padding: Union[IntOrTuple, str] = 0,
                  dilated_kernel_size: IntOrTuple = 1, groups: int = 1, bias: bool = True,
-                 padding_mode: str = 'zeros', version: str = 'gauss') -> None:
+                 padding_mode: str = 'zeros', interpolation: str = 'gaussian', *,
+                 version: Optional[str] = None) -> None:
         super().__init__(in_channels, out_channels, kernel_count, stride, padding,
-                         dilated_kernel_size, groups, bias, padding_mode, version,
-                         conv_dims=3, learned_dims=3)
+                         dilated_kernel_size, groups, bias, padding_mode, interpolation,
+                         conv_dims=3, learned_dims=3, version=version)
 
 
+@_document_args
 class Dcls2_1d(_DclsNd):
     """2-D convolution whose kernel is dense along height (``dense_kernel_size``) and has
     ``kernel_count`` learned positions along width (the last dim), per dense row.
 
     ``weight``: ``(C_out, C_in/g, dense, K)``; ``P``: ``(1, C_out, C_in/g, dense, K)``;
-    kernel ``(C_out, C_in/g, dense, L)``. See :class:`_DclsNd` for the arguments.
+    kernel ``(C_out, C_in/g, dense, L)``. Positions start uniform over the range.
+
+    Args:
+{args}
     """
 
     _normal_position_init = False
@@ -416,18 +537,23 @@ class Dcls2_1d(_DclsNd):
                  stride: IntOrTuple = 1, padding: Union[IntOrTuple, str] = 0,
                  dense_kernel_size: IntOrTuple = 1, dilated_kernel_size: IntOrTuple = 1,
                  groups: int = 1, bias: bool = True, padding_mode: str = 'zeros',
-                 version: str = 'gauss') -> None:
+                 interpolation: str = 'gaussian', *, version: Optional[str] = None) -> None:
         super().__init__(in_channels, out_channels, kernel_count, stride, padding,
-                         dilated_kernel_size, groups, bias, padding_mode, version,
-                         conv_dims=2, learned_dims=1, dense_kernel_size=dense_kernel_size)
+                         dilated_kernel_size, groups, bias, padding_mode, interpolation,
+                         conv_dims=2, learned_dims=1, dense_kernel_size=dense_kernel_size,
+                         version=version)
 
 
+@_document_args
 class Dcls3_1d(_DclsNd):
     """3-D convolution whose kernel is dense along depth and height (``dense_kernel_size``)
     and has ``kernel_count`` learned positions along width (the last dim).
 
     ``weight``: ``(C_out, C_in/g, d0, d1, K)``; ``P``: ``(1, C_out, C_in/g, d0, d1, K)``;
-    kernel ``(C_out, C_in/g, d0, d1, L)``. See :class:`_DclsNd` for the arguments.
+    kernel ``(C_out, C_in/g, d0, d1, L)``. Positions start uniform over the range.
+
+    Args:
+{args}
     """
 
     _normal_position_init = False
@@ -436,38 +562,49 @@ class Dcls3_1d(_DclsNd):
                  stride: IntOrTuple = 1, padding: Union[IntOrTuple, str] = 0,
                  dense_kernel_size: IntOrTuple = 1, dilated_kernel_size: IntOrTuple = 1,
                  groups: int = 1, bias: bool = True, padding_mode: str = 'zeros',
-                 version: str = 'gauss') -> None:
+                 interpolation: str = 'gaussian', *, version: Optional[str] = None) -> None:
         super().__init__(in_channels, out_channels, kernel_count, stride, padding,
-                         dilated_kernel_size, groups, bias, padding_mode, version,
-                         conv_dims=3, learned_dims=1, dense_kernel_size=dense_kernel_size)
+                         dilated_kernel_size, groups, bias, padding_mode, interpolation,
+                         conv_dims=3, learned_dims=1, dense_kernel_size=dense_kernel_size,
+                         version=version)
 
 
+@_document_args
 class Dcls2dK1d(_DclsNd):
     """A learned 1-D DCLS kernel applied by a 2-D convolution along one spatial dim.
 
     ``flat_dim=0`` puts the kernel along height (kernel ``(C_out, C_in/g, L, 1)``),
     ``flat_dim=1`` along width (``(C_out, C_in/g, 1, L)``). ``weight``: ``(C_out, C_in/g, K)``,
-    ``P``: ``(1, C_out, C_in/g, K)``. Other arguments: see :class:`_DclsNd`.
+    ``P``: ``(1, C_out, C_in/g, K)``.
+
+    Args:
+{args}
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_count: int,
                  stride: IntOrTuple = 1, padding: Union[IntOrTuple, str] = 0,
                  dilated_kernel_size: IntOrTuple = 1, groups: int = 1, bias: bool = True,
-                 padding_mode: str = 'zeros', version: str = 'v1', flat_dim: int = 0) -> None:
+                 padding_mode: str = 'zeros', interpolation: str = 'bilinear_normalized',
+                 flat_dim: int = 0, *, version: Optional[str] = None) -> None:
         if flat_dim not in (0, 1):
             raise ValueError(f'flat_dim must be 0 (height) or 1 (width), got {flat_dim!r}')
         self.flat_dim = flat_dim
         super().__init__(in_channels, out_channels, kernel_count, stride, padding,
-                         dilated_kernel_size, groups, bias, padding_mode, version,
-                         conv_dims=2, learned_dims=1)
+                         dilated_kernel_size, groups, bias, padding_mode, interpolation,
+                         conv_dims=2, learned_dims=1, version=version)
 
     @property
     def kernel_size(self) -> Tuple[int, ...]:
         (size,) = self.dilated_kernel_size
         return (size, 1) if self.flat_dim == 0 else (1, size)
 
-    def construct_kernel(self) -> Tensor:
-        return super().construct_kernel().unsqueeze(-1 - self.flat_dim)
+    def construct_kernel(self, window: Optional[Window] = None) -> Tensor:
+        return super().construct_kernel(window).unsqueeze(-1 - self.flat_dim)
+
+
+#: the public DCLS layer classes, for ``isinstance`` checks outside :mod:`dcls_mm.ops`
+#: (:func:`dcls_mm.ops.is_dcls_layer` also recognises the reference package's layers)
+DCLS_LAYER_TYPES: Tuple[type, ...] = (Dcls1d, Dcls2d, Dcls3d, Dcls2_1d, Dcls3_1d, Dcls2dK1d)
 
 
 def set_impl(model: nn.Module, impl: str) -> nn.Module:

@@ -14,7 +14,7 @@ def _count(model):
 def test_gaussian_default_kernel_count_is_iso_parameter():
     with torch.device('meta'):
         gauss = ConvNeXtDCLS('tiny', interpolation='gaussian', dilated_kernel_size=23)
-        dense = ConvNeXtDCLS('tiny', dwconv='dense')
+        dense = ConvNeXtDCLS('tiny', dwconv_type='dense')
         bigger = ConvNeXtDCLS('tiny', interpolation='gaussian', dilated_kernel_size=23,
                               kernel_count=gauss.stages[0][0].dwconv.kernel_count + 1)
     # the published gaussian ConvNeXt-T uses 26 elements (positions AND SIG shared)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dcls_mm.models import ConvNeXtDCLS, ConvNeXtDCLSBlock, iso_kernel_count
+from dcls_mm.models.classifiers import ConvNeXtDCLSClassifier
 from dcls_mm.models.backbones.convnext_dcls import ARCH_SETTINGS
 from dcls_mm.ops import Dcls2d
 
@@ -77,11 +78,27 @@ def test_block_matches_independent_dense_computation():
 
 
 def test_dense_variant_is_plain_convnext_block():
-    model = small(dwconv='dense')
+    model = small(dwconv_type='dense')
     assert model.stages[0][0].dwconv.weight.shape == (8, 1, 7, 7)
     assert not any(isinstance(m, Dcls2d) for m in model.modules())
     assert not any(k.endswith('.P') for k in model.state_dict())
     assert model(torch.rand(1, 3, 32, 32))[3].shape == (1, 32, 1, 1)
+
+
+def test_deprecated_dwconv_argument_still_selects_the_conv_type():
+    """Configs written before the rename say ``dwconv='dense'``: same model, one warning
+    (the backbone, the timm classifier and the block all accept it)."""
+    with pytest.warns(DeprecationWarning, match='dwconv_type'):
+        model = small(dwconv='dense')
+    assert model.dwconv_type == 'dense' and model.stages[0][0].dwconv.weight.shape == (8, 1, 7, 7)
+    with pytest.warns(DeprecationWarning, match='dwconv_type'):
+        clf = ConvNeXtDCLSClassifier(SMALL_ARCH, num_classes=0, dwconv='dense')
+    assert not any(isinstance(m, Dcls2d) for m in clf.modules())
+    with pytest.warns(DeprecationWarning, match='dwconv_type'):
+        block = ConvNeXtDCLSBlock(8, dwconv='dense')
+    assert isinstance(block.dwconv, torch.nn.Conv2d) and not isinstance(block.dwconv, Dcls2d)
+    with pytest.raises(ValueError, match='dwconv_type'):
+        small(dwconv='sparse')
 
 
 def test_shared_positions_once_in_parameters_per_block_in_state_dict():
@@ -187,7 +204,7 @@ def _meta(**kwargs):
 @pytest.mark.parametrize('arch', ['atto', 'femto', 'pico', 'nano', 'large'])
 def test_default_kernel_count_is_largest_iso(arch):
     model = _meta(arch=arch)
-    dense = n_params(_meta(arch=arch, dwconv='dense'))
+    dense = n_params(_meta(arch=arch, dwconv_type='dense'))
     assert n_params(model) <= dense
     assert n_params(_meta(arch=arch, kernel_count=model.kernel_count + 1)) > dense
     g = _meta(arch=arch, interpolation='gaussian')  # SIG counted too
@@ -198,7 +215,7 @@ def test_default_kernel_count_is_largest_iso(arch):
 @pytest.mark.parametrize('arch,millions', [('tiny', 27.8), ('small', 49.5), ('base', 87.6)])
 def test_iso_parameters_with_dense_convnext(arch, millions):
     dcls = n_params(_meta(arch=arch, out_indices=(3,)))
-    dense = n_params(_meta(arch=arch, out_indices=(3,), dwconv='dense'))
+    dense = n_params(_meta(arch=arch, out_indices=(3,), dwconv_type='dense'))
     assert abs(dcls - dense) / dense < 0.01
     assert dcls <= dense
     assert abs(dense / 1e6 - millions) < 0.1  # ConvNeXt-T/S/B without the 1000-class head
@@ -209,7 +226,7 @@ def test_dense_trunk_matches_timm_convnext_tiny():
         ref = timm.create_model('convnext_tiny')
     ref_count = n_params(ref) - sum(p.numel() for p in ref.head.fc.parameters())
     # ours: trunk + one final LayerNorm (timm's head.norm)
-    assert n_params(_meta(arch='tiny', dwconv='dense', out_indices=(3,))) == ref_count
+    assert n_params(_meta(arch='tiny', dwconv_type='dense', out_indices=(3,))) == ref_count
 
 
 def test_registry_build():
@@ -228,7 +245,7 @@ def test_bad_args():
     with pytest.raises(ValueError, match='depths'):
         ConvNeXtDCLS(dict(dims=(1, 2, 3, 4)))
     with pytest.raises(ValueError, match='dwconv'):
-        small(dwconv='sparse')
+        small(dwconv_type='sparse')
     with pytest.raises(ValueError, match='out_indices'):
         small(out_indices=(4,))
     with pytest.raises(ValueError, match='checkpoint_format'):

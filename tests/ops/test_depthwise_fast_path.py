@@ -38,7 +38,7 @@ def test_fast_path_matches_plain_path(version, stride, hw, channels_last, dks):
     torch.manual_seed(0)
     padding = 'same' if stride == 1 else (dks[0] // 2, dks[1] // 2)
     m = Dcls2d(6, 6, 4, stride=stride, padding=padding, dilated_kernel_size=dks, groups=6,
-               version=version)
+               interpolation=version)
     with torch.no_grad():
         if m.SIG is not None:
             m.SIG.uniform_(0.1, 0.6)
@@ -63,7 +63,7 @@ def test_fast_path_matches_plain_path(version, stride, hw, channels_last, dks):
 @pytest.mark.parametrize('version', ['v0', 'gauss'])
 def test_fast_path_bfloat16(version):
     torch.manual_seed(0)
-    m = Dcls2d(8, 8, 5, padding='same', dilated_kernel_size=9, groups=8, version=version)
+    m = Dcls2d(8, 8, 5, padding='same', dilated_kernel_size=9, groups=8, interpolation=version)
     x = torch.randn(2, 8, 12, 12).to(torch.bfloat16).requires_grad_(True)
     m.impl = 'plain'
     with torch.autocast('cpu', dtype=torch.bfloat16):
@@ -123,7 +123,7 @@ def test_depthwise_conv2d_function(hw, k, stride, pads):
 
 def test_fast_path_under_torch_compile_and_export():
     torch.manual_seed(0)
-    m = Dcls2d(8, 8, 4, dilated_kernel_size=9, padding='same', groups=8, version='v0')
+    m = Dcls2d(8, 8, 4, dilated_kernel_size=9, padding='same', groups=8, interpolation='v0')
     assert m.uses_fast_path
     x = torch.randn(2, 8, 12, 12, requires_grad=True)
     compiled = torch.compile(m)

@@ -22,7 +22,7 @@ CASES = [
 @pytest.mark.parametrize('cls,kwargs,shape', CASES, ids=[c[0].__name__ for c in CASES])
 def test_gradcheck(cls, kwargs, shape, version):
     torch.manual_seed(0)
-    m = cls(2, 2, 2, padding=1, version=version, **kwargs).double()
+    m = cls(2, 2, 2, padding=1, interpolation=version, **kwargs).double()
     with torch.no_grad():
         # positions strictly between grid points (bilinear is piecewise linear), |SIG| > 0
         for d, L in enumerate(m.dilated_kernel_size):
@@ -52,7 +52,7 @@ def test_dcls1d_learns_a_shift():
     s = 3.3
     n = torch.arange(80, dtype=torch.float32)
     x, y = _smooth_1d(n), _smooth_1d(n + s)
-    m = Dcls1d(1, 1, 1, dilated_kernel_size=15, padding='same', bias=False, version='v0')
+    m = Dcls1d(1, 1, 1, dilated_kernel_size=15, padding='same', bias=False, interpolation='v0')
     with torch.no_grad():
         m.weight.fill_(0.5)
         m.P.fill_(0.0)
@@ -77,7 +77,7 @@ def test_dcls2d_learns_a_2d_shift(version):
         return (torch.exp(-((yy - 22) ** 2 + (xx - 26) ** 2) / 120.0)
                 + 0.3 * torch.sin(yy / 5.0) * torch.cos(xx / 7.0))
     x, y = image(0, 0), image(*s)
-    m = Dcls2d(1, 1, 1, dilated_kernel_size=11, padding='same', bias=False, version=version)
+    m = Dcls2d(1, 1, 1, dilated_kernel_size=11, padding='same', bias=False, interpolation=version)
     with torch.no_grad():
         m.weight.fill_(0.5)
         m.P.zero_()
@@ -96,7 +96,7 @@ def test_dcls2d_learns_a_2d_shift(version):
 
 def test_border_positions_keep_a_gradient():
     """A position clamped to the border (an integer) still gets a gradient back inside."""
-    m = Dcls1d(1, 1, 1, dilated_kernel_size=7, padding='same', bias=False, version='v0')
+    m = Dcls1d(1, 1, 1, dilated_kernel_size=7, padding='same', bias=False, interpolation='v0')
     with torch.no_grad():
         m.weight.fill_(1.0)
         m.P.fill_(3.0)

@@ -7,7 +7,7 @@ from dcls_mm.ops import Dcls2d
 
 
 def test_kernel_reused_without_grad_and_rebuilt_after_any_change():
-    m = Dcls2d(4, 4, 3, dilated_kernel_size=7, groups=4, padding='same', version='gauss')
+    m = Dcls2d(4, 4, 3, dilated_kernel_size=7, groups=4, padding='same', interpolation='gauss')
     with torch.no_grad():
         k1 = m.construct_kernel()
         assert m.construct_kernel() is k1
@@ -22,7 +22,7 @@ def test_kernel_reused_without_grad_and_rebuilt_after_any_change():
     m.load_state_dict(state)
     with torch.inference_mode():
         k4 = m.construct_kernel()
-    expected = Dcls2d(4, 4, 3, dilated_kernel_size=7, groups=4, padding='same', version='gauss')
+    expected = Dcls2d(4, 4, 3, dilated_kernel_size=7, groups=4, padding='same', interpolation='gauss')
     expected.load_state_dict(state)
     torch.testing.assert_close(k4, expected.construct_kernel().detach())
     # with autograd the kernel is always rebuilt (and differentiable)

@@ -1,7 +1,9 @@
 """Module behaviour: buffers, dtypes, autocast, compile/export, copies, errors, fuzzing."""
 import copy
+import inspect
 import logging
 import pickle
+import re
 import warnings
 
 import pytest
@@ -17,7 +19,7 @@ from .dense_reference import reference_kernel
 
 
 def test_index_buffers_follow_to_and_stay_out_of_state_dict():
-    m = Dcls2d(2, 2, 3, dilated_kernel_size=(7, 5), version='gauss')
+    m = Dcls2d(2, 2, 3, dilated_kernel_size=(7, 5), interpolation='gauss')
     buffers = dict(m.named_buffers())
     assert set(buffers) == {'grid0', 'grid1'}
     assert set(m.state_dict()) == {'weight', 'P', 'SIG', 'bias'}
@@ -33,7 +35,7 @@ def test_index_buffers_follow_to_and_stay_out_of_state_dict():
 
 
 def test_autocast_builds_the_kernel_in_float32():
-    m = Dcls2d(4, 4, 3, dilated_kernel_size=7, padding='same', groups=4, version='gauss')
+    m = Dcls2d(4, 4, 3, dilated_kernel_size=7, padding='same', groups=4, interpolation='gauss')
     x = torch.randn(2, 4, 10, 10)
     eager_kernel = m.construct_kernel()
     with torch.autocast('cpu', dtype=torch.bfloat16):
@@ -47,7 +49,7 @@ def test_autocast_builds_the_kernel_in_float32():
 
 def test_torch_compile_matches_eager():
     torch.manual_seed(0)
-    m = Dcls2d(3, 6, 4, dilated_kernel_size=(7, 5), padding='same', version='v0')
+    m = Dcls2d(3, 6, 4, dilated_kernel_size=(7, 5), padding='same', interpolation='v0')
     x = torch.randn(2, 3, 12, 12)
     compiled = torch.compile(m)
     torch.testing.assert_close(compiled(x), m(x), rtol=1e-5, atol=1e-5)
@@ -55,7 +57,7 @@ def test_torch_compile_matches_eager():
 
 def test_torch_export_matches_eager():
     torch.manual_seed(0)
-    m = Dcls2d(3, 6, 4, dilated_kernel_size=(7, 5), padding=3, version='gauss')
+    m = Dcls2d(3, 6, 4, dilated_kernel_size=(7, 5), padding=3, interpolation='gauss')
     x = torch.randn(2, 3, 12, 12)
     exported = torch.export.export(m, (x,))
     torch.testing.assert_close(exported.module()(x), m(x), rtol=1e-5, atol=1e-6)
@@ -67,7 +69,7 @@ def test_torch_export_matches_eager():
     (Dcls3_1d, dict(dilated_kernel_size=5)), (Dcls2dK1d, dict(dilated_kernel_size=5)),
 ])
 def test_deepcopy_and_pickle(cls, kwargs):
-    m = cls(2, 2, 3, version='gauss', **kwargs)
+    m = cls(2, 2, 3, interpolation='gauss', **kwargs)
     for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
         torch.testing.assert_close(clone.construct_kernel(), m.construct_kernel())
         assert clone.P is not m.P
@@ -96,6 +98,7 @@ def test_no_warning_or_log_at_construction(caplog):
     (dict(groups=3), 'groups'),
     (dict(in_channels=0), 'in_channels'),
     (dict(version='cubic'), 'version'),
+    (dict(interpolation='cubic'), 'interpolation'),
     (dict(padding_mode='mirror'), 'padding_mode'),
 ])
 def test_invalid_arguments_raise_value_error(kwargs, word):
@@ -122,8 +125,43 @@ def test_invalid_inputs_raise_value_error():
 def test_version_aliases():
     for ref, readable in (('v0', 'bilinear'), ('max', 'triangle'), ('gauss', 'gaussian')):
         assert canonical_interpolation(ref) == canonical_interpolation(readable)
-        assert Dcls2d(1, 1, 1, 3, version=ref).version == readable
+        assert Dcls2d(1, 1, 1, 3, interpolation=ref).interpolation == readable
+        # the reference package's spelling still works, with a DeprecationWarning
+        with pytest.warns(DeprecationWarning, match='interpolation='):
+            layer = Dcls2d(1, 1, 1, 3, version=ref)
+        with pytest.warns(DeprecationWarning, match='.interpolation'):
+            assert layer.version == readable
+        assert layer.interpolation == readable
     assert canonical_interpolation('v1') == 'bilinear_normalized'
+
+
+def test_deprecated_version_attribute_and_old_pickles():
+    m = Dcls2d(1, 1, 1, 3, interpolation='v0')
+    with pytest.warns(DeprecationWarning):
+        m.version = 'v1'
+    assert m.interpolation == 'bilinear_normalized'
+    # a whole module pickled before the rename kept its interpolation as `version`
+    state = m.__getstate__()
+    state['version'] = state.pop('interpolation')
+    old = Dcls2d.__new__(Dcls2d)
+    old.__setstate__(state)
+    assert old.interpolation == 'bilinear_normalized'
+    torch.testing.assert_close(old.construct_kernel(), m.construct_kernel())
+
+
+@pytest.mark.parametrize('cls', [Dcls1d, Dcls2d, Dcls3d, Dcls2_1d, Dcls3_1d, Dcls2dK1d])
+def test_public_layers_document_every_argument(cls):
+    """Each public layer's own docstring (what help() shows) has one Args line per
+    constructor argument, with its default."""
+    doc = cls.__doc__
+    args = doc[doc.index('Args:'):]
+    for name, param in inspect.signature(cls).parameters.items():
+        entry = re.search(rf'\n {{8}}{name}: (.*?)(?=\n {{8}}\S|\s*\Z)', args, re.S)
+        assert entry, name
+        if param.default is not inspect.Parameter.empty and name != 'version':
+            assert ' '.join(entry.group(1).split()).endswith(
+                f'Defaults to {param.default}.') or f'``{param.default!r}``' in entry.group(1), name
+    assert '_DclsNd' not in doc
 
 
 def _reference_gauss_axis_kernel(weight, P, SIG, dks):
@@ -148,7 +186,7 @@ def test_convert_reference_gauss_state_dict(dks):
            'SIG': torch.rand(2, 3, 1, 4, dtype=torch.float64),
            'bias': torch.zeros(3, dtype=torch.float64)}
     expected = _reference_gauss_axis_kernel(ref['weight'], ref['P'], ref['SIG'], dks)
-    m = Dcls2d(3, 3, 4, dilated_kernel_size=dks, groups=3, version='gauss').double()
+    m = Dcls2d(3, 3, 4, dilated_kernel_size=dks, groups=3, interpolation='gauss').double()
     m.load_state_dict(convert_reference_state_dict(ref, dks))
     torch.testing.assert_close(m.construct_kernel(), expected, rtol=1e-9, atol=1e-12)
     # loading without conversion transposes the kernel (the trap the helper avoids)
@@ -182,7 +220,7 @@ def test_fuzz_only_value_errors(name, in_channels, out_channels, kernel_count, g
     try:
         m = cls(in_channels, out_channels, kernel_count, stride=stride, padding=padding,
                 dilated_kernel_size=dks, groups=groups, padding_mode=padding_mode,
-                version=version)
+                interpolation=version)
     except ValueError:
         return
     shape = ([batch] if batch else []) + [channels] + spatial

@@ -34,7 +34,7 @@ def _check(m, border):
     got = m.construct_kernel()
     ref = reference_kernel(m.weight, m.P, m.SIG, m.dilated_kernel_size, {
         'bilinear': 'v0', 'bilinear_normalized': 'v1', 'triangle': 'max',
-        'gaussian': 'gauss'}[m.version])
+        'gaussian': 'gauss'}[m.interpolation])
     if isinstance(m, Dcls2dK1d):
         ref = ref.unsqueeze(-1 - m.flat_dim)
     assert got.shape == ref.shape
@@ -48,49 +48,49 @@ def _check(m, border):
 @pytest.mark.parametrize('groups,cin,cout,K', [(1, 2, 3, 4), (3, 3, 3, 2), (1, 1, 1, 1)])
 @pytest.mark.parametrize('border', [False, True])
 def test_dcls2d_kernel(version, dks, groups, cin, cout, K, border):
-    _check(Dcls2d(cin, cout, K, dilated_kernel_size=dks, groups=groups, version=version), border)
+    _check(Dcls2d(cin, cout, K, dilated_kernel_size=dks, groups=groups, interpolation=version), border)
 
 
 @pytest.mark.parametrize('version', VERSIONS)
 @pytest.mark.parametrize('dks', [9, 6])
 @pytest.mark.parametrize('border', [False, True])
 def test_dcls1d_kernel(version, dks, border):
-    _check(Dcls1d(2, 4, 3, dilated_kernel_size=dks, groups=2, version=version), border)
-    _check(Dcls1d(1, 2, 5, dilated_kernel_size=dks, version=version), border)
+    _check(Dcls1d(2, 4, 3, dilated_kernel_size=dks, groups=2, interpolation=version), border)
+    _check(Dcls1d(1, 2, 5, dilated_kernel_size=dks, interpolation=version), border)
 
 
 @pytest.mark.parametrize('version', VERSIONS)
 @pytest.mark.parametrize('dks', [(3, 3, 3), (5, 3, 4)])
 def test_dcls3d_kernel(version, dks):
-    _check(Dcls3d(2, 2, 3, dilated_kernel_size=dks, groups=2, version=version), border=True)
-    _check(Dcls3d(1, 2, 2, dilated_kernel_size=dks, version=version), border=False)
+    _check(Dcls3d(2, 2, 3, dilated_kernel_size=dks, groups=2, interpolation=version), border=True)
+    _check(Dcls3d(1, 2, 2, dilated_kernel_size=dks, interpolation=version), border=False)
 
 
 @pytest.mark.parametrize('version', VERSIONS)
 def test_dcls2_1d_and_3_1d_kernel(version):
-    _check(Dcls2_1d(2, 3, 3, dense_kernel_size=3, dilated_kernel_size=7, version=version), True)
+    _check(Dcls2_1d(2, 3, 3, dense_kernel_size=3, dilated_kernel_size=7, interpolation=version), True)
     _check(Dcls2_1d(2, 2, 2, dense_kernel_size=2, dilated_kernel_size=6, groups=2,
-                    version=version), False)
+                    interpolation=version), False)
     _check(Dcls3_1d(1, 2, 2, dense_kernel_size=(2, 3), dilated_kernel_size=5,
-                    version=version), True)
+                    interpolation=version), True)
 
 
 @pytest.mark.parametrize('version', VERSIONS)
 @pytest.mark.parametrize('flat_dim', [0, 1])
 def test_dcls2dk1d_kernel(version, flat_dim):
-    k = _check(Dcls2dK1d(2, 2, 3, dilated_kernel_size=7, flat_dim=flat_dim, version=version),
+    k = _check(Dcls2dK1d(2, 2, 3, dilated_kernel_size=7, flat_dim=flat_dim, interpolation=version),
                True)
     assert k.shape == ((2, 2, 7, 1) if flat_dim == 0 else (2, 2, 1, 7))
 
 
 def test_bilinear_has_at_most_four_taps_and_v0_v1_agree():
-    m = _randomize(Dcls2d(3, 3, 5, dilated_kernel_size=(9, 7), groups=3, version='v0')).double()
+    m = _randomize(Dcls2d(3, 3, 5, dilated_kernel_size=(9, 7), groups=3, interpolation='v0')).double()
     k0 = m.construct_kernel()
-    m.version = 'bilinear_normalized'
+    m.interpolation = 'bilinear_normalized'
     k1 = m.construct_kernel()
     # inside the clamped range the tap sum is 1, so v1 = v0 / (1 + 1e-7)
     torch.testing.assert_close(k1, k0 / (1 + 1e-7), rtol=1e-12, atol=1e-12)
-    single = Dcls2d(1, 1, 1, dilated_kernel_size=9, version='v0').double()
+    single = Dcls2d(1, 1, 1, dilated_kernel_size=9, interpolation='v0').double()
     with torch.no_grad():
         single.weight.fill_(1.0)
         single.P.copy_(torch.tensor([0.3, -1.6]).view(2, 1, 1, 1))
@@ -115,7 +115,7 @@ def test_bilinear_has_at_most_four_taps_and_v0_v1_agree():
 def test_forward_is_conv_with_reference_kernel(cls, kwargs, shape, version, padding,
                                                padding_mode, stride):
     m = _randomize(cls(4, 6, 3, stride=stride, padding=padding, groups=2,
-                       padding_mode=padding_mode, version=version, **kwargs)).double()
+                       padding_mode=padding_mode, interpolation=version, **kwargs)).double()
     x = torch.randn(shape, dtype=torch.float64)
     ref_k = reference_kernel(m.weight, m.P, m.SIG, m.dilated_kernel_size,
                              'v0' if version == 'v0' else 'gauss')
@@ -147,7 +147,7 @@ def test_forward_is_conv_with_reference_kernel(cls, kwargs, shape, version, padd
 def test_positions_outside_the_dilated_kernel(cls, kwargs, version):
     """Between optimizer steps (no clamping hook) positions can leave the range: taps
     that fall off the grid are dropped, exactly as the dense formula does."""
-    m = cls(2, 2, 4, version=version, **kwargs).double()
+    m = cls(2, 2, 4, interpolation=version, **kwargs).double()
     _randomize(m)
     with torch.no_grad():
         for d, L in enumerate(m.dilated_kernel_size):
@@ -159,5 +159,5 @@ def test_positions_outside_the_dilated_kernel(cls, kwargs, version):
     got = m.construct_kernel()
     ref = reference_kernel(m.weight, m.P, m.SIG, m.dilated_kernel_size, {
         'bilinear': 'v0', 'bilinear_normalized': 'v1', 'triangle': 'max',
-        'gaussian': 'gauss'}[m.version])
+        'gaussian': 'gauss'}[m.interpolation])
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6 * ref.abs().max())

@@ -23,7 +23,7 @@ def _layer(version='gauss', dtype=torch.float32, stride=1):
     torch.manual_seed(0)
     padding = 'same' if stride == 1 else 2
     m = Dcls2d(3, 3, 3, stride=stride, padding=padding, dilated_kernel_size=5, groups=3,
-               version=version).to(dtype)
+               interpolation=version).to(dtype)
     with torch.no_grad():
         base = torch.randint(-2, 2, m.P.shape).to(dtype)
         m.P.copy_(base + 0.2 + 0.6 * torch.rand_like(base))  # off the grid points
@@ -98,7 +98,7 @@ def test_gradgradcheck_dcls2d_fast_path_float64(route, version, monkeypatch, one
 def test_low_precision_module_builds_its_kernel_in_float32(version, dtype):
     torch.manual_seed(0)
     m = Dcls2d(4, 4, 34, dilated_kernel_size=17, groups=4, padding='same',
-               version=version).to(dtype)
+               interpolation=version).to(dtype)
     with torch.no_grad():
         if m.SIG is not None:
             m.SIG.uniform_(0.1, 1.0)
@@ -107,7 +107,7 @@ def test_low_precision_module_builds_its_kernel_in_float32(version, dtype):
     # the same (rounded) parameters, kernel built in float64: the only error left is the
     # final rounding to bf16/fp16, half a unit in the last place of each tap
     ref = construct_kernel(m.weight.double(), m.P.double(),
-                           None if m.SIG is None else m.SIG.double(), (17, 17), m.version)
+                           None if m.SIG is None else m.SIG.double(), (17, 17), m.interpolation)
     eps = torch.finfo(dtype).eps
     err = (kernel.double() - ref).abs()
     # (+ a floor far below the old bf16 construction's 1-10% of max |w|, for the float32

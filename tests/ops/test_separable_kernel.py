@@ -101,7 +101,7 @@ def test_second_order_gradients_through_compiled_construction(monkeypatch, inter
 
 def test_gaussian_dcls2d_layer_same_on_both_routes(monkeypatch):
     torch.manual_seed(0)
-    m = Dcls2d(24, 24, 6, dilated_kernel_size=9, padding='same', groups=24, version='gauss')
+    m = Dcls2d(24, 24, 6, dilated_kernel_size=9, padding='same', groups=24, interpolation='gauss')
     x = torch.randn(2, 24, 10, 10, requires_grad=True)
     results = []
     for forced in ('', 'construct=torch'):
@@ -117,13 +117,14 @@ def test_op_rejects_bad_input():
     op = torch.ops.dcls_mm.separable_kernel
     w, P, S = torch.randn(4, 3), torch.randn(2, 4, 3), torch.randn(2, 4, 3)
     with pytest.raises(RuntimeError, match='float32 tensors expected'):
-        op(w.double(), P.double(), S.double(), 5, 5, 1)
+        op(w.double(), P.double(), S.double(), 5, 5, 1, 0, 5, 0, 5)
     with pytest.raises(RuntimeError, match=r'weight must be \(B, K\) and P, SIG \(2, B, K\)'):
-        op(w, P[:, :3], S, 5, 5, 1)
+        op(w, P[:, :3], S, 5, 5, 1, 0, 5, 0, 5)
     with pytest.raises(RuntimeError, match='interpolation must be 0'):
-        op(w, P, S, 5, 5, 7)
-    with pytest.raises(RuntimeError, match=r'grad must be float32 \(B, L0, L1\)'):
-        torch.ops.dcls_mm.separable_kernel_backward(torch.randn(4, 5, 4), w, P, S, 5, 5, 1)
+        op(w, P, S, 5, 5, 7, 0, 5, 0, 5)
+    with pytest.raises(RuntimeError, match=r'grad must be float32 \(B, nr, nc\)'):
+        torch.ops.dcls_mm.separable_kernel_backward(torch.randn(4, 5, 4), w, P, S, 5, 5, 1,
+                                                    0, 5, 0, 5)
 
 
 ISA_SCRIPT = '''

@@ -35,9 +35,34 @@ ARCH_SETTINGS: Dict[str, Dict[str, Tuple[int, ...]]] = {
 #: kernel counts of the paper (dilated kernel size 17) for the published archs; other
 #: archs get :func:`iso_kernel_count`.
 PAPER_KERNEL_COUNTS = {'tiny': 34, 'small': 40, 'base': 40}
-#: kernel size of the dense ConvNeXt depthwise conv (``dwconv='dense'``) and of the
+#: kernel size of the dense ConvNeXt depthwise conv (``dwconv_type='dense'``) and of the
 #: iso-parameter comparison.
 DENSE_KERNEL_SIZE = 7
+#: what the blocks' depthwise conv (the module ``dwconv``) can be
+DWCONV_TYPES = ('dcls', 'dense')
+
+
+def resolve_dwconv_type(dwconv_type: str, dwconv: Optional[str] = None) -> str:
+    """Validate ``dwconv_type``, honouring the deprecated ``dwconv=`` spelling.
+
+    ``dwconv`` is the name of the block's depthwise conv *module* (and of its checkpoint
+    keys), so the argument choosing its type is ``dwconv_type``; ``dwconv=`` still works
+    (older configs use it) with a ``DeprecationWarning``.
+
+    Args:
+        dwconv_type: ``'dcls'`` or ``'dense'``.
+        dwconv: the deprecated spelling; given, it wins.
+
+    Raises:
+        ValueError: for another type.
+    """
+    if dwconv is not None:
+        warnings.warn("dwconv=... is deprecated (dwconv names the block's conv module): "
+                      'use dwconv_type=...', DeprecationWarning, stacklevel=3)
+        dwconv_type = dwconv
+    if dwconv_type not in DWCONV_TYPES:
+        raise ValueError(f"dwconv_type must be 'dcls' or 'dense', got {dwconv_type!r}")
+    return dwconv_type
 
 
 def resolve_arch(arch: Union[str, dict]) -> Tuple[Optional[str], Tuple[int, ...], Tuple[int, ...]]:
@@ -160,8 +185,8 @@ class ConvNeXtDCLSBlock(nn.Module):
 
     Args:
         channels: block width ``C``.
-        dwconv: ``'dcls'`` (a depthwise :class:`~dcls_mm.ops.Dcls2d`) or ``'dense'`` (a
-            plain 7x7 depthwise ``nn.Conv2d``, the ConvNeXt baseline).
+        dwconv_type: ``'dcls'`` (a depthwise :class:`~dcls_mm.ops.Dcls2d`) or
+            ``'dense'`` (a plain 7x7 depthwise ``nn.Conv2d``, the ConvNeXt baseline).
         kernel_count: DCLS elements per channel (``'dcls'`` only).
         dilated_kernel_size: DCLS dilated kernel size (``'dcls'`` only).
         interpolation: DCLS interpolation (``'dcls'`` only).
@@ -170,22 +195,21 @@ class ConvNeXtDCLSBlock(nn.Module):
         mlp_ratio: hidden width of the MLP relative to ``C``.
     """
 
-    def __init__(self, channels: int, dwconv: str = 'dcls', kernel_count: int = 34,
+    def __init__(self, channels: int, dwconv_type: str = 'dcls', kernel_count: int = 34,
                  dilated_kernel_size: Union[int, Tuple[int, int]] = 17,
                  interpolation: str = 'bilinear', drop_path: float = 0.,
-                 layer_scale_init_value: float = 1e-6, mlp_ratio: int = 4) -> None:
+                 layer_scale_init_value: float = 1e-6, mlp_ratio: int = 4, *,
+                 dwconv: Optional[str] = None) -> None:
         super().__init__()
-        if dwconv == 'dcls':
+        if resolve_dwconv_type(dwconv_type, dwconv) == 'dcls':
             # 'same' keeps the residual shapes for even sizes too (odd: padding dks // 2,
             # as the published models)
             self.dwconv = Dcls2d(channels, channels, kernel_count, padding='same',
                                  dilated_kernel_size=dilated_kernel_size, groups=channels,
-                                 bias=True, version=interpolation)
-        elif dwconv == 'dense':
+                                 bias=True, interpolation=interpolation)
+        else:
             self.dwconv = nn.Conv2d(channels, channels, DENSE_KERNEL_SIZE,
                                     padding=DENSE_KERNEL_SIZE // 2, groups=channels)
-        else:
-            raise ValueError(f"dwconv must be 'dcls' or 'dense', got {dwconv!r}")
         self.norm = nn.LayerNorm(channels, eps=1e-6)
         self.pwconv1 = nn.Linear(channels, mlp_ratio * channels)
         self.act = nn.GELU()
@@ -296,17 +320,20 @@ def init_convnext_weights(module: nn.Module) -> None:
 
 
 def build_convnext_dcls_trunk(depths: Sequence[int], dims: Sequence[int], in_channels: int = 3,
-                              dwconv: str = 'dcls', kernel_count: int = 34,
+                              dwconv_type: str = 'dcls', kernel_count: int = 34,
                               dilated_kernel_size: Union[int, Tuple[int, int]] = 17,
                               interpolation: str = 'bilinear', share_positions: bool = True,
                               drop_path_rate: float = 0., layer_scale_init_value: float = 1e-6,
-                              with_cp: bool = False) -> Tuple[nn.ModuleList, nn.ModuleList]:
+                              with_cp: bool = False, *, dwconv: Optional[str] = None
+                              ) -> Tuple[nn.ModuleList, nn.ModuleList]:
     """Build ``(downsample_layers, stages)`` of a ConvNeXt(-dcls), initialised.
 
     ``downsample_layers[0]`` is the stem (``Conv2d(k4, s4)``, channels-first LN), the
-    others are ``LN, Conv2d(k2, s2)``. See :class:`ConvNeXtDCLS` for the arguments.
+    others are ``LN, Conv2d(k2, s2)``. See :class:`ConvNeXtDCLS` for the arguments
+    (``dwconv`` is the deprecated spelling of ``dwconv_type``).
     """
-    if dwconv == 'dcls':
+    dwconv_type = resolve_dwconv_type(dwconv_type, dwconv)
+    if dwconv_type == 'dcls':
         warn_above_dense_parameters(depths, dims, kernel_count, dilated_kernel_size,
                                     interpolation, share_positions)
     downsample_layers = nn.ModuleList()
@@ -320,7 +347,7 @@ def build_convnext_dcls_trunk(depths: Sequence[int], dims: Sequence[int], in_cha
     stages = nn.ModuleList()
     start = 0
     for depth, dim in zip(depths, dims):
-        blocks = [ConvNeXtDCLSBlock(dim, dwconv, kernel_count, dilated_kernel_size,
+        blocks = [ConvNeXtDCLSBlock(dim, dwconv_type, kernel_count, dilated_kernel_size,
                                     interpolation, rates[start + j], layer_scale_init_value)
                   for j in range(depth)]
         start += depth
@@ -356,10 +383,10 @@ class ConvNeXtDCLS(BaseModule):
             stage) and ``dims`` (4 ints: widths; ``channels`` is accepted too).
             Defaults to ``'tiny'``.
         in_channels (int): Number of input image channels. Defaults to 3.
-        dwconv (str): Depthwise convolution of the blocks: ``'dcls'`` (DCLS, depthwise
-            :class:`~dcls_mm.ops.Dcls2d`) or ``'dense'`` (plain 7x7 depthwise conv, the
-            ConvNeXt baseline; key ``dwconv.weight`` of shape ``(C, 1, 7, 7)``).
-            Defaults to ``'dcls'``.
+        dwconv_type (str): Depthwise convolution of the blocks (their ``dwconv`` module):
+            ``'dcls'`` (DCLS, depthwise :class:`~dcls_mm.ops.Dcls2d`) or ``'dense'``
+            (plain 7x7 depthwise conv, the ConvNeXt baseline; key ``dwconv.weight`` of
+            shape ``(C, 1, 7, 7)``). Defaults to ``'dcls'``.
         dilated_kernel_size (int | tuple[int, int]): Size of the dilated kernel in which
             the positions are learned. Defaults to 17.
         kernel_count (int, optional): Number of learned elements per channel. ``None``
@@ -402,6 +429,8 @@ class ConvNeXtDCLS(BaseModule):
             classification / downstream checkpoints, dcls-mm checkpoints). Without it,
             weights are trunc_normal(.02), biases 0, positions N(0, 0.5) clamped.
             Defaults to None.
+        dwconv (str, optional): Deprecated spelling of ``dwconv_type`` (a
+            ``DeprecationWarning``); given, it wins. Defaults to None.
 
     Example:
         >>> import torch
@@ -413,23 +442,23 @@ class ConvNeXtDCLS(BaseModule):
     arch_settings = ARCH_SETTINGS
 
     def __init__(self, arch: Union[str, dict] = 'tiny', in_channels: int = 3,
-                 dwconv: str = 'dcls', dilated_kernel_size: Union[int, Tuple[int, int]] = 17,
+                 dwconv_type: str = 'dcls',
+                 dilated_kernel_size: Union[int, Tuple[int, int]] = 17,
                  kernel_count: Optional[int] = None, interpolation: str = 'bilinear',
                  share_positions: bool = True, drop_path_rate: float = 0.,
                  layer_scale_init_value: float = 1e-6,
                  out_indices: Union[int, Sequence[int]] = (0, 1, 2, 3), frozen_stages: int = -1,
                  gap_before_final_norm: bool = False, with_cp: bool = False,
                  checkpoint_format: str = 'auto',
-                 init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
+                 init_cfg: Optional[Union[dict, List[dict]]] = None, *,
+                 dwconv: Optional[str] = None) -> None:
         super().__init__(init_cfg=init_cfg)
         from ..checkpoint import CHECKPOINT_FORMATS
         self.arch_name, self.depths, self.dims = resolve_arch(arch)
-        if dwconv not in ('dcls', 'dense'):
-            raise ValueError(f"dwconv must be 'dcls' or 'dense', got {dwconv!r}")
         if checkpoint_format not in CHECKPOINT_FORMATS:
             raise ValueError(f'checkpoint_format must be one of {CHECKPOINT_FORMATS}, '
                              f'got {checkpoint_format!r}')
-        self.dwconv_type = dwconv
+        self.dwconv_type = resolve_dwconv_type(dwconv_type, dwconv)
         self.interpolation = canonical_interpolation(interpolation)
         self.dilated_kernel_size = dilated_kernel_size
         if kernel_count is None:
@@ -459,8 +488,8 @@ class ConvNeXtDCLS(BaseModule):
         self.with_cp = with_cp
 
         self.downsample_layers, self.stages = build_convnext_dcls_trunk(
-            self.depths, self.dims, in_channels, dwconv, kernel_count, dilated_kernel_size,
-            self.interpolation, share_positions, drop_path_rate, layer_scale_init_value, with_cp)
+            self.depths, self.dims, in_channels, self.dwconv_type, kernel_count,
+            dilated_kernel_size, self.interpolation, share_positions, drop_path_rate, layer_scale_init_value, with_cp)
         for i in self.out_indices:
             self.add_module(f'norm{i}', LayerNorm2d(self.dims[i]))
         self._freeze_stages()

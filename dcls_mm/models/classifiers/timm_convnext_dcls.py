@@ -33,7 +33,7 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from ..backbones.convnext_dcls import (build_convnext_dcls_trunk, default_kernel_count,
-                                       resolve_arch)
+                                       resolve_arch, resolve_dwconv_type)
 from ..checkpoint import CHECKPOINT_FORMATS, checkpoint_filter_fn
 from dcls_mm.ops import canonical_interpolation, dcls_position_parameters
 
@@ -79,7 +79,7 @@ class ConvNeXtDCLSClassifier(nn.Module):
         drop_path_rate: stochastic depth rate (linear over the blocks).
         layer_scale_init_value: initial layer scale ``gamma``.
         head_init_scale: multiplies the head's initial weights and bias.
-        dwconv: ``'dcls'`` or ``'dense'``, as in :class:`~dcls_mm.models.ConvNeXtDCLS`.
+        dwconv_type: ``'dcls'`` or ``'dense'``, as in :class:`~dcls_mm.models.ConvNeXtDCLS`.
         dilated_kernel_size: as in :class:`~dcls_mm.models.ConvNeXtDCLS`.
         kernel_count: as in :class:`~dcls_mm.models.ConvNeXtDCLS`.
         interpolation: as in :class:`~dcls_mm.models.ConvNeXtDCLS`.
@@ -92,9 +92,10 @@ class ConvNeXtDCLSClassifier(nn.Module):
                  num_classes: int = 1000, global_pool: str = 'avg', output_stride: int = 32,
                  drop_rate: float = 0., drop_path_rate: float = 0.,
                  layer_scale_init_value: float = 1e-6, head_init_scale: float = 1.,
-                 dwconv: str = 'dcls', dilated_kernel_size: int = 17,
+                 dwconv_type: str = 'dcls', dilated_kernel_size: int = 17,
                  kernel_count: Optional[int] = None, interpolation: str = 'bilinear',
-                 share_positions: bool = True, checkpoint_format: str = 'auto') -> None:
+                 share_positions: bool = True, checkpoint_format: str = 'auto', *,
+                 dwconv: Optional[str] = None) -> None:
         super().__init__()
         if output_stride != 32:
             raise ValueError(f'output_stride={output_stride} is not supported, only 32 '
@@ -113,8 +114,9 @@ class ConvNeXtDCLSClassifier(nn.Module):
         self.drop_rate = drop_rate
         self.num_features = self.head_hidden_size = dims[-1]
         self.downsample_layers, self.stages = build_convnext_dcls_trunk(
-            depths, dims, in_chans, dwconv, kernel_count, dilated_kernel_size, interpolation,
-            share_positions, drop_path_rate, layer_scale_init_value)
+            depths, dims, in_chans, resolve_dwconv_type(dwconv_type, dwconv), kernel_count,
+            dilated_kernel_size, interpolation, share_positions, drop_path_rate,
+            layer_scale_init_value)
         self.global_pool = make_global_pool(global_pool)
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
         self.head_drop = nn.Dropout(drop_rate)
