@@ -8,12 +8,16 @@
 # swaps the backbone for dcls_mm.ConvNeXtDCLS and the lr-decay constructor for the
 # DCLS-aware one (positions: weight decay 0, lr x1 as in the published downstream code).
 # tests/integration/test_configs.py checks the merged values against docs/recipes.md.
-_base_ = 'mmdet::convnext/cascade-mask-rcnn_convnext-t-p4-w7_fpn_4conv1fc-giou_amp-ms-crop-3x_coco.py'  # noqa
+_base_ = [
+    'mmdet::convnext/cascade-mask-rcnn_convnext-t-p4-w7_fpn_4conv1fc-giou_amp-ms-crop-3x_coco.py',  # noqa
+    '../_base_/det_tta.py'
+]
 
 # The mmdet base imports mmpretrain (for its ConvNeXt); we need dcls_mm instead. The
 # 'dcls_mm.' registry scope would resolve without it; importing keeps `mim train` and
-# mmdet's own tools/train.py equivalent to ours.
-custom_imports = dict(imports=['dcls_mm.models', 'dcls_mm.engine'], allow_failed_imports=False)
+# mmdet's own tools/train.py equivalent to ours. dcls_mm.models.det_tta: the --tta model.
+custom_imports = dict(imports=['dcls_mm.models', 'dcls_mm.engine', 'dcls_mm.models.det_tta'],
+                      allow_failed_imports=False)
 
 # Reliability (README): checkpoints written atomically (a kill never leaves a truncated
 # one; resume skips a truncated file with one warning), and resume restores the random

@@ -10,9 +10,11 @@
 #   mmengine's default constructor (every DCLS position parameter is named `P`), which
 #   adds each shared position tensor once (bypass_duplicate).
 # Not trained here: no result is claimed (see README.md).
-_base_ = 'mmdet::cascade_rcnn/cascade-mask-rcnn_r50_fpn_ms-3x_coco.py'
+_base_ = ['mmdet::cascade_rcnn/cascade-mask-rcnn_r50_fpn_ms-3x_coco.py', '../_base_/det_tta.py']
 
-custom_imports = dict(imports=['dcls_mm.models', 'dcls_mm.engine'], allow_failed_imports=False)
+# dcls_mm.models.det_tta: the --tta model
+custom_imports = dict(imports=['dcls_mm.models', 'dcls_mm.engine', 'dcls_mm.models.det_tta'],
+                      allow_failed_imports=False)
 
 # An ImageNet-1k ResNet-50-dcls checkpoint: timm.create_model('resnet50_dcls') trained on
 # ImageNet (none is published). Its key names (conv1, bn1, layer*.*, fc) are mmdet's

@@ -62,6 +62,21 @@ test_pipeline = [
          meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor'))
 ]
 del _scales
+# `tools/test.py --tta`: the recipe's multi-scale + flip test at the demo's size (the
+# inherited scales are around (1333, 800)).
+tta_pipeline = [
+    dict(type='LoadImageFromFile', backend_args=None),
+    dict(
+        type='TestTimeAug',
+        transforms=[
+            [dict(type='Resize', scale=s, keep_ratio=True) for s in [(128, 80), (160, 96)]],
+            [dict(type='RandomFlip', prob=1.), dict(type='RandomFlip', prob=0.)],
+            [dict(type='LoadAnnotations', with_bbox=True)],
+            [dict(type='PackDetInputs',
+                  meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
+                             'scale_factor', 'flip', 'flip_direction'))],
+        ])
+]
 
 train_dataloader = dict(
     batch_size=2, num_workers=0, persistent_workers=False,
