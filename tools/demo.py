@@ -1,4 +1,4 @@
-"""dcls-mm demo on built-in data, CPU friendly (about half a minute on 2 cores).
+"""dcls-mm demo on built-in data, CPU friendly (DURATION on 2 cores).
 
     bash tools/demo.sh            # sets up .venv if needed, then runs this file
     python tools/demo.py [--work-dir work_dirs/demo] [--skip-det] [--skip-seg] [--skip-coco-c]
@@ -17,29 +17,33 @@ Steps:
      generated ImageNet-C-layout set, mCE table (as tools/robustness/evaluate.py and
      compare.py; skip with --skip-robustness).
 
-After a few iterations on toy data the AP / mIoU values are near zero or noisy; they
-show that the real training and evaluation pipelines run end to end, not accuracy.
-A summary is printed and written to ``<work-dir>/summary.json``. Re-running is safe:
-the data are reused when unchanged and each run's training folders are replaced.
+The console shows one line per step, then a table of the metrics with where the
+results, logs and checkpoints are; everything else (mmengine's logs, pycocotools'
+prints) goes to the log files in the work dir: each training run's own, the rest to
+``<work-dir>/demo.log``. After a few iterations on toy data the numbers show that the
+real training and evaluation pipelines run end to end, not accuracy (see the table's
+footnote). The results are also written to ``<work-dir>/summary.json``. Re-running is
+safe: the data are reused when unchanged and each run's training folders are replaced.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import os.path as osp
 import shutil
-import sys
 import time
-import warnings
+from typing import Callable, Dict, List, NamedTuple, Tuple
+
+from dcls_mm.utils.console import ignore_known_warnings, prints_to_log
+
+ignore_known_warnings()  # before mmengine imports pkg_resources
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-DET_CONFIG = osp.join(ROOT, 'configs/demo/cascade-mask-rcnn_convnext-dcls-atto_fpn_4conv1fc-giou_ms-crop-1e_demo-coco.py')
+DET_CONFIG = osp.join(
+    ROOT, 'configs/demo/cascade-mask-rcnn_convnext-dcls-atto_fpn_4conv1fc-giou_ms-crop-1e_demo-coco.py')
 SEG_CONFIG = osp.join(ROOT, 'configs/demo/upernet_convnext-dcls-atto_demo-ade20k-64x64.py')
-
-
-def banner(text: str) -> None:
-    print(f'\n=== {text} ' + '=' * max(0, 70 - len(text)), flush=True)
 
 
 def parse_args(argv=None):
@@ -63,15 +67,15 @@ def parse_args(argv=None):
 
 # --- 1. one DCLS layer --------------------------------------------------------------------
 def demo_layer() -> dict:
+    """A depthwise ``Dcls2d``: K weights + learned positions -> a dense dilated kernel;
+    the loss gradient reaches the positions."""
     import torch
 
     from dcls_mm.ops import Dcls2d
-    banner('1. A DCLS layer (Dcls2d, depthwise, bilinear interpolation)')
     torch.manual_seed(0)
     channels, count, dks = 8, 4, 9
     layer = Dcls2d(channels, channels, kernel_count=count, dilated_kernel_size=dks,
                    padding=dks // 2, groups=channels, version='bilinear')
-    print(layer)
     kernel = layer.construct_kernel()
     nonzero = (kernel.detach().abs() > 0).flatten(1).sum(1)
     x = torch.randn(1, channels, 32, 32)
@@ -81,52 +85,88 @@ def demo_layer() -> dict:
         weight=list(layer.weight.shape), positions=list(layer.P.shape),
         kernel=list(kernel.shape), nonzero_per_channel_max=int(nonzero.max()),
         output=list(y.shape), position_grad_norm=float(layer.P.grad.norm()))
-    print(f'  weight {info["weight"]} (K={count} elements per channel) and positions '
-          f'{info["positions"]} (height/width, learned, continuous)')
-    print(f'  -> dense kernel {info["kernel"]}: each of the K elements is spread bilinearly '
-          f'over <= 4 cells: {info["nonzero_per_channel_max"]} non-zeros of {dks * dks} '
-          '(max over channels)')
-    print(f'  forward {list(x.shape)} -> {info["output"]}; |dL/dP| = '
-          f'{info["position_grad_norm"]:.3g} (positions are trained by backprop)')
+    info['line'] = (f'K={count} weights + {count} learned positions per channel -> dense '
+                    f'{dks}x{dks} kernel ({info["nonzero_per_channel_max"]} non-zeros: '
+                    f'bilinear spread), |dL/dP| = {info["position_grad_norm"]:.3g}')
     return info
 
 
 # --- 2. the backbone -------------------------------------------------------------------------
 def demo_backbone() -> dict:
+    """ConvNeXt-dcls-atto: forward/backward, gradients reach every position tensor."""
     import torch
 
     from dcls_mm.models import ConvNeXtDCLS
-    banner('2. ConvNeXt-dcls backbone (arch atto, dilated kernel 9): forward / backward')
     torch.manual_seed(0)
     model = ConvNeXtDCLS(arch='atto', dilated_kernel_size=9, drop_path_rate=0.1)
     dense = ConvNeXtDCLS(arch='atto', dwconv='dense')
-    n_params = sum(p.numel() for p in model.parameters())
-    n_dense = sum(p.numel() for p in dense.parameters())
     x = torch.randn(2, 3, 64, 64)
     t0 = time.perf_counter()
     outs = model(x)
     sum(o.mean() for o in outs).backward()
     elapsed = time.perf_counter() - t0
     p_grads = [float(p.grad.norm()) for n, p in model.named_parameters() if n.endswith('.P')]
-    info = dict(kernel_count=model.kernel_count, params=n_params, dense_params=n_dense,
+    info = dict(kernel_count=model.kernel_count,
+                params=sum(p.numel() for p in model.parameters()),
+                dense_params=sum(p.numel() for p in dense.parameters()),
                 out_shapes=[list(o.shape) for o in outs], fwd_bwd_s=round(elapsed, 3),
                 position_tensors=len(p_grads),
                 positions_with_grad=sum(g > 0 for g in p_grads))
-    print(f'  K={model.kernel_count} per channel: {n_params / 1e6:.2f} M parameters '
-          f'(dense 7x7 ConvNeXt-atto: {n_dense / 1e6:.2f} M)')
-    print(f'  input {list(x.shape)} -> outputs {info["out_shapes"]}')
-    print(f'  forward + backward {elapsed:.2f} s; {info["positions_with_grad"]}/'
-          f'{len(p_grads)} shared position tensors received gradients')
+    info['line'] = (f'K={model.kernel_count}: {info["params"] / 1e6:.2f} M params (dense 7x7: '
+                    f'{info["dense_params"] / 1e6:.2f} M); {list(x.shape)} -> '
+                    f'{len(outs)} stages; {info["positions_with_grad"]}/{len(p_grads)} '
+                    'position tensors got gradients')
     return info
 
 
-# --- 3./4. downstream ------------------------------------------------------------------------
-def _run_downstream(config: str, work_dir: str, data_overrides: dict) -> dict:
-    """Train ``config`` briefly (its own train_cfg) and return the validation metrics."""
+# --- 3./4. downstream: one table entry per task ----------------------------------------------
+class DownstreamTask(NamedTuple):
+    """A demo config trained briefly on generated data in a real on-disk format.
+
+    Args:
+        name: sub-folder of the work dir for the training run.
+        data_dir: sub-folder of ``<work dir>/data`` (where the demo config looks).
+        config: the demo config.
+        make_data: ``dcls_mm.datasets`` generator of the format.
+        cfg_options: its config overrides (``dcls_mm.datasets.demo``).
+        metrics: ``(metric key, label)`` shown in the summary.
+    """
+
+    name: str
+    data_dir: str
+    config: str
+    make_data: Callable[..., dict]
+    cfg_options: Callable[[dict], dict]
+    metrics: Tuple[Tuple[str, str], ...]
+
+
+def _downstream_tasks() -> Dict[str, DownstreamTask]:
+    from dcls_mm.datasets import make_ade20k_demo, make_coco_demo
+    from dcls_mm.datasets.demo import ade20k_demo_cfg_options, coco_demo_cfg_options
+    return dict(
+        det=DownstreamTask('det', 'coco', DET_CONFIG, make_coco_demo, coco_demo_cfg_options,
+                           (('coco/bbox_mAP', 'bbox AP'), ('coco/segm_mAP', 'segm AP'))),
+        seg=DownstreamTask('seg', 'ade', SEG_CONFIG, make_ade20k_demo, ade20k_demo_cfg_options,
+                           (('mIoU', 'mIoU'), ('aAcc', 'aAcc'))))
+
+
+def demo_downstream(task: DownstreamTask, work_dir: str, num_images: int) -> dict:
+    """Generate ``task``'s data, train its config briefly (the config's own train_cfg)
+    and validate.
+
+    Args:
+        task: what to train.
+        work_dir: the demo folder (data under ``data/<data_dir>``, the run under
+            ``<name>``).
+        num_images: training images (4 validation images).
+
+    Returns:
+        The losses, the validation metrics, the run's folder and log file, the time.
+    """
     from mmengine.config import Config
     from mmengine.hooks import Hook
 
-    from dcls_mm.engine.runner_utils import build_runner, setup_dcls_mm
+    from dcls_mm.engine.runner_utils import build_runner, console_prints, setup_dcls_mm
 
     class Recorder(Hook):
         priority = 'LOWEST'
@@ -141,64 +181,29 @@ def _run_downstream(config: str, work_dir: str, data_overrides: dict) -> dict:
         def after_val_epoch(self, runner, metrics=None):
             self.metrics = {k: float(v) for k, v in (metrics or {}).items()}
 
-    cfg = Config.fromfile(config)
-    cfg.merge_from_dict(data_overrides)
-    if osp.isdir(work_dir):  # our own folder from an earlier run: start afresh
-        shutil.rmtree(work_dir)
-    cfg.work_dir = work_dir
+    data = task.make_data(osp.join(work_dir, 'data', task.data_dir), num_images=num_images,
+                          num_val_images=4)
+    cfg = Config.fromfile(task.config)
+    cfg.merge_from_dict(task.cfg_options(data))
+    run_dir = osp.join(work_dir, task.name)
+    if osp.isdir(run_dir):  # our own folder from an earlier run: start afresh
+        shutil.rmtree(run_dir)
+    cfg.work_dir = run_dir
     cfg.launcher = 'none'
     setup_dcls_mm(cfg)
-    runner = build_runner(cfg)
+    runner = build_runner(cfg, quiet=True, progress=False)
     recorder = Recorder()
     runner.register_hook(recorder)
     t0 = time.perf_counter()
-    runner.train()
-    return dict(train_and_val_s=round(time.perf_counter() - t0, 1), losses=recorder.losses,
-                metrics=recorder.metrics, work_dir=work_dir)
-
-
-def demo_det(work_dir: str, num_images: int) -> dict:
-    from dcls_mm.datasets import make_coco_demo
-    banner('3. Cascade Mask R-CNN + ConvNeXt-dcls-atto on COCO-format demo data')
-    data = make_coco_demo(osp.join(work_dir, 'data', 'coco'), num_images=num_images,
-                          num_val_images=4)
-    root = data['data_root'].rstrip('/') + '/'
-    print(f'  data: {root} ({num_images} train / 4 val images, COCO json + JPEG)')
-    overrides = {
-        'train_dataloader.dataset.data_root': root,
-        'val_dataloader.dataset.data_root': root,
-        'test_dataloader.dataset.data_root': root,
-        'val_evaluator.ann_file': root + data['val_ann'],
-        'test_evaluator.ann_file': root + data['val_ann'],
-        'log_level': 'WARNING',
-    }
-    result = _run_downstream(DET_CONFIG, osp.join(work_dir, 'det'), overrides)
-    m = result['metrics']
-    print(f'  trained {len(result["losses"])} iterations, loss {result["losses"][0]:.3f} -> '
-          f'{result["losses"][-1]:.3f}; CocoMetric: bbox AP {m.get("coco/bbox_mAP", float("nan")):.3f}'
-          f', segm AP {m.get("coco/segm_mAP", float("nan")):.3f} ({result["train_and_val_s"]} s)')
-    return result
-
-
-def demo_seg(work_dir: str, num_images: int) -> dict:
-    from dcls_mm.datasets import make_ade20k_demo
-    banner('4. UperNet + ConvNeXt-dcls-atto on ADE20K-format demo data')
-    data = make_ade20k_demo(osp.join(work_dir, 'data', 'ade'), num_images=num_images,
-                            num_val_images=4)
-    root = data['data_root']
-    print(f'  data: {root} ({num_images} train / 4 val images, JPEG + label PNG)')
-    overrides = {
-        'train_dataloader.dataset.data_root': root,
-        'val_dataloader.dataset.data_root': root,
-        'test_dataloader.dataset.data_root': root,
-        'log_level': 'WARNING',
-    }
-    result = _run_downstream(SEG_CONFIG, osp.join(work_dir, 'seg'), overrides)
-    m = result['metrics']
-    print(f'  trained {len(result["losses"])} iterations, loss {result["losses"][0]:.3f} -> '
-          f'{result["losses"][-1]:.3f}; IoUMetric: mIoU {m.get("mIoU", float("nan")):.2f}, '
-          f'aAcc {m.get("aAcc", float("nan")):.2f} ({result["train_and_val_s"]} s)')
-    return result
+    with console_prints(runner):
+        runner.train()
+    info = dict(train_and_val_s=round(time.perf_counter() - t0, 1), losses=recorder.losses,
+                metrics=recorder.metrics, work_dir=run_dir, log=runner.logger.log_file)
+    info['line'] = (f'{len(info["losses"])} iterations, loss {info["losses"][0]:.3f} -> '
+                    f'{info["losses"][-1]:.3f}; ' + ', '.join(
+                        f'{label} {info["metrics"].get(key, float("nan")):.3g}'
+                        for key, label in task.metrics))
+    return info
 
 
 # --- 5. COCO-C ------------------------------------------------------------------------------
@@ -208,7 +213,7 @@ def demo_coco_c(work_dir: str, det: dict, corruption: str = 'gaussian_noise',
 
     Args:
         work_dir: the demo folder (data under ``data/coco``, results under ``coco-c``).
-        det: the result of :func:`demo_det` (its work dir holds the checkpoint).
+        det: the result of the detection step (its ``work_dir`` holds the checkpoint).
         corruption: corruption name.
         severity: 1..5.
 
@@ -217,32 +222,29 @@ def demo_coco_c(work_dir: str, det: dict, corruption: str = 'gaussian_noise',
     """
     from mmengine.config import Config
 
+    from dcls_mm.datasets.demo import coco_demo_cfg_options
     from dcls_mm.evaluation.downstream import evaluate_downstream
-    banner(f'5. COCO-C: the detector of step 3 under {corruption}, severity {severity}')
-    root = osp.join(work_dir, 'data', 'coco') + '/'
     checkpoint = osp.join(det['work_dir'], 'epoch_1.pth')
     out_dir = osp.join(work_dir, 'coco-c')
     if osp.isdir(out_dir):  # a new checkpoint each run: start afresh
         shutil.rmtree(out_dir)
     cfg = Config.fromfile(DET_CONFIG)
-    cfg.merge_from_dict({'test_dataloader.dataset.data_root': root,
-                         'test_evaluator.ann_file': root + 'annotations/instances_val2017.json',
-                         'log_level': 'WARNING'})
+    cfg.merge_from_dict(coco_demo_cfg_options(dict(
+        data_root=osp.join(work_dir, 'data', 'coco'),
+        val_ann='annotations/instances_val2017.json')))
     cfg.work_dir = osp.join(out_dir, 'runner')
     cfg.launcher = 'none'
-    t0 = time.perf_counter()
     results = evaluate_downstream(cfg, checkpoint, out_dir, [corruption], [0, severity])
-    box = results['metrics'].get('coco/bbox_mAP', {})
-    mask = results['metrics'].get('coco/segm_mAP', {})
 
-    def fmt(row):
-        return ', '.join(f'{k} {row.get(k):.3f}' if row.get(k) is not None else f'{k} -'
-                         for k in ('P', 'mPC', 'rPC'))
+    def fmt(metric):
+        row = results['metrics'].get(metric, {})
+        return '/'.join(f'{row[k]:.3f}' if row.get(k) is not None else '-'
+                        for k in ('P', 'mPC', 'rPC'))
 
-    print(f'  box AP: {fmt(box)}; mask AP: {fmt(mask)} ({time.perf_counter() - t0:.1f} s)')
-    print(f'  results: {osp.join(out_dir, "results.json")}, results.csv, plots/')
     return dict(metrics=results['metrics'], per_set=results['per_set'], clean=results['clean'],
-                out_dir=out_dir)
+                out_dir=out_dir,
+                line=f'{corruption} severity {severity}: P/mPC/rPC box AP '
+                f'{fmt("coco/bbox_mAP")}, mask AP {fmt("coco/segm_mAP")}')
 
 
 # --- 6. ImageNet-C classifier robustness ---------------------------------------------------
@@ -261,7 +263,8 @@ def demo_robustness(work_dir: str, num_classes: int = 4, size: int = 64) -> dict
         size: image side in pixels (ImageNet-C sets are evaluated at their native size).
 
     Returns:
-        Both models' ImageNet-C summaries and the results/plot paths.
+        Both models' ImageNet-C summaries, the comparison table and the results/plot
+        paths.
     """
     from dcls_mm.datasets.imagenet_layouts import (default_corruption, synthetic_images,
                                                    write_class_folder, write_corruption_folders)
@@ -269,88 +272,147 @@ def demo_robustness(work_dir: str, num_classes: int = 4, size: int = 64) -> dict
     from dcls_mm.evaluation.compare import compare_results
     from dcls_mm.evaluation.folders import imagenet_wnids
     from dcls_mm.evaluation.imagenet_c import BENCHMARK_CORRUPTIONS
-    banner('6. ImageNet-C: ConvNeXt-dcls-atto vs ConvNeXt-atto, random weights (mCE)')
     root = osp.join(work_dir, 'data', 'imagenet-robustness')
     if osp.isdir(root):  # cheap to regenerate; never mixes two generator versions
         shutil.rmtree(root)
-    t0 = time.perf_counter()
     samples = synthetic_images(imagenet_wnids()[::250][:num_classes], 1, size, seed=0)
     write_class_folder(osp.join(root, 'imagenet', 'val'), samples)
     corrupt, how = default_corruption()
     write_corruption_folders(osp.join(root, 'imagenet-c'), samples, BENCHMARK_CORRUPTIONS,
                              corrupt=corrupt)
-    print(f'  data: {root}: imagenet/val and imagenet-c (15 corruptions x 5 severities x '
-          f'{len(samples)} images, {size}x{size} JPEG; {how}) in '
-          f'{time.perf_counter() - t0:.1f} s')
     results = {}
     for name, kwargs in (('convnext_atto', {}), ('convnext_dcls_tiny', {'arch': 'atto'})):
         label = name + ''.join(f'-{v}' for v in kwargs.values())
         out_dir = osp.join(work_dir, 'robustness', label)
         if osp.isdir(out_dir):  # the same random weights each run, but a fresh data set
             shutil.rmtree(out_dir)
-        t0 = time.perf_counter()
         out = run_evaluation(EvalConfig(
             model=name, model_kwargs=kwargs, benchmarks=['imagenet', 'imagenet-c'],
             data_root=root, out_dir=out_dir, batch_size=20, workers=0, progress=False))
         c = out['results']['benchmarks']['imagenet-c']
         results[label] = dict(mCE=c['mCE'], relative_mCE=c['relative_mCE'],
                               results=osp.join(out_dir, 'results.json'))
-        print(f'  {label}: {out["eval_images"]} images in {time.perf_counter() - t0:.1f} s, '
-              f'mCE {c["mCE"]:.1f}')
     table = compare_results([r['results'] for r in results.values()],
                             osp.join(work_dir, 'robustness', 'compare'))
-    print('\n'.join('  ' + line for line in table['table'].splitlines()))
-    print(f'  plots: {", ".join(table["files"][1:])}')
-    print('  (random weights: errors near 100 %, mCE near 100 / AlexNet error; the numbers '
-          'show the pipeline, not robustness)')
-    return dict(models=results, files=table['files'])
+    print(table['table'])
+    return dict(models=results, files=table['files'], table=table['table'],
+                line=f'{len(samples)} images x (1 clean + 75 corrupted sets, {how}); mCE '
+                + ', '.join(f'{k} {v["mCE"]:.1f}' for k, v in results.items()))
+
+
+# --- the steps, in order ------------------------------------------------------------------------
+class Step(NamedTuple):
+    """One demo step.
+
+    Args:
+        key: its entry in ``summary.json``.
+        title: what the progress line says.
+        run: ``(args, work_dir, results of the earlier steps) -> result`` (a dict with a
+            one-line ``line`` for the console).
+        skip: whether ``args`` leave it out.
+        rows: ``result -> [(metric, value, where)]`` for the final table.
+    """
+
+    key: str
+    title: str
+    run: Callable[[argparse.Namespace, str, dict], dict]
+    skip: Callable[[argparse.Namespace], bool]
+    rows: Callable[[dict], List[Tuple[str, str, str]]]
+
+
+def _downstream_rows(task_name: str) -> Callable[[dict], List[Tuple[str, str, str]]]:
+    task = _downstream_tasks()[task_name]
+    return lambda r: [(label, f'{r["metrics"].get(key, float("nan")):.3g}',
+                       f'{r["work_dir"]} (checkpoint; log {osp.relpath(r["log"], r["work_dir"])})')
+                      for key, label in task.metrics]
+
+
+def _coco_c_rows(r: dict) -> List[Tuple[str, str, str]]:
+    return [(f'{label} P / mPC / rPC', ' / '.join(
+        f'{row[k]:.3f}' if row.get(k) is not None else '-' for k in ('P', 'mPC', 'rPC')),
+        osp.join(r['out_dir'], 'results.json'))
+        for label, row in (('box AP', r['metrics'].get('coco/bbox_mAP', {})),
+                           ('mask AP', r['metrics'].get('coco/segm_mAP', {})))]
+
+
+STEPS = (
+    Step('layer', 'a DCLS layer (Dcls2d, depthwise, bilinear)',
+         lambda args, work_dir, done: demo_layer(), lambda args: False,
+         lambda r: [('|dL/dP|', f'{r["position_grad_norm"]:.3g}', '')]),
+    Step('backbone', 'ConvNeXt-dcls-atto backbone: forward / backward',
+         lambda args, work_dir, done: demo_backbone(), lambda args: False,
+         lambda r: [('params (M)', f'{r["params"] / 1e6:.2f}', '')]),
+    Step('cascade_mask_rcnn', 'tiny Cascade Mask R-CNN on COCO-format demo data',
+         lambda args, work_dir, done: demo_downstream(_downstream_tasks()['det'], work_dir,
+                                                      args.num_images),
+         lambda args: args.skip_det, _downstream_rows('det')),
+    Step('upernet', 'tiny UperNet on ADE20K-format demo data',
+         lambda args, work_dir, done: demo_downstream(_downstream_tasks()['seg'], work_dir,
+                                                      args.num_images),
+         lambda args: args.skip_seg, _downstream_rows('seg')),
+    Step('coco_c', 'COCO-C: the detector of step 3 under gaussian noise, severity 3',
+         lambda args, work_dir, done: demo_coco_c(work_dir, done['cascade_mask_rcnn']),
+         lambda args: args.skip_det or args.skip_coco_c, _coco_c_rows),
+    Step('imagenet_c', 'ImageNet-C: ConvNeXt-dcls-atto vs ConvNeXt-atto, random weights',
+         lambda args, work_dir, done: demo_robustness(work_dir),
+         lambda args: args.skip_robustness,
+         lambda r: [(f'mCE {k}', f'{v["mCE"]:.1f}', v['results'])
+                    for k, v in r['models'].items()]),
+)
+
+
+def _demo_log(work_dir: str) -> logging.Logger:
+    """The log of everything the steps print (``<work_dir>/demo.log``, new each run)."""
+    logger = logging.getLogger('dcls_mm.demo')
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for handler in list(logger.handlers):  # an earlier main() in this process
+        logger.removeHandler(handler)
+        handler.close()
+    handler = logging.FileHandler(osp.join(work_dir, 'demo.log'), mode='w')
+    handler.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
+    logger.addHandler(handler)
+    return logger
+
+
+def _print_table(rows: List[Tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print('  ' + '  '.join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    warnings.filterwarnings('ignore', category=UserWarning)
-    warnings.filterwarnings('ignore', category=DeprecationWarning)
-    os.chdir(ROOT)
-    sys.path.insert(0, ROOT)
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
     work_dir = osp.abspath(args.work_dir)
     os.makedirs(work_dir, exist_ok=True)
-    t0 = time.perf_counter()
-    summary = dict(torch=torch.__version__, layer=demo_layer(), backbone=demo_backbone())
-    if not args.skip_det:
-        summary['cascade_mask_rcnn'] = demo_det(work_dir, args.num_images)
-        if not args.skip_coco_c:
-            summary['coco_c'] = demo_coco_c(work_dir, summary['cascade_mask_rcnn'])
-    if not args.skip_seg:
-        summary['upernet'] = demo_seg(work_dir, args.num_images)
-    if not args.skip_robustness:
-        summary['imagenet_c'] = demo_robustness(work_dir)
-    summary['total_s'] = round(time.perf_counter() - t0, 1)
-
-    banner('Summary')
-    print(f'  DCLS layer: kernel {summary["layer"]["kernel"]} from K=4 weights + positions')
-    print(f'  backbone atto: {summary["backbone"]["params"] / 1e6:.2f} M params, fwd+bwd '
-          f'{summary["backbone"]["fwd_bwd_s"]} s')
-    if 'cascade_mask_rcnn' in summary:
-        m = summary['cascade_mask_rcnn']['metrics']
-        print(f'  Cascade Mask R-CNN: bbox AP {m.get("coco/bbox_mAP", float("nan")):.3f}, '
-              f'segm AP {m.get("coco/segm_mAP", float("nan")):.3f}')
-    if 'coco_c' in summary:
-        row = summary['coco_c']['metrics'].get('coco/bbox_mAP', {})
-        print(f'  COCO-C (gaussian_noise, severity 3): box AP P {row.get("P")}, '
-              f'mPC {row.get("mPC")}')
-    if 'upernet' in summary:
-        m = summary['upernet']['metrics']
-        print(f'  UperNet: mIoU {m.get("mIoU", float("nan")):.2f}')
-    if 'imagenet_c' in summary:
-        print('  ImageNet-C mCE (random weights): ' + ', '.join(
-            f'{k} {v["mCE"]:.1f}' for k, v in summary['imagenet_c']['models'].items()))
-    print(f'  total {summary["total_s"]} s; details in {osp.join(work_dir, "summary.json")}')
-    print('  (toy data, a few iterations: the numbers show the pipeline runs, not accuracy)')
+    log = _demo_log(work_dir)
+    steps = [step for step in STEPS if not step.skip(args)]
+    summary, rows = dict(torch=torch.__version__), [('step', 'metric', 'value', 'where')]
+    t_start = time.perf_counter()
+    for i, step in enumerate(steps, 1):
+        print(f'[{i}/{len(steps)}] {step.title} ...', end=' ', flush=True)
+        t0 = time.perf_counter()
+        log.info(f'=== {step.title}')
+        with prints_to_log(log):
+            result = step.run(args, work_dir, summary)
+        result['seconds'] = round(time.perf_counter() - t0, 1)
+        summary[step.key] = result
+        print(f'{result["seconds"]} s\n      {result["line"]}', flush=True)
+        rows += [(step.key if j == 0 else '', *row) for j, row in enumerate(step.rows(result))]
+    summary['total_s'] = round(time.perf_counter() - t_start, 1)
     with open(osp.join(work_dir, 'summary.json'), 'w') as f:
         json.dump(summary, f, indent=1)
+
+    print(f'\nResults ({summary["total_s"]} s; all values in {osp.join(work_dir, "summary.json")}'
+          f', everything printed on the way in {osp.join(work_dir, "demo.log")}):')
+    _print_table(rows)
+    if 'imagenet_c' in summary:
+        print('\n' + '\n'.join('  ' + line for line in summary['imagenet_c']['table'].splitlines()))
+    print('\n  Toy data and a few iterations (random weights for ImageNet-C): the numbers show\n'
+          '  that the real training and evaluation pipelines run end to end, not accuracy.')
     return summary
 
 

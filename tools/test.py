@@ -1,6 +1,6 @@
 """Evaluate a checkpoint of an mmdet or mmseg model built from a dcls-mm config.
 
-    python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--tta] [--out OUT]
+    python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--tta] [--out OUT] [--verbose]
                          [--cfg-options k=v ...] [--launcher none|pytorch|slurm|mpi]
 
 ``CHECKPOINT`` may be a dcls-mm/mmengine training checkpoint (read with the checked
@@ -11,16 +11,25 @@ uses the config's ``tta_pipeline``/``tta_model`` (the ADE20K configs: resize to 
 0.5, 0.75, ..., 1.75 of (2048, 512), keep ratio, each with and without flip: the
 "multi-scale" column of the recipes). ``--out`` follows the downstream package's own
 tools/test.py, chosen by the config's ``default_scope``.
+
+A missing checkpoint or test data folder is reported before anything is built, one line
+each (exit code 2). The console shows the metrics and where the log file is; the log
+file in the work dir has mmengine's full log (``--verbose``: on the console too).
 """
 from __future__ import annotations
 
 import argparse
 
-from mmengine.config import Config
+from dcls_mm.utils.console import ignore_known_warnings
 
-from dcls_mm.engine.runner_utils import (add_common_args, apply_common_args, build_runner,
-                                         parse_tool_args, set_prediction_output,
-                                         setup_dcls_mm, use_tta)
+ignore_known_warnings()  # before mmengine imports pkg_resources
+
+from mmengine.config import Config  # noqa: E402
+
+from dcls_mm.engine.runner_utils import (add_common_args, apply_common_args,  # noqa: E402
+                                         build_runner, console_prints, parse_tool_args,
+                                         run_cli, set_prediction_output, setup_dcls_mm,
+                                         use_tta)
 
 
 def parse_args(argv=None):
@@ -44,13 +53,17 @@ def main(argv=None):
     cfg.load_from = args.checkpoint
     if args.tta:
         use_tta(cfg)
+    # the checkpoint is read over the model's initialisation: Pretrained files unused
+    from dcls_mm.datasets.checks import check_inputs
+    check_inputs(cfg, splits=('test',), pretrained=False)
     setup_dcls_mm(cfg)
     dump = set_prediction_output(cfg, args.out) if args.out is not None else None
-    runner = build_runner(cfg)
+    runner = build_runner(cfg, quiet=not args.verbose)
     if dump is not None:
         runner.test_evaluator.metrics.append(dump)
-    return runner.test()
+    with console_prints(runner, quiet=not args.verbose):
+        return runner.test()
 
 
 if __name__ == '__main__':
-    main()
+    run_cli(main)

@@ -26,6 +26,9 @@ map the other 146 to 255 (ignored).
 Both functions are deterministic for a given ``seed`` and idempotent: an existing,
 complete data set with the same parameters (recorded in ``root/dcls_mm_demo.json``) is
 reused; anything else under ``root`` written by an earlier call is replaced.
+:func:`coco_demo_cfg_options` / :func:`ade20k_demo_cfg_options` turn what they return
+into the config overrides that point the demo configs (or any mmdet COCO / mmseg ADE20K
+config) at the data.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ import math
 import os
 import os.path as osp
 import shutil
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -51,6 +54,8 @@ ADE20K_DEMO_CLASS_IDS = (0, 1, 2, 3)
 ADE20K_DEMO_CLASSES = ('wall', 'building', 'sky', 'floor')
 ADE20K_DEMO_PALETTE = ((120, 120, 120), (180, 120, 120), (6, 230, 230), (80, 50, 50))
 
+#: the dataloaders whose dataset the overrides point at the demo data.
+_SPLITS = ('train', 'val', 'test')
 _MARKER = 'dcls_mm_demo.json'
 #: colour of each shape kind (RGB), slightly jittered per instance.
 _COLOURS = ((220, 60, 60), (60, 200, 60), (60, 90, 230), (230, 200, 40))
@@ -219,3 +224,31 @@ def make_ade20k_demo(root: str, num_images: int = 8, num_val_images: int = 4,
             Image.fromarray(label, 'L').save(osp.join(root, 'annotations', split, name + '.png'))
     _write_marker(root, params)
     return out
+
+
+def coco_demo_cfg_options(data: Mapping[str, str]) -> Dict[str, str]:
+    """Config overrides (``Config.merge_from_dict`` / ``--cfg-options`` keys) that point
+    an mmdet COCO config at a data set of :func:`make_coco_demo`.
+
+    Args:
+        data: what :func:`make_coco_demo` returned.
+
+    Returns:
+        The train/val/test dataset ``data_root`` and the val/test ``CocoMetric``
+        ``ann_file`` (the metric reads the annotations itself).
+    """
+    root = data['data_root'].rstrip('/') + '/'
+    options = {f'{split}_dataloader.dataset.data_root': root for split in _SPLITS}
+    options.update({f'{split}_evaluator.ann_file': root + data['val_ann']
+                    for split in _SPLITS[1:]})
+    return options
+
+
+def ade20k_demo_cfg_options(data: Mapping[str, str]) -> Dict[str, str]:
+    """Config overrides that point an mmseg ADE20K config at a data set of
+    :func:`make_ade20k_demo` (the train/val/test dataset ``data_root``).
+
+    Args:
+        data: what :func:`make_ade20k_demo` returned.
+    """
+    return {f'{split}_dataloader.dataset.data_root': data['data_root'] for split in _SPLITS}

@@ -1,16 +1,30 @@
 """Helpers shared by the command-line tools (``tools/train.py``, ``tools/test.py``,
-``tools/demo.py``): common arguments, process setup and Runner construction for
-mmdet/mmseg configs that use dcls-mm modules.
+``tools/demo.py``): common arguments, process setup, Runner construction for
+mmdet/mmseg configs that use dcls-mm modules, and what the tools print.
+
+The console shows progress and results; everything else (environment, config, hooks,
+every logged iteration, pycocotools' prints) goes to the log file in the work dir
+(:func:`build_runner` with ``quiet=True``, :func:`console_prints`). ``--verbose`` puts
+mmengine's full log back on the console.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
+import logging
 import os
 import os.path as osp
+import sys
+import time
 import warnings
+from typing import Callable, Iterator, Optional
 
 from mmengine.config import Config, DictAction
+from mmengine.hooks import Hook
+from mmengine.runner import EpochBasedTrainLoop
+
+from dcls_mm.utils.console import KnownNoticeFilter, prints_to_log
 
 DUMP_SUFFIXES = ('.pkl', '.pickle')
 
@@ -25,6 +39,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         'train_dataloader.batch_size=1; lists as key="[a,b]")')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
                         default='none', help='job launcher')
+    parser.add_argument('--verbose', action='store_true',
+                        help="mmengine's full log on the console too (environment, config, "
+                        'every logged iteration); without it the console shows progress '
+                        'and results, and the log file in the work dir has everything')
     # torch.distributed launchers pass --local-rank (torch>=2) or --local_rank.
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
 
@@ -56,15 +74,19 @@ def setup_dcls_mm(cfg: Config) -> None:
     * checks that the config sets ``default_scope`` (the downstream package, ``'mmdet'``
       or ``'mmseg'``, the Runner builds from);
     * routes mmengine's LOCAL checkpoint loading through
-      :func:`dcls_mm.models.load_checkpoint_file` (importing dcls_mm registers it, see
-      :func:`dcls_mm.models.checkpoint.use_checked_checkpoint_loader`);
+      :func:`dcls_mm.utils.checkpoint_io.load_checkpoint_file`
+      (:func:`dcls_mm.engine.register_checkpoint_loader`);
     * makes distributed launches work without a GPU (:func:`setup_distributed`).
 
     Args:
         cfg: the tool's config (changed in place by :func:`setup_distributed`).
     """
-    import dcls_mm.engine  # noqa: F401  (registers the constructor and hooks)
+    import dcls_mm.engine  # registers the constructor and hooks
     import dcls_mm.models  # noqa: F401  (registers the backbone)
+
+    # the import made this call already; repeated because the tools' guarantee should
+    # not rest on an import that may have happened before anything reset mmengine's loaders
+    dcls_mm.engine.register_checkpoint_loader()
 
     if cfg.get('default_scope') is None:
         raise ValueError('the config sets no default_scope; dcls-mm configs inherit it from '
@@ -217,8 +239,149 @@ def set_prediction_output(cfg: Config, out: str):
     return DumpResults(out_file_path=out)
 
 
-def build_runner(cfg: Config):
-    """``Runner.from_cfg(cfg)``, or the config's ``runner_type`` from mmengine's RUNNERS."""
+def run_cli(main: Callable, argv=None):
+    """Run a tool's ``main(argv)``; a missing or unusable input it reports
+    (:class:`dcls_mm.datasets.checks.InputCheckError`) ends the process with its lines
+    on stderr and exit code 2, as argparse does for bad arguments, without a traceback.
+
+    Args:
+        main: the tool's ``main`` function.
+        argv: its arguments (default: ``sys.argv[1:]``).
+    """
+    from dcls_mm.datasets.checks import InputCheckError
+    try:
+        return main(argv)
+    except InputCheckError as err:
+        prog = osp.basename(sys.argv[0])
+        for line in str(err).splitlines():
+            print(f'{prog}: error: {line}', file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+class ConsoleProgressHook(Hook):
+    """What a tool prints on the console next to mmengine's log.
+
+    * With ``progress``: one line per logging interval while training (iteration,
+      loss, elapsed time, estimated time left), the validation/test metrics, and where
+      the log file and checkpoints are; for runners whose console log shows warnings
+      only (:func:`build_runner` with ``quiet=True``).
+    * Always: one line when a resumed training has nothing left to do (mmengine logs
+      ``resumed epoch: 1, iter: 4`` and ends without training).
+
+    Args:
+        progress: print the progress and result lines.
+        interval: iterations between progress lines (default: the ``LoggerHook``'s).
+    """
+
+    priority = 'BELOW_NORMAL'
+
+    def __init__(self, progress: bool = True, interval: Optional[int] = None) -> None:
+        self.progress = progress
+        self.interval = interval
+        # the console as it is now: third-party prints may be redirected later
+        self._stream = sys.stdout
+        self._start = (0., 0)
+
+    def _print(self, text: str) -> None:
+        from mmengine.dist import is_main_process
+        if self.progress and is_main_process():
+            print(text, file=self._stream, flush=True)
+
+    def before_run(self, runner) -> None:
+        if self.interval is None:
+            from mmengine.hooks import LoggerHook
+            self.interval = next((h.interval for h in runner.hooks
+                                  if isinstance(h, LoggerHook)), 50)
+
+    def before_train(self, runner) -> None:
+        self._start = (time.perf_counter(), runner.iter)
+        by_epoch = isinstance(runner.train_loop, EpochBasedTrainLoop)
+        if (runner.epoch >= runner.max_epochs) if by_epoch else (runner.iter >= runner.max_iters):
+            runner.logger.warning(
+                f'training already finished at iter {runner.iter} of {runner.max_iters}'
+                + (f' (epoch {runner.epoch} of {runner.max_epochs})' if by_epoch else '')
+                + f' in {runner.work_dir}; nothing to do (raise train_cfg.max_'
+                + ('epochs' if by_epoch else 'iters') + ' to train further)')
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        if not (self.every_n_train_iters(runner, self.interval)
+                or self.is_last_train_iter(runner)):
+            return
+        done = runner.iter + 1
+        elapsed = time.perf_counter() - self._start[0]
+        left = elapsed / max(done - self._start[1], 1) * (runner.max_iters - done)
+        loss = (outputs or {}).get('loss')
+        if hasattr(loss, 'detach'):  # the logged value, not the autograd graph
+            loss = loss.detach()
+        self._print(f'  train iter {done}/{runner.max_iters}'
+                    + (f'  loss {float(loss):.4f}' if loss is not None else '')
+                    + f'  {elapsed:.0f} s, about {datetime.timedelta(seconds=round(left))} '
+                    'left')
+
+    def _metrics(self, split: str, metrics: Optional[dict]) -> None:
+        if metrics:
+            self._print(f'  {split}: ' + ', '.join(
+                f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}'
+                for k, v in metrics.items()))
+
+    def after_val_epoch(self, runner, metrics: Optional[dict] = None) -> None:
+        self._metrics('val', metrics)
+
+    def after_test_epoch(self, runner, metrics: Optional[dict] = None) -> None:
+        self._metrics('test', metrics)
+
+    def after_run(self, runner) -> None:
+        self._print(f'  log: {runner.logger.log_file}; work dir (checkpoints): '
+                    f'{runner.work_dir}')
+
+
+def _with_quiet_console(runner_cls: type) -> type:
+    """``runner_cls`` whose logger shows warnings only on the console (its log file keeps
+    the config's ``log_level``) and drops mmengine's known deprecation notices there."""
+
+    class QuietConsoleRunner(runner_cls):
+
+        def build_logger(self, *args, **kwargs):
+            logger = super().build_logger(*args, **kwargs)
+            for handler in logger.handlers:
+                if isinstance(handler, logging.StreamHandler) and \
+                        not isinstance(handler, logging.FileHandler):
+                    handler.setLevel(max(handler.level, logging.WARNING))
+                    handler.addFilter(KnownNoticeFilter())
+            return logger
+
+    QuietConsoleRunner.__name__ = QuietConsoleRunner.__qualname__ = runner_cls.__name__
+    return QuietConsoleRunner
+
+
+def build_runner(cfg: Config, quiet: bool = False, progress: bool = True):
+    """``Runner.from_cfg(cfg)``, or the config's ``runner_type`` from mmengine's RUNNERS,
+    with a :class:`ConsoleProgressHook`.
+
+    Args:
+        cfg: the Runner config.
+        quiet: the console shows warnings, progress and results only; the log file
+            in the work dir still has everything at the config's ``log_level``.
+        progress: with ``quiet``, print the progress and result lines (the demo prints
+            its own).
+    """
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
-    return Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    runner_cls = RUNNERS.get(cfg.runner_type) if 'runner_type' in cfg else Runner
+    runner = (_with_quiet_console(runner_cls) if quiet else runner_cls).from_cfg(cfg)
+    runner.register_hook(ConsoleProgressHook(progress=quiet and progress))
+    return runner
+
+
+@contextlib.contextmanager
+def console_prints(runner, quiet: bool = True) -> Iterator[None]:
+    """While active and ``quiet``, third-party prints (pycocotools' ``loading
+    annotations into memory...``, ``COCOeval`` tables) go to ``runner``'s log file
+    instead of the console (:func:`dcls_mm.utils.console.prints_to_log`).
+
+    Args:
+        runner: a runner from :func:`build_runner`.
+        quiet: redirect; without it the prints stay on the console.
+    """
+    with prints_to_log(runner.logger) if quiet else contextlib.nullcontext():
+        yield

@@ -8,6 +8,10 @@ import warnings
 import pytest
 import torch
 
+# the demo's own overrides: the tests build exactly what tools/demo.py runs
+from dcls_mm.datasets.demo import ade20k_demo_cfg_options as seg_data_options  # noqa: F401
+from dcls_mm.datasets.demo import coco_demo_cfg_options as det_data_options  # noqa: F401
+
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 DEMO_DET = osp.join(ROOT, 'configs/demo/cascade-mask-rcnn_convnext-dcls-atto_fpn_4conv1fc-giou_ms-crop-1e_demo-coco.py')
 DEMO_SEG = osp.join(ROOT, 'configs/demo/upernet_convnext-dcls-atto_demo-ade20k-64x64.py')
@@ -27,18 +31,6 @@ def ade_demo(tmp_path_factory):
     from dcls_mm.datasets import make_ade20k_demo
     return make_ade20k_demo(str(tmp_path_factory.mktemp('ade')), num_images=4,
                             num_val_images=2, image_size=(64, 64))
-
-
-def det_data_options(data):
-    root = data['data_root'].rstrip('/') + '/'
-    return {f'{split}_dataloader.dataset.data_root': root for split in ('train', 'val', 'test')} | {
-        'val_evaluator.ann_file': root + data['val_ann'],
-        'test_evaluator.ann_file': root + data['val_ann']}
-
-
-def seg_data_options(data):
-    return {f'{split}_dataloader.dataset.data_root': data['data_root']
-            for split in ('train', 'val', 'test')}
 
 
 def load_cfg(path, options=None, work_dir=None):

@@ -54,3 +54,25 @@ def test_generators_are_idempotent(tmp_path):
     out = make_ade20k_demo(str(tmp_path / 'a'), num_images=2, num_val_images=1)
     make_ade20k_demo(str(tmp_path / 'a'), num_images=1, num_val_images=1)
     assert len(os.listdir(tmp_path / 'a' / 'images' / 'training')) == 1
+
+
+def test_cfg_options_point_the_demo_configs_at_the_data(coco_demo, ade_demo):
+    """The overrides the demo and the integration tests use: every path the demo
+    configs then name exists (checked by the tools' own pre-flight check)."""
+    from mmengine.config import Config
+
+    from dcls_mm.datasets.checks import missing_data
+    from dcls_mm.datasets.demo import ade20k_demo_cfg_options, coco_demo_cfg_options
+
+    from .conftest import DEMO_DET, DEMO_SEG
+    det = Config.fromfile(DEMO_DET)
+    det.merge_from_dict(coco_demo_cfg_options(coco_demo))
+    root = coco_demo['data_root'].rstrip('/') + '/'
+    assert det.test_dataloader.dataset.data_root == root
+    assert det.val_evaluator.ann_file == det.test_evaluator.ann_file == osp.join(
+        root, 'annotations/instances_val2017.json')
+    assert missing_data(det) == []
+    seg = Config.fromfile(DEMO_SEG)
+    seg.merge_from_dict(ade20k_demo_cfg_options(ade_demo))
+    assert seg.val_dataloader.dataset.data_root == ade_demo['data_root']
+    assert missing_data(seg) == []

@@ -217,3 +217,135 @@ def test_cpu_peak_memory_prints_no_profiler_chatter(capfd):
     out, err = capfd.readouterr()
     assert 'USDT' not in out + err and 'gpuGetDeviceCount' not in out + err
     assert err.splitlines() == ['from the measured function']
+
+
+RECIPE_DET = osp.join(
+    ROOT, 'configs/cascade_mask_rcnn/cascade-mask-rcnn_convnext-dcls-t_fpn_4conv1fc-giou_'
+    'amp-ms-crop-3x_coco.py')
+
+
+def _cli_error(main, argv, capsys):
+    """``run_cli(main, argv)`` must exit with code 2; returns its stderr lines."""
+    from dcls_mm.engine.runner_utils import run_cli
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        run_cli(main, argv)
+    assert info.value.code == 2
+    return capsys.readouterr().err.splitlines()
+
+
+def test_missing_data_and_checkpoints_reported_at_once_before_building(tools, tmp_path,
+                                                                       capsys):
+    """A recipe config with a data root and a pretrained checkpoint that do not exist:
+    both named in one line each, with where the README explains the layout, exit code 2
+    and no traceback, before the model or the datasets are built."""
+    train_tool, test_tool = tools
+    missing_root, missing_ckpt = tmp_path / 'no-coco', tmp_path / 'no.pth'
+    options = ['--cfg-options', f'model.backbone.init_cfg.checkpoint={missing_ckpt}'] + [
+        f'{s}_dataloader.dataset.data_root={missing_root}/' for s in ('train', 'val', 'test')]
+    err = _cli_error(train_tool.main, [RECIPE_DET, '--work-dir', str(tmp_path / 'w')] + options,
+                     capsys)
+    errors = [line for line in err if ': error: ' in line]
+    layout = 'layout: README.md, "Training and testing" > "Data and checkpoints"'
+    assert errors == [
+        f'{osp.basename(sys.argv[0])}: error: data root {missing_root}/ does not exist '
+        f'(train_dataloader, val_dataloader); {layout}',
+        f'{osp.basename(sys.argv[0])}: error: checkpoint {missing_ckpt} does not exist '
+        f'(model.backbone.init_cfg.checkpoint); {layout}']
+    assert 'Traceback' not in '\n'.join(err) and not (tmp_path / 'w').exists()
+    # tools/test.py: its checkpoint argument and the test data; the model's Pretrained
+    # file is never read there
+    err = _cli_error(test_tool.main, [RECIPE_DET, str(tmp_path / 'epoch_9.pth'), '--work-dir',
+                                      str(tmp_path / 'w')] + options, capsys)
+    assert [line.split(': error: ')[1].split(';')[0] for line in err] == [
+        f'data root {missing_root}/ does not exist (test_dataloader)',
+        f'checkpoint {tmp_path / "epoch_9.pth"} does not exist (load_from)']
+
+
+def test_missing_annotation_file_and_relative_paths(tmp_path, monkeypatch):
+    from dcls_mm.datasets.checks import missing_checkpoints, missing_data
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'coco' / 'train2017').mkdir(parents=True)
+    dataset = dict(type='CocoDataset', data_root='coco/', ann_file='annotations/train.json',
+                   data_prefix=dict(img='train2017/'))
+    cfg = dict(train_dataloader=dict(dataset=dict(type='RepeatDataset', times=2,
+                                                  dataset=dataset)),
+               load_from='https://example.com/x.pth',
+               model=dict(backbone=dict(init_cfg=[dict(type='Normal'), dict(
+                   type='Pretrained', checkpoint='ckpt/b.pth')])))
+    assert missing_data(cfg) == [
+        f'annotation file coco/annotations/train.json (= {tmp_path}/coco/annotations/train.json)'
+        ' does not exist (train_dataloader)']
+    assert missing_checkpoints(cfg) == [
+        f'checkpoint ckpt/b.pth (= {tmp_path}/ckpt/b.pth) does not exist '
+        '(model.backbone.init_cfg[1].checkpoint)']
+    assert missing_checkpoints(cfg, pretrained=False) == []  # URLs: left to their loader
+
+
+def test_known_third_party_warnings_only_are_ignored():
+    import warnings
+
+    from dcls_mm.utils.console import ignore_known_warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        ignore_known_warnings()
+        warnings.warn('pkg_resources is deprecated as an API. See ...', UserWarning)
+        warnings.warn('pkg_resources is deprecated as an API', DeprecationWarning)
+        warnings.warn('something else', UserWarning)
+    assert [(w.category, str(w.message)) for w in caught] == [
+        (DeprecationWarning, 'pkg_resources is deprecated as an API'),
+        (UserWarning, 'something else')]
+
+
+def test_demo_detector_quiet_console_and_resume_after_the_end(tools, tmp_path, capsys):
+    """tools/train.py on the demo detector (one iteration): the console has the progress,
+    the metrics and where the log is; the log file has mmengine's full log and
+    pycocotools' prints. ``--resume`` once training has finished says so."""
+    from dcls_mm.datasets import make_coco_demo
+    from dcls_mm.datasets.demo import coco_demo_cfg_options
+    train_tool, _ = tools
+    data = make_coco_demo(str(tmp_path / 'coco'), num_images=2, num_val_images=1,
+                          image_size=(96, 64))
+    options = ['--cfg-options'] + [f'{k}={v}' for k, v in coco_demo_cfg_options(data).items()]
+    work = str(tmp_path / 'work')
+    capsys.readouterr()
+    runner = train_tool.main([DEMO_DET, '--work-dir', work] + options)
+    console = capsys.readouterr().out.splitlines()
+    assert runner.iter == 1 and osp.isfile(osp.join(work, 'epoch_1.pth'))
+    assert console[0].startswith('  train iter 1/1  loss ')
+    assert console[1].startswith('  val: coco/bbox_mAP ')
+    assert console[2] == f'  log: {runner.logger.log_file}; work dir (checkpoints): {work}'
+    assert len(console) == 3
+    with open(runner.logger.log_file) as f:
+        log = f.read()
+    assert 'Config:' in log and 'Epoch(train) [1][1/1]' in log
+    assert 'loading annotations into memory...' in log and 'Average Precision' in log
+
+    runner = train_tool.main([DEMO_DET, '--work-dir', work, '--resume'] + options)
+    console = capsys.readouterr().out
+    assert runner.iter == 1
+    assert ('training already finished at iter 1 of 1 (epoch 1 of 1) in '
+            f'{work}; nothing to do (raise train_cfg.max_epochs to train further)') in console
+    assert 'train iter' not in console
+
+
+def test_demo_prints_one_line_per_step_and_a_table(tmp_path, capsys):
+    """The demo's console: a progress line and a result line per step, then the table;
+    what the steps print goes to demo.log; summary.json has every step."""
+    import json
+    demo = load_tool('demo')
+    summary = demo.main(['--work-dir', str(tmp_path), '--skip-det', '--skip-seg',
+                         '--skip-robustness'])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith('[1/2] a DCLS layer (Dcls2d, depthwise, bilinear) ... ')
+    assert lines[1] == '      ' + summary['layer']['line']
+    assert lines[2].startswith('[2/2] ConvNeXt-dcls-atto backbone: forward / backward ... ')
+    assert lines[3] == '      ' + summary['backbone']['line']
+    assert lines[5].startswith(f'Results ({summary["total_s"]} s; ')
+    assert lines[6].split() == ['step', 'metric', 'value', 'where']
+    assert lines[7].split() == ['layer', '|dL/dP|', f'{summary["layer"]["position_grad_norm"]:.3g}']
+    assert lines[8].split() == ['backbone', 'params', '(M)',
+                                f'{summary["backbone"]["params"] / 1e6:.2f}']
+    with open(tmp_path / 'summary.json') as f:
+        assert set(json.load(f)) == {'torch', 'layer', 'backbone', 'total_s'}
+    assert '=== a DCLS layer' in (tmp_path / 'demo.log').read_text()
