@@ -181,11 +181,24 @@ class _DepthwiseConv2d(torch.autograd.Function):
         return grad_x, grad_k, None, None
 
 
-def _crop(x_hw: Tuple[int, int], kernel_hw: Tuple[int, int], stride: Tuple[int, int],
-          padding: Sequence[Sequence[int]]):
-    """Kernel rows/columns ``(r0, r1, c0, c1)`` that ever meet the input (cropping to them
-    is exact for zero padding) and the padding ``((top, bottom), (left, right))`` that
-    goes with the cropped kernel."""
+def used_taps(x_hw: Sequence[int], kernel_hw: Sequence[int], stride: Sequence[int],
+              padding: Sequence[Sequence[int]]):
+    """Kernel rows/columns that ever meet the input, and the padding that goes with them.
+
+    Cropping the kernel to them is exact for zero padding: the other taps only ever
+    multiply padding zeros (a 17x17 kernel on a 7x7 map with padding 8 meets 13x13 taps).
+
+    Args:
+        x_hw: input ``(H, W)``.
+        kernel_hw: kernel ``(kh, kw)``.
+        stride: ``(sh, sw)``.
+        padding: ``((top, bottom), (left, right))`` zero padding.
+
+    Returns:
+        ``((r0, r1, c0, c1), ((top, bottom), (left, right)))``: the used rows ``[r0, r1)``
+        and columns ``[c0, c1)``, and the padding for the cropped kernel (same output).
+    """
+    x_hw, kernel_hw, stride = tuple(x_hw), tuple(kernel_hw), tuple(stride)
     (pt, pb), (pl, pr) = padding
     (h, w), (kh, kw) = x_hw, kernel_hw
     out_h = (h + pt + pb - kh) // stride[0] + 1
@@ -212,7 +225,7 @@ def kernel_grad_route(x_shape: Sequence[int], kernel_hw: Sequence[int], stride: 
         dtype: input dtype.
     """
     stride = tuple(stride)
-    (r0, r1, c0, c1), padding = _crop(tuple(x_shape[-2:]), tuple(kernel_hw), stride, padding)
+    (r0, r1, c0, c1), padding = used_taps(tuple(x_shape[-2:]), tuple(kernel_hw), stride, padding)
     (pt, pb), (pl, pr) = padding
     out_hw = ((x_shape[-2] + pt + pb - (r1 - r0)) // stride[0] + 1,
               (x_shape[-1] + pl + pr - (c1 - c0)) // stride[1] + 1)
@@ -239,7 +252,7 @@ def depthwise_conv2d(x: Tensor, kernel: Tensor, stride: Sequence[int] = (1, 1),
         too: that backward goes through PyTorch's own convolution ops (slower).
     """
     stride = tuple(stride)
-    (r0, r1, c0, c1), padding = _crop(tuple(x.shape[-2:]), tuple(kernel.shape[-2:]), stride,
+    (r0, r1, c0, c1), padding = used_taps(tuple(x.shape[-2:]), tuple(kernel.shape[-2:]), stride,
                                       padding)
     if (r0, r1, c0, c1) != (0, kernel.shape[-2], 0, kernel.shape[-1]):
         kernel = kernel[:, :, r0:r1, c0:c1]

@@ -126,9 +126,9 @@ def _depthwise_kernel_grad_fake(x, grad_out, kh, kw, pad_top, pad_left, stride_h
     return x.new_empty(kh, kw, x.shape[1]).permute(2, 0, 1).unsqueeze(1)
 
 
-def _separable_kernel_fake(weight, P, SIG, L0, L1, interp):
-    return weight.new_empty(weight.shape[0], L0, L1)
+def _separable_kernel_fake(weight, P, SIG, L0, L1, interp, r0, nr, c0, nc):
+    return weight.new_empty(weight.shape[0], nr, nc)
 
 
-def _separable_kernel_backward_fake(grad, weight, P, SIG, L0, L1, interp):
+def _separable_kernel_backward_fake(grad, weight, P, SIG, L0, L1, interp, r0, nr, c0, nc):
     return weight.new_empty(weight.shape), P.new_empty(P.shape), SIG.new_empty(SIG.shape)

@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 
 import dcls_mm.models  # noqa: F401  (registers convnext_dcls_* in timm)
-from dcls_mm.ops import Dcls2d, depthwise_conv2d, set_impl
+from dcls_mm.ops import Dcls2d, set_impl
 from dcls_mm.utils import (DclsRouteRecorder, dcls_layer_routes, machine_info, machine_line,
                            peak_memory_mib, time_fn, time_fns, write_json)
 
@@ -66,9 +66,11 @@ def layer_rows(args, device):
                     x = x.contiguous(memory_format=torch.channels_last)
                 x.requires_grad_(True)
                 dcls = Dcls2d(C, C, K, padding='same', dilated_kernel_size=dks, groups=C,
-                              version=interp).to(device)
+                              interpolation=interp).to(device)
                 dense = nn.Conv2d(C, C, 7, padding=3, groups=C).to(device)
-                leaf = dcls.construct_kernel().detach().requires_grad_(True)
+                # the taps this map meets (all but on maps smaller than the kernel)
+                window = dcls.kernel_window(x)
+                leaf = dcls.construct_kernel(window).detach().requires_grad_(True)
                 kernel_grad = torch.randn_like(leaf)
 
                 def step(m):
@@ -78,11 +80,11 @@ def layer_rows(args, device):
                     return run
 
                 def conv_alone():
-                    y = depthwise_conv2d(x, leaf, dcls.stride, dcls.padding)
+                    y = dcls.conv(x, leaf, window)
                     y.backward(torch.ones_like(y))
 
                 def construct_alone():
-                    dcls.construct_kernel().backward(kernel_grad)
+                    dcls.construct_kernel(window).backward(kernel_grad)
 
                 row = dict(interpolation=interp, dks=dks, K=K, C=C, H=H, layout=layout)
                 times = time_fns([step(dense), step(dcls), conv_alone, construct_alone], device,

@@ -11,6 +11,12 @@
 // b's is processed together with b innermost, so every multiply-add is one full vector
 // lane-wise operation and the block's working set stays in L1/L2; blocks run in
 // parallel. The exponential is a vectorisable polynomial (see fast_exp_neg).
+//
+// Both ops take a window: rows [r0, r0 + nr) and columns [c0, c0 + nc) of the L0 x L1
+// kernel. Only those taps are built (and only their gradient is given to the backward);
+// the profile sums S_d still run over the whole grid, so the taps equal those of the full
+// kernel. A convolution on a feature map smaller than the kernel meets only part of it
+// (a 7x7 map: 13 of 23 rows), and building the rest would be wasted work.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -129,19 +135,21 @@ DCLS_MM_ISA_VARIANTS(profiles,
                       float* __restrict sums),
                      (pos, wid, K, L, interp, a, sums))
 
-// out[i][j][c] = sum_k scale[k][c] a0[k][i][c] a1[k][j][c]; out is [L0][L1][B]. Four
-// output columns at a time: four independent accumulator chains hide the FMA latency.
+// out[i][j][c] = sum_k scale[k][c] a0[k][r0 + i][c] a1[k][c0 + j][c]; out is
+// [nr][nc][B]. Four output columns at a time: four independent accumulator chains hide
+// the FMA latency.
 DCLS_MM_INLINE void contract_impl(const float* __restrict a0, const float* __restrict a1,
                                   const float* __restrict scale, int64_t K, int64_t L0,
-                                  int64_t L1, float* __restrict out) {
+                                  int64_t L1, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+                                  float* __restrict out) {
   constexpr int64_t B = kBlock;
-  for (int64_t i = 0; i < L0; ++i) {
+  for (int64_t i = 0; i < nr; ++i) {
     int64_t j = 0;
-    for (; j + 4 <= L1; j += 4) {
+    for (; j + 4 <= nc; j += 4) {
       float acc[4][B] = {};
       for (int64_t k = 0; k < K; ++k) {
-        const float* x = a0 + (k * L0 + i) * B;
-        const float* y = a1 + (k * L1 + j) * B;
+        const float* x = a0 + (k * L0 + r0 + i) * B;
+        const float* y = a1 + (k * L1 + c0 + j) * B;
         const float* s = scale + k * B;
         float sx[B];
         for (int64_t c = 0; c < B; ++c) sx[c] = s[c] * x[c];
@@ -149,30 +157,30 @@ DCLS_MM_INLINE void contract_impl(const float* __restrict a0, const float* __res
 #pragma GCC ivdep
           for (int64_t c = 0; c < B; ++c) acc[t][c] += sx[c] * y[t * B + c];
       }
-      for (int t = 0; t < 4; ++t) std::copy_n(acc[t], B, out + (i * L1 + j + t) * B);
+      for (int t = 0; t < 4; ++t) std::copy_n(acc[t], B, out + (i * nc + j + t) * B);
     }
-    for (; j < L1; ++j) {
+    for (; j < nc; ++j) {
       float acc[B] = {};
       for (int64_t k = 0; k < K; ++k) {
-        const float* x = a0 + (k * L0 + i) * B;
-        const float* y = a1 + (k * L1 + j) * B;
+        const float* x = a0 + (k * L0 + r0 + i) * B;
+        const float* y = a1 + (k * L1 + c0 + j) * B;
         const float* s = scale + k * B;
 #pragma GCC ivdep
         for (int64_t c = 0; c < B; ++c) acc[c] += (s[c] * x[c]) * y[c];
       }
-      std::copy_n(acc, B, out + (i * L1 + j) * B);
+      std::copy_n(acc, B, out + (i * nc + j) * B);
     }
   }
 }
 DCLS_MM_ISA_VARIANTS(contract,
                      (const float* __restrict a0, const float* __restrict a1,
                       const float* __restrict scale, int64_t K, int64_t L0, int64_t L1,
-                      float* __restrict out),
-                     (a0, a1, scale, K, L0, L1, out))
+                      int64_t r0, int64_t nr, int64_t c0, int64_t nc, float* __restrict out),
+                     (a0, a1, scale, K, L0, L1, r0, nr, c0, nc, out))
 
-// Backward of the contraction for one block, g is [L0][L1][B]:
-//   m0[k][i] = sum_j g[i][j] a1[k][j],  m1[k][j] = sum_i g[i][j] a0[k][i],
-//   dscale[k] = sum_i a0[k][i] m0[k][i]
+// Backward of the contraction for one block, g is the window's [nr][nc][B]:
+//   m0[k][r0 + i] = sum_j g[i][j] a1[k][c0 + j],  m1[k][c0 + j] = sum_i g[i][j] a0[k][r0 + i],
+//   zero outside the window;  dscale[k] = sum_i a0[k][i] m0[k][i]
 // Each sum runs four outputs at a time (independent accumulator chains in registers).
 DCLS_MM_INLINE void reduce4(const float* __restrict g, int64_t g_outer, int64_t g_inner,
                             const float* __restrict v, int64_t n, int64_t first,
@@ -207,22 +215,25 @@ DCLS_MM_INLINE void reduce1(const float* __restrict g, int64_t g_outer, int64_t 
 DCLS_MM_INLINE void contract_backward_impl(const float* __restrict g,
                                            const float* __restrict a0,
                                            const float* __restrict a1, int64_t K, int64_t L0,
-                                           int64_t L1, float* __restrict m0,
+                                           int64_t L1, int64_t r0, int64_t nr, int64_t c0,
+                                           int64_t nc, float* __restrict m0,
                                            float* __restrict m1, float* __restrict dscale) {
   constexpr int64_t B = kBlock;
+  std::fill_n(m0, K * L0 * B, 0.0f);
+  std::fill_n(m1, K * L1 * B, 0.0f);
   for (int64_t k = 0; k < K; ++k) {
-    const float* x = a0 + k * L0 * B;
-    const float* y = a1 + k * L1 * B;
-    float* m0k = m0 + k * L0 * B;
-    float* m1k = m1 + k * L1 * B;
+    const float* x = a0 + (k * L0 + r0) * B;  // the window's first row / column
+    const float* y = a1 + (k * L1 + c0) * B;
+    float* m0k = m0 + (k * L0 + r0) * B;
+    float* m1k = m1 + (k * L1 + c0) * B;
     int64_t i = 0;
-    for (; i + 4 <= L0; i += 4) reduce4(g, L1, 1, y, L1, i, m0k + i * B);
-    for (; i < L0; ++i) reduce1(g, L1, 1, y, L1, i, m0k + i * B);
+    for (; i + 4 <= nr; i += 4) reduce4(g, nc, 1, y, nc, i, m0k + i * B);
+    for (; i < nr; ++i) reduce1(g, nc, 1, y, nc, i, m0k + i * B);
     int64_t j = 0;
-    for (; j + 4 <= L1; j += 4) reduce4(g, 1, L1, x, L0, j, m1k + j * B);
-    for (; j < L1; ++j) reduce1(g, 1, L1, x, L0, j, m1k + j * B);
+    for (; j + 4 <= nc; j += 4) reduce4(g, 1, nc, x, nr, j, m1k + j * B);
+    for (; j < nc; ++j) reduce1(g, 1, nc, x, nr, j, m1k + j * B);
     float ds[B] = {};
-    for (int64_t r = 0; r < L0; ++r)
+    for (int64_t r = 0; r < nr; ++r)
       for (int64_t c = 0; c < B; ++c) ds[c] += x[r * B + c] * m0k[r * B + c];
     std::copy_n(ds, B, dscale + k * B);
   }
@@ -230,11 +241,13 @@ DCLS_MM_INLINE void contract_backward_impl(const float* __restrict g,
 DCLS_MM_ISA_VARIANTS(contract_backward,
                      (const float* __restrict g, const float* __restrict a0,
                       const float* __restrict a1, int64_t K, int64_t L0, int64_t L1,
-                      float* __restrict m0, float* __restrict m1, float* __restrict dscale),
-                     (g, a0, a1, K, L0, L1, m0, m1, dscale))
+                      int64_t r0, int64_t nr, int64_t c0, int64_t nc, float* __restrict m0,
+                      float* __restrict m1, float* __restrict dscale),
+                     (g, a0, a1, K, L0, L1, r0, nr, c0, nc, m0, m1, dscale))
 
 void check_inputs(const at::Tensor& weight, const at::Tensor& P, const at::Tensor& SIG,
-                  int64_t L0, int64_t L1, int64_t interp) {
+                  int64_t L0, int64_t L1, int64_t interp, int64_t r0, int64_t nr, int64_t c0,
+                  int64_t nc) {
   const char* name = "dcls_mm::separable_kernel";
   TORCH_CHECK(weight.device().is_cpu() && P.device().is_cpu() && SIG.device().is_cpu(),
               name, ": tensors must be on the CPU");
@@ -247,6 +260,9 @@ void check_inputs(const at::Tensor& weight, const at::Tensor& P, const at::Tenso
               name, ": weight must be (B, K) and P, SIG (2, B, K), got ", weight.sizes(),
               ", ", P.sizes(), ", ", SIG.sizes());
   TORCH_CHECK(L0 > 0 && L1 > 0, name, ": kernel sizes must be positive");
+  TORCH_CHECK(r0 >= 0 && nr > 0 && r0 + nr <= L0 && c0 >= 0 && nc > 0 && c0 + nc <= L1, name,
+              ": the window rows [", r0, ", ", r0 + nr, ") x columns [", c0, ", ", c0 + nc,
+              ") must lie inside the ", L0, "x", L1, " kernel");
   TORCH_CHECK(interp == kTriangle || interp == kGaussian, name,
               ": interpolation must be 0 (triangle) or 1 (gaussian)");
 }
@@ -275,11 +291,12 @@ void load_geometry(const Shape& s, const float* w, const float* P, const float* 
 }
 
 at::Tensor separable_kernel(const at::Tensor& weight, const at::Tensor& P,
-                            const at::Tensor& SIG, int64_t L0, int64_t L1, int64_t interp) {
-  check_inputs(weight, P, SIG, L0, L1, interp);
+                            const at::Tensor& SIG, int64_t L0, int64_t L1, int64_t interp,
+                            int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
+  check_inputs(weight, P, SIG, L0, L1, interp, r0, nr, c0, nc);
   const at::Tensor wc = weight.contiguous(), pc = P.contiguous(), sc = SIG.contiguous();
   const Shape s{weight.size(0), weight.size(1), L0, L1, interp};
-  at::Tensor out = at::empty({s.nb, L0, L1}, weight.options());
+  at::Tensor out = at::empty({s.nb, nr, nc}, weight.options());
   const float* wp = wc.const_data_ptr<float>();
   const float* pp = pc.const_data_ptr<float>();
   const float* sp = sc.const_data_ptr<float>();
@@ -288,14 +305,15 @@ at::Tensor separable_kernel(const at::Tensor& weight, const at::Tensor& P,
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
     Scratch t(s);
-    std::vector<float> kern(L0 * L1 * kBlock);
+    std::vector<float> kern(nr * nc * kBlock);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t b0 = blk * kBlock, nb = std::min(kBlock, s.nb - b0);
       load_geometry(s, wp, pp, sp, b0, nb, t);
-      contract(t.a0.data(), t.a1.data(), t.scale.data(), s.K, L0, L1, kern.data());
+      contract(t.a0.data(), t.a1.data(), t.scale.data(), s.K, L0, L1, r0, nr, c0, nc,
+               kern.data());
       for (int64_t c = 0; c < nb; ++c) {
-        float* dst = op + (b0 + c) * L0 * L1;
-        for (int64_t e = 0; e < L0 * L1; ++e) dst[e] = kern[e * kBlock + c];
+        float* dst = op + (b0 + c) * nr * nc;
+        for (int64_t e = 0; e < nr * nc; ++e) dst[e] = kern[e * kBlock + c];
       }
     }
   });
@@ -355,12 +373,13 @@ DCLS_MM_ISA_VARIANTS(profile_backward,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_kernel_backward(
     const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& P,
-    const at::Tensor& SIG, int64_t L0, int64_t L1, int64_t interp) {
-  check_inputs(weight, P, SIG, L0, L1, interp);
+    const at::Tensor& SIG, int64_t L0, int64_t L1, int64_t interp, int64_t r0, int64_t nr,
+    int64_t c0, int64_t nc) {
+  check_inputs(weight, P, SIG, L0, L1, interp, r0, nr, c0, nc);
   TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.device().is_cpu() && grad.dim() == 3 &&
-                  grad.size(0) == weight.size(0) && grad.size(1) == L0 && grad.size(2) == L1,
-              "dcls_mm::separable_kernel_backward: grad must be float32 (B, L0, L1), got ",
-              grad.sizes());
+                  grad.size(0) == weight.size(0) && grad.size(1) == nr && grad.size(2) == nc,
+              "dcls_mm::separable_kernel_backward: grad must be float32 (B, nr, nc) for the "
+              "window, got ", grad.sizes());
   const at::Tensor gc = grad.contiguous(), wc = weight.contiguous(), pc = P.contiguous(),
                    sc = SIG.contiguous();
   const Shape s{weight.size(0), weight.size(1), L0, L1, interp};
@@ -376,7 +395,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_kernel_backward(
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
     Scratch t(s);
-    std::vector<float> g(L0 * L1 * kBlock), m0(K * L0 * kBlock), m1(K * L1 * kBlock),
+    std::vector<float> g(nr * nc * kBlock), m0(K * L0 * kBlock), m1(K * L1 * kBlock),
         dscale(K * kBlock), sig0(K * kBlock), sig1(K * kBlock), out(6 * K * kBlock);
     float *dp0 = out.data(), *dp1 = dp0 + K * kBlock, *ds0 = dp1 + K * kBlock,
           *ds1 = ds0 + K * kBlock, *dwb = ds1 + K * kBlock;
@@ -385,11 +404,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_kernel_backward(
       load_geometry(s, wp, pp, sp, b0, nb, t);
       load_block(sp, b0, nb, K, sig0.data(), 0.0f);
       load_block(sp + plane, b0, nb, K, sig1.data(), 0.0f);
-      for (int64_t e = 0; e < L0 * L1; ++e)
+      for (int64_t e = 0; e < nr * nc; ++e)
         for (int64_t c = 0; c < kBlock; ++c)
-          g[e * kBlock + c] = c < nb ? gp[(b0 + c) * L0 * L1 + e] : 0.0f;
-      contract_backward(g.data(), t.a0.data(), t.a1.data(), K, L0, L1, m0.data(), m1.data(),
-                        dscale.data());
+          g[e * kBlock + c] = c < nb ? gp[(b0 + c) * nr * nc + e] : 0.0f;
+      contract_backward(g.data(), t.a0.data(), t.a1.data(), K, L0, L1, r0, nr, c0, nc,
+                        m0.data(), m1.data(), dscale.data());
       // scale = w / (S0 S1 + eps): gradients wrt w and the profile sums; then the
       // profiles' own gradient: scale * m_d + dS_d (S_d sums the profile)
       for (int64_t k = 0; k < K; ++k) {
@@ -431,10 +450,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_kernel_backward(
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(dcls_mm, m) {
-  m.def("separable_kernel(Tensor weight, Tensor P, Tensor SIG, int L0, int L1, int interp) "
-        "-> Tensor");
+  m.def("separable_kernel(Tensor weight, Tensor P, Tensor SIG, int L0, int L1, int interp, "
+        "int r0, int nr, int c0, int nc) -> Tensor");
   m.def("separable_kernel_backward(Tensor grad, Tensor weight, Tensor P, Tensor SIG, int L0, "
-        "int L1, int interp) -> (Tensor, Tensor, Tensor)");
+        "int L1, int interp, int r0, int nr, int c0, int nc) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dcls_mm, CPU, m) {
