@@ -1,25 +1,25 @@
 """dcls_mm.models: ConvNeXt-dcls backbone (``MODELS`` registry, scope ``dcls_mm``),
-checkpoint remapping, and timm classifiers ``convnext_dcls_{tiny,small,base}``.
+checkpoint remapping and conversion, and timm classifiers ``convnext_dcls_{tiny,small,base}``.
 
 Importing this package registers the backbone; if timm is installed it also registers
-the timm models.
+the timm models. It does not change how mmengine reads checkpoints: that is
+:func:`dcls_mm.engine.register_checkpoint_loader`, made by ``import dcls_mm.engine``.
 """
+from dcls_mm.utils.checkpoint_io import load_checkpoint_file
+
 from .backbones import (ARCH_SETTINGS, ConvNeXtDCLS, ConvNeXtDCLSBlock, ConvNeXtDCLSStage,
                         DCLSConverted, LayerNorm2d, build_convnext_dcls_trunk, iso_kernel_count)
-from .checkpoint import (checkpoint_filter_fn, infer_backbone_kwargs, load_checkpoint_file,
-                         load_pretrained, use_checked_checkpoint_loader)
+from .backbones.convnext_dcls import (CHECKPOINT_FORMATS, checkpoint_filter_fn, load_pretrained,
+                                      resolve_checkpoint_format)
+from .convert import convert_convnext_dcls_checkpoint, infer_backbone_kwargs
 
 __all__ = [
     'ConvNeXtDCLS', 'ConvNeXtDCLSBlock', 'ConvNeXtDCLSStage', 'LayerNorm2d', 'ARCH_SETTINGS',
     'build_convnext_dcls_trunk', 'iso_kernel_count', 'checkpoint_filter_fn',
-    'infer_backbone_kwargs', 'load_checkpoint_file', 'load_pretrained',
-    'use_checked_checkpoint_loader', 'DCLSConverted'
+    'CHECKPOINT_FORMATS', 'resolve_checkpoint_format', 'infer_backbone_kwargs',
+    'convert_convnext_dcls_checkpoint', 'load_checkpoint_file', 'load_pretrained',
+    'DCLSConverted'
 ]
-
-# torch >= 2.6 loads with weights_only=True, which cannot read mmengine's own training
-# checkpoints: importing dcls-mm (as our configs do through custom_imports, also under
-# `mim train` and mmdet/mmseg's tools) makes mmengine use the checked loader.
-use_checked_checkpoint_loader()
 
 try:
     import timm  # noqa: F401

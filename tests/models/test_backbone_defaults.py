@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from dcls_mm.models import ConvNeXtDCLS, iso_kernel_count
-from dcls_mm.models.backbones.convnext_dcls import ARCH_SETTINGS, DENSE_KERNEL_SIZE
-from dcls_mm.models.checkpoint import resolve_checkpoint_format
+from dcls_mm.models.backbones.convnext_dcls import (ARCH_SETTINGS, DENSE_KERNEL_SIZE,
+                                                    resolve_checkpoint_format)
+from dcls_mm.models.convert import check_dilated_kernel_size
 
 
 def _count(model):
@@ -45,18 +46,8 @@ def test_auto_format_refuses_ambiguous_gaussian_files():
     assert resolve_checkpoint_format('auto', bilinear) == 'dcls_mm'
 
 
-def _converter():
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[2] / 'tools/model_converters/convert_convnext_dcls.py'
-    spec = importlib.util.spec_from_file_location('dcls_mm_convert_tool', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_converter_checks_the_dilated_kernel_size():
-    check = _converter().check_dilated_kernel_size
+    check = check_dilated_kernel_size
     P = torch.zeros(2, 4, 1, 3)
     P[0, 0, 0, 0] = 10.5  # needs a 23x23 kernel
     assert check({'stages.0.0.dwconv.P': P}, 23) == 23

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from dcls_mm.models import ConvNeXtDCLS
-from dcls_mm.models.checkpoint import (CheckpointReadError, UnsafeCheckpointError,
-                                       load_checkpoint_file)
+from dcls_mm.utils.checkpoint_io import (CheckpointReadError, UnsafeCheckpointError,
+                                         load_checkpoint_file)
 
 from ._synthetic import SMALL_ARCH, random_backbone_state
 
@@ -141,8 +141,10 @@ def test_entry_point_pretrained_init_cfg(tmp_path):
 
 
 def test_entry_point_mmengine_checkpoint_loader(tmp_path):
-    import dcls_mm.models  # noqa: F401  (routes local files through the checked reader)
     from mmengine.runner.checkpoint import CheckpointLoader
+
+    from dcls_mm.engine import register_checkpoint_loader
+    register_checkpoint_loader()  # routes local files through the checked reader
     path, marker = _write_evil(tmp_path, 'raw-pickle')
     with pytest.raises(UnsafeCheckpointError):
         CheckpointLoader.load_checkpoint(str(path))

@@ -115,11 +115,13 @@ def test_own_mmengine_training_checkpoint(tmp_path):
 
 def test_mmengine_own_loader_reads_training_checkpoints_after_import(tmp_path):
     """What `mim train --resume` and mmdet/mmseg's tools call: mmengine's CheckpointLoader.
-    Importing dcls_mm routes it to the checked loader (torch's weights_only default would
-    refuse the message hub)."""
-    import dcls_mm.models  # noqa: F401  (registers the checked loader)
+    register_checkpoint_loader (made by `import dcls_mm.engine`) routes it to the checked
+    loader (torch's weights_only default would refuse the message hub)."""
     from mmengine.logging import MessageHub
     from mmengine.runner.checkpoint import CheckpointLoader
+
+    from dcls_mm.engine import register_checkpoint_loader
+    register_checkpoint_loader()
     hub = MessageHub('test_ckpt_mmengine')
     hub.update_scalar('train/loss', 0.5)
     path = tmp_path / 'iter_5.pth'
@@ -130,6 +132,40 @@ def test_mmengine_own_loader_reads_training_checkpoints_after_import(tmp_path):
     torch.save({'state_dict': {'w': torch.ones(1)}, 'extra': _Evil()}, path)
     with pytest.raises(pickle.UnpicklingError):
         CheckpointLoader.load_checkpoint(str(path), map_location='cpu')
+
+
+_HOOKUP_PROBE = """
+import sys, torch
+from mmengine.logging import MessageHub
+from mmengine.runner.checkpoint import CheckpointLoader
+hub = MessageHub('probe')
+hub.update_scalar('train/loss', 0.5)
+torch.save({'meta': {'iter': 5}, 'state_dict': {'w': torch.ones(2)},
+            'message_hub': hub.state_dict()}, sys.argv[1])
+import dcls_mm.models
+def readable():
+    try:
+        return CheckpointLoader.load_checkpoint(sys.argv[1])['meta']['iter'] == 5
+    except Exception:
+        return False
+print('models:', readable())
+import dcls_mm.engine
+print('engine:', readable())
+"""
+
+
+def test_only_dcls_mm_engine_hooks_the_checked_loader_into_mmengine(tmp_path):
+    """`import dcls_mm.models` leaves mmengine's loader alone (a training checkpoint stays
+    unreadable under torch's weights_only default); `import dcls_mm.engine` (configs'
+    custom_imports, the tools) makes mmengine read it. A fresh process: the suite's
+    other imports must not decide the answer."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, '-c', _HOOKUP_PROBE, str(tmp_path / 'iter_5.pth')],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    answers = [ln for ln in out.stdout.splitlines() if ln.startswith(('models:', 'engine:'))]
+    assert answers == ['models: False', 'engine: True'], out.stdout
 
 
 class _Evil:

@@ -1,25 +1,56 @@
 """ConvNeXt-dcls backbone (ConvNeXt whose depthwise 7x7 convs are DCLS convolutions).
 
-Parameter names follow the published ConvNeXt-dcls checkpoints exactly (see
-``dcls_mm/models/README_backbones.md``), so those checkpoints load without renaming.
-The trunk (stem, downsample layers, stages) is built by :func:`build_convnext_dcls_trunk`
-and shared with the timm classifier in :mod:`dcls_mm.models.classifiers`.
+Parameter names follow the published ConvNeXt-dcls checkpoints exactly (see the README,
+section "Backbones", which lists their keys and formats), so those checkpoints load
+without renaming. The trunk (stem, downsample layers, stages) is built by
+:func:`build_convnext_dcls_trunk` and shared with the timm classifier in
+:mod:`dcls_mm.models.classifiers`.
+
+Loading checkpoints (the end of this module, as timm keeps ``checkpoint_filter_fn`` next
+to its ConvNeXt): :func:`checkpoint_filter_fn` turns any supported checkpoint into the
+state dict of a :class:`ConvNeXtDCLS` backbone or a timm ``ConvNeXtDCLSClassifier``, in
+four steps:
+
+1. find the state dict (``'model'`` / ``'state_dict'`` wrapper, ``backbone.`` prefix of
+   downstream checkpoints: :func:`dcls_mm.utils.checkpoint_io.unwrap_checkpoint`);
+2. bring its positions into dcls-mm's axis order, by checkpoint format
+   (:data:`CHECKPOINT_FORMATS`, one policy each in :data:`POSITION_POLICIES`; ``'auto'``
+   is resolved by :func:`resolve_checkpoint_format`);
+3. rename or drop the keys the target model has no use for: the model's own policy,
+   ``remap_checkpoint_key`` (a backbone drops the classifier's ``head`` and maps its
+   final ``norm``; a classifier drops the downstream output norms ``norm{i}`` and a head
+   of another size); shared positions are checked and completed per stage;
+4. one shared diff-and-report step
+   (:func:`dcls_mm.utils.checkpoint_io.match_state_dict`) names every unexpected,
+   mis-shaped and missing key in one ``ValueError``.
+
+Supported files (keys as published with the paper, Zenodo records 7112021 / 8029747):
+classification ``{'model': {downsample_layers.*, stages.*, norm.*, head.*}}``;
+downstream (mmdet/mmseg) ``{'state_dict': {'backbone.*', 'neck.*', ...}}`` with the
+output norms ``backbone.norm{i}``; dcls-mm checkpoints (``{'meta': ..., 'state_dict':
+...}``); the reference gaussian ConvNeXt-T (``SIG`` present, positions in the reference
+package's gauss axis order); a flat state dict of any of these.
 """
 from __future__ import annotations
 
 import copy
+import re
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from collections import OrderedDict
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmengine.model import BaseModule
+from mmengine.logging import print_log
 from torch import Tensor, nn
 
-from dcls_mm.ops import Dcls2d, canonical_interpolation, dcls_layers
+from dcls_mm.ops import Dcls2d, canonical_interpolation, convert_reference_state_dict, dcls_layers
 from dcls_mm.ops.kernel import WITH_SIGMA
 from dcls_mm.registry import MODELS
+from dcls_mm.utils.checkpoint_io import (format_keys, load_checkpoint_file, match_state_dict,
+                                         select_prefix, unwrap_checkpoint)
 
 #: depths and widths per arch (the timm/ConvNeXt ones).
 ARCH_SETTINGS: Dict[str, Dict[str, Tuple[int, ...]]] = {
@@ -40,6 +71,23 @@ PAPER_KERNEL_COUNTS = {'tiny': 34, 'small': 40, 'base': 40}
 DENSE_KERNEL_SIZE = 7
 #: what the blocks' depthwise conv (the module ``dwconv``) can be
 DWCONV_TYPES = ('dcls', 'dense')
+#: how a checkpoint stores positions (``checkpoint_format``): ``'dcls_mm'`` is our axis
+#: order (``P[0]`` = height), also that of the published bilinear checkpoints;
+#: ``'reference_gauss'`` the reference package's gauss/v1/max order (``P[0]`` = width);
+#: ``'auto'`` decides per file (:func:`resolve_checkpoint_format`).
+CHECKPOINT_FORMATS = ('auto', 'dcls_mm', 'reference_gauss')
+
+
+def check_checkpoint_format(checkpoint_format: str) -> str:
+    """Return ``checkpoint_format`` if it is one of :data:`CHECKPOINT_FORMATS`.
+
+    Raises:
+        ValueError: naming the accepted formats.
+    """
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise ValueError(f'checkpoint_format must be one of {CHECKPOINT_FORMATS}, '
+                         f'got {checkpoint_format!r}')
+    return checkpoint_format
 
 
 def resolve_dwconv_type(dwconv_type: str, dwconv: Optional[str] = None) -> str:
@@ -421,11 +469,11 @@ class ConvNeXtDCLS(BaseModule):
             store positions: ``'auto'``, ``'dcls_mm'`` (our axis order, also that of the
             published bilinear checkpoints) or ``'reference_gauss'`` (the reference
             package's gauss/v1/max order, converted on load). See
-            :func:`~dcls_mm.models.checkpoint.resolve_checkpoint_format`.
+            :func:`resolve_checkpoint_format`.
             Defaults to ``'auto'``.
         init_cfg (dict | list[dict], optional): Initialization config. A
             ``dict(type='Pretrained', checkpoint=PATH[, prefix=...])`` is loaded through
-            :func:`~dcls_mm.models.checkpoint.checkpoint_filter_fn` (published
+            :func:`checkpoint_filter_fn` (published
             classification / downstream checkpoints, dcls-mm checkpoints). Without it,
             weights are trunc_normal(.02), biases 0, positions N(0, 0.5) clamped.
             Defaults to None.
@@ -453,11 +501,7 @@ class ConvNeXtDCLS(BaseModule):
                  init_cfg: Optional[Union[dict, List[dict]]] = None, *,
                  dwconv: Optional[str] = None) -> None:
         super().__init__(init_cfg=init_cfg)
-        from ..checkpoint import CHECKPOINT_FORMATS
         self.arch_name, self.depths, self.dims = resolve_arch(arch)
-        if checkpoint_format not in CHECKPOINT_FORMATS:
-            raise ValueError(f'checkpoint_format must be one of {CHECKPOINT_FORMATS}, '
-                             f'got {checkpoint_format!r}')
         self.dwconv_type = resolve_dwconv_type(dwconv_type, dwconv)
         self.interpolation = canonical_interpolation(interpolation)
         self.dilated_kernel_size = dilated_kernel_size
@@ -466,7 +510,7 @@ class ConvNeXtDCLS(BaseModule):
                                                 share_positions, self.interpolation)
         self.kernel_count = kernel_count
         self.share_positions = share_positions
-        self.checkpoint_format = checkpoint_format
+        self.checkpoint_format = check_checkpoint_format(checkpoint_format)
         self.num_stages = len(self.depths)
 
         if isinstance(out_indices, int):
@@ -489,7 +533,8 @@ class ConvNeXtDCLS(BaseModule):
 
         self.downsample_layers, self.stages = build_convnext_dcls_trunk(
             self.depths, self.dims, in_channels, self.dwconv_type, kernel_count,
-            dilated_kernel_size, self.interpolation, share_positions, drop_path_rate, layer_scale_init_value, with_cp)
+            dilated_kernel_size, self.interpolation, share_positions, drop_path_rate,
+            layer_scale_init_value, with_cp)
         for i in self.out_indices:
             self.add_module(f'norm{i}', LayerNorm2d(self.dims[i]))
         self._freeze_stages()
@@ -497,11 +542,10 @@ class ConvNeXtDCLS(BaseModule):
     # --- weights ----------------------------------------------------------------------
     def init_weights(self) -> None:
         """Load ``init_cfg=dict(type='Pretrained', checkpoint=...)`` through
-        :func:`~dcls_mm.models.checkpoint.load_pretrained`; other init_cfgs as
-        :class:`mmengine.model.BaseModule` does (the default init happens in ``__init__``)."""
+        :func:`load_pretrained`; other init_cfgs as :class:`mmengine.model.BaseModule`
+        does (the default init happens in ``__init__``)."""
         cfg = copy.deepcopy(self.init_cfg)
         if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
-            from ..checkpoint import load_pretrained
             load_pretrained(self, cfg['checkpoint'], prefix=cfg.get('prefix'),
                             map_location=cfg.get('map_location', 'cpu'),
                             checkpoint_format=self.checkpoint_format)
@@ -509,6 +553,35 @@ class ConvNeXtDCLS(BaseModule):
             self._freeze_stages()
             return
         super().init_weights()
+
+    def remap_checkpoint_key(self, key: str, value: Tensor) -> Optional[str]:
+        """This backbone's name for a checkpoint key, or ``None`` to drop it (step 3 of
+        :func:`checkpoint_filter_fn`).
+
+        The classifier's ``head`` is dropped; its final ``norm`` becomes ``norm3`` with
+        ``gap_before_final_norm`` (the same pooled-then-normed features) and is dropped
+        otherwise; output norms ``norm{i}`` of stages this backbone does not return are
+        dropped.
+
+        Args:
+            key: a key of the (unwrapped, prefix-stripped) checkpoint.
+            value: its tensor (unused: the decision depends on the name only).
+        """
+        root = key.split('.', 1)[0]
+        if root == 'head':
+            return None
+        if root == 'norm':
+            if self.gap_before_final_norm and 3 in self.out_indices:
+                return 'norm3' + key[len('norm'):]
+            return None
+        if re.fullmatch(r'norm\d+', root) and int(root[len('norm'):]) not in self.out_indices:
+            return None
+        return key
+
+    def optional_checkpoint_keys(self) -> List[str]:
+        """Keys a checkpoint may lack: the output norms (classification checkpoints have
+        none; they keep their fresh init)."""
+        return [k for k in self.state_dict() if re.match(r'norm\d+\.', k)]
 
     def _freeze_stages(self) -> None:
         for i in range(self.frozen_stages + 1):
@@ -546,3 +619,135 @@ class ConvNeXtDCLS(BaseModule):
     def dcls_convs(self) -> List[Dcls2d]:
         """All DCLS depthwise convs (one per block; shared positions repeat)."""
         return [m for _, m in dcls_layers(self)]
+
+
+# --- loading checkpoints (see the module docstring) ---------------------------------------
+def resolve_checkpoint_format(checkpoint_format: str, checkpoint: dict) -> str:
+    """Resolve ``'auto'`` to ``'dcls_mm'`` or ``'reference_gauss'`` (the documented
+    detector: only files with ``SIG`` can be in the reference order).
+
+    * no ``SIG`` entries -> ``'dcls_mm'`` (bilinear positions have one order everywhere);
+    * ``SIG`` and a ``meta`` dict (everything dcls-mm / mmengine writes) -> ``'dcls_mm'``;
+    * ``SIG`` in the published layout (a ``{'model': ...}`` file without ``meta`` or
+      ``state_dict``) -> ``'reference_gauss'``;
+    * any other file with ``SIG`` (a bare state dict, e.g. what timm hands the filter
+      after unwrapping) is ambiguous and raises rather than risk transposed kernels.
+
+    Args:
+        checkpoint_format: one of :data:`CHECKPOINT_FORMATS`.
+        checkpoint: the checkpoint as read from the file (wrappers included).
+
+    Raises:
+        ValueError: unknown format, or ``'auto'`` on a file with ``SIG`` whose layout does
+            not tell the position axis order.
+    """
+    if check_checkpoint_format(checkpoint_format) != 'auto':
+        return checkpoint_format
+    state_dict, meta = unwrap_checkpoint(checkpoint)
+    if not any(k.endswith('.SIG') for k in state_dict) or meta is not None:
+        return 'dcls_mm'
+    if 'model' in checkpoint and 'state_dict' not in checkpoint:
+        return 'reference_gauss'
+    raise ValueError("this checkpoint has SIG entries but neither dcls-mm's meta nor the "
+                     "published {'model': ...} layout, so the position axis order is "
+                     "unknown: pass checkpoint_format='dcls_mm' (saved by dcls-mm) or "
+                     "'reference_gauss' (saved by the reference DCLS package), e.g. "
+                     "timm.create_model(..., checkpoint_format='reference_gauss')")
+
+
+def _dilated_kernel_size(model: nn.Module) -> Union[int, Tuple[int, ...]]:
+    sizes = [m.dilated_kernel_size for _, m in dcls_layers(model) if isinstance(m, Dcls2d)]
+    return sizes[0] if sizes else 1
+
+
+#: per checkpoint format, how its positions become dcls-mm's (the key names are the same)
+POSITION_POLICIES: Dict[str, Callable[[Dict[str, Tensor], nn.Module], Dict[str, Tensor]]] = {
+    'dcls_mm': lambda state_dict, model: state_dict,
+    'reference_gauss': lambda state_dict, model: OrderedDict(
+        convert_reference_state_dict(state_dict, _dilated_kernel_size(model))),
+}
+
+
+def checkpoint_filter_fn(checkpoint: dict, model: nn.Module,
+                         checkpoint_format: Optional[str] = None,
+                         prefix: Optional[str] = None) -> Dict[str, Tensor]:
+    """Remap a ConvNeXt-dcls checkpoint to ``model``'s state dict (timm filter signature).
+
+    Used by ``ConvNeXtDCLS.init_weights`` (``init_cfg=dict(type='Pretrained')``), by the
+    converter (:mod:`dcls_mm.models.convert`) and by timm's ``pretrained=True``.
+
+    Args:
+        checkpoint: a loaded checkpoint (wrapped or flat, see the module docstring; timm
+            passes the state dict it unwrapped).
+        model: a :class:`ConvNeXtDCLS` backbone or a
+            :class:`~dcls_mm.models.classifiers.ConvNeXtDCLSClassifier` (any device,
+            ``meta`` included: only names and shapes are used), or any model with the
+            same two methods ``remap_checkpoint_key`` and ``optional_checkpoint_keys``.
+        checkpoint_format: one of :data:`CHECKPOINT_FORMATS`; ``None`` uses
+            ``model.checkpoint_format`` (default ``'auto'``).
+        prefix: keep only the keys starting with it and strip it; ``None``: ``'backbone.'``
+            when the checkpoint has such keys (downstream checkpoints), else nothing.
+
+    Returns:
+        A state dict whose keys and shapes are ``model``'s. For a backbone, the output
+        norms ``norm{i}`` may be absent (classification checkpoints have none; they keep
+        their fresh init, a message is logged). For a classifier, ``head.*`` of another
+        shape (another ``num_classes``) is dropped (timm then re-initialises the head).
+
+    Raises:
+        ValueError: listing unknown keys, shape mismatches and missing keys, or if a
+            stage with shared positions gets different positions across its blocks.
+    """
+    if checkpoint_format is None:
+        checkpoint_format = getattr(model, 'checkpoint_format', 'auto')
+    fmt = resolve_checkpoint_format(checkpoint_format, checkpoint)
+    state_dict = select_prefix(unwrap_checkpoint(checkpoint)[0], prefix)
+    state_dict = POSITION_POLICIES[fmt](state_dict, model)
+
+    adapted, dropped = OrderedDict(), []
+    for key, value in state_dict.items():
+        new_key = model.remap_checkpoint_key(key, value)
+        if new_key is None:
+            dropped.append(key)
+        else:
+            adapted[new_key] = value
+    # Shared positions: check the per-block copies, fill omitted ones.
+    for i, stage in enumerate(getattr(model, 'stages', [])):
+        if hasattr(stage, 'expand_shared'):
+            stage.expand_shared(adapted, f'stages.{i}.')
+
+    kept_init = match_state_dict(
+        adapted, model.state_dict(),
+        f'checkpoint does not match {type(model).__name__} (checkpoint_format={fmt!r}):',
+        model.optional_checkpoint_keys())
+    if dropped:
+        print_log(f'ConvNeXt-dcls checkpoint: ignored {len(dropped)} keys not used by '
+                  f'{type(model).__name__}: {format_keys(dropped, 8)}', logger='current')
+    if kept_init:
+        print_log(f'ConvNeXt-dcls checkpoint: not in the checkpoint, kept at their init: '
+                  f'{format_keys(kept_init, 8)}', logger='current')
+    return adapted
+
+
+def load_pretrained(model: nn.Module, filename: str, prefix: Optional[str] = None,
+                    map_location='cpu', checkpoint_format: Optional[str] = None) -> List[str]:
+    """Read ``filename`` safely, remap it with :func:`checkpoint_filter_fn` and load it.
+
+    Args:
+        model: as for :func:`checkpoint_filter_fn`.
+        filename: the checkpoint (read by
+            :func:`dcls_mm.utils.checkpoint_io.load_checkpoint_file`).
+        prefix: as for :func:`checkpoint_filter_fn`.
+        map_location: where to put the tensors.
+        checkpoint_format: as for :func:`checkpoint_filter_fn`.
+
+    Returns:
+        The model keys left at their initial values (fresh output norms / head).
+    """
+    checkpoint = load_checkpoint_file(filename, map_location=map_location)
+    state_dict = checkpoint_filter_fn(checkpoint, model, checkpoint_format, prefix)
+    result = model.load_state_dict(state_dict, strict=False)
+    if result.unexpected_keys:  # cannot happen after the filter; keep loading honest
+        raise ValueError(f'unexpected keys: {result.unexpected_keys}')
+    print_log(f'loaded ConvNeXt-dcls weights from {filename}', logger='current')
+    return list(result.missing_keys)

@@ -10,6 +10,8 @@ from torch import nn
 
 from dcls_mm.ops import convert_dense_state_dict, convert_to_dcls
 from dcls_mm.registry import MODELS
+from dcls_mm.utils.checkpoint_io import (format_keys, load_checkpoint_file, select_prefix,
+                                         unwrap_checkpoint)
 
 
 def _has_pretrained(init_cfg) -> bool:
@@ -119,19 +121,16 @@ def load_converted_checkpoint(model: nn.Module, filename: str, prefix: Optional[
         ValueError: the file lacks keys of the model (one line listing them), or a dense
             kernel does not fit its converted layer.
     """
-    from mmengine.runner.checkpoint import _load_checkpoint
-
-    from ..checkpoint import _fmt, _select_prefix, unwrap_checkpoint
-    state_dict, _ = unwrap_checkpoint(_load_checkpoint(filename, map_location=map_location))
+    state_dict, _ = unwrap_checkpoint(load_checkpoint_file(filename, map_location=map_location))
     if prefix:
-        state_dict = _select_prefix(state_dict, prefix)
+        state_dict = select_prefix(state_dict, prefix)
     state_dict = convert_dense_state_dict(model, state_dict)
     result = model.load_state_dict(state_dict, strict=False)
     if result.missing_keys:
         raise ValueError(f'{filename}: the checkpoint lacks {len(result.missing_keys)} key(s) '
-                         f'of the model: {_fmt(result.missing_keys)}')
+                         f'of the model: {format_keys(result.missing_keys)}')
     if result.unexpected_keys:
         print_log(f'{filename}: ignored {len(result.unexpected_keys)} key(s) the model does '
-                  f'not have: {_fmt(result.unexpected_keys)}', logger='current', level=30)
+                  f'not have: {format_keys(result.unexpected_keys)}', logger='current', level=30)
     print_log(f'loaded {filename} into the DCLS-converted {type(model).__name__}',
               logger='current')

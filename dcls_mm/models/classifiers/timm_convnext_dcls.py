@@ -8,9 +8,11 @@
 
 builds the classifier with the published key names (``downsample_layers``, ``stages``,
 ``norm``, ``head``) and loads a published (or dcls-mm) checkpoint through
-:func:`dcls_mm.models.checkpoint.checkpoint_filter_fn`. ``checkpoint_path=`` also works
-for files in dcls-mm axis order (the published bilinear ones), but it bypasses the
-filter: reference gaussian files need ``pretrained_cfg_overlay`` (or the converter).
+:func:`dcls_mm.models.backbones.convnext_dcls.checkpoint_filter_fn`. timm unwraps the
+file before filtering, so the reference gaussian file also needs
+``checkpoint_format='reference_gauss'`` (and its architecture: ``interpolation='gaussian',
+dilated_kernel_size=23, kernel_count=26``). ``checkpoint_path=`` also works for files
+in dcls-mm axis order (the published bilinear ones), but it bypasses the filter.
 
 The classifiers answer timm's model API like timm's own ``convnext_*``: every
 ``global_pool`` that ``convnext`` takes (``''`` keeps the map: a 1x1 head per pixel),
@@ -23,6 +25,7 @@ layer is one node), ``torch.jit.script`` refuses them with one line naming
 """
 from __future__ import annotations
 
+import re
 from typing import Dict, List, Optional, Set, Tuple, Union
 
 import torch
@@ -32,9 +35,9 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
-from ..backbones.convnext_dcls import (build_convnext_dcls_trunk, default_kernel_count,
+from ..backbones.convnext_dcls import (build_convnext_dcls_trunk, check_checkpoint_format,
+                                       checkpoint_filter_fn, default_kernel_count,
                                        resolve_arch, resolve_dwconv_type)
-from ..checkpoint import CHECKPOINT_FORMATS, checkpoint_filter_fn
 from dcls_mm.ops import canonical_interpolation, dcls_position_parameters
 
 __all__ = ['ConvNeXtDCLSClassifier']
@@ -84,8 +87,8 @@ class ConvNeXtDCLSClassifier(nn.Module):
         kernel_count: as in :class:`~dcls_mm.models.ConvNeXtDCLS`.
         interpolation: as in :class:`~dcls_mm.models.ConvNeXtDCLS`.
         share_positions: as in :class:`~dcls_mm.models.ConvNeXtDCLS`.
-        checkpoint_format: used by the pretrained filter, see
-            :mod:`dcls_mm.models.checkpoint`.
+        checkpoint_format: position axis order of the pretrained file, see
+            :data:`~dcls_mm.models.backbones.convnext_dcls.CHECKPOINT_FORMATS`.
     """
 
     def __init__(self, arch: Union[str, dict] = 'tiny', in_chans: int = 3,
@@ -100,8 +103,7 @@ class ConvNeXtDCLSClassifier(nn.Module):
         if output_stride != 32:
             raise ValueError(f'output_stride={output_stride} is not supported, only 32 '
                              '(DCLS convolutions have no dilation)')
-        if checkpoint_format not in CHECKPOINT_FORMATS:
-            raise ValueError(f'checkpoint_format must be one of {CHECKPOINT_FORMATS}')
+        check_checkpoint_format(checkpoint_format)
         arch_name, depths, dims = resolve_arch(arch)
         interpolation = canonical_interpolation(interpolation)
         if kernel_count is None:
@@ -140,6 +142,30 @@ class ConvNeXtDCLSClassifier(nn.Module):
         nn.init.trunc_normal_(head.weight, std=.02)
         nn.init.zeros_(head.bias)
         return head
+
+    # checkpoint key policy (step 3 of checkpoint_filter_fn) ----------------------------
+    def remap_checkpoint_key(self, key: str, value: Tensor) -> Optional[str]:
+        """This classifier's name for a checkpoint key, or ``None`` to drop it.
+
+        Downstream output norms ``norm{i}`` are dropped, and so is a ``head`` this model
+        cannot take (another ``num_classes``, or none): timm then keeps the fresh head.
+
+        Args:
+            key: a key of the (unwrapped, prefix-stripped) checkpoint.
+            value: its tensor (its shape decides for the head).
+        """
+        root, _, rest = key.partition('.')
+        if re.fullmatch(r'norm\d+', root):
+            return None
+        if root == 'head':
+            param = dict(self.head.named_parameters()).get(rest)
+            if param is None or param.shape != value.shape:
+                return None
+        return key
+
+    def optional_checkpoint_keys(self) -> List[str]:
+        """Keys a checkpoint may lack: the head (a backbone-only file)."""
+        return [f'head.{name}' for name, _ in self.head.named_parameters()]
 
     # timm model API -------------------------------------------------------------------
     @torch.jit.ignore
@@ -324,7 +350,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> ConvNeXtDCLSCla
     Args:
         variant: registered name.
         pretrained: load ``pretrained_cfg_overlay=dict(file=...)`` through
-            :func:`~dcls_mm.models.checkpoint.checkpoint_filter_fn`.
+            :func:`~dcls_mm.models.backbones.convnext_dcls.checkpoint_filter_fn`.
         **kwargs: :class:`ConvNeXtDCLSClassifier` and timm builder arguments.
     """
     feature_cls = kwargs.get('feature_cls')
