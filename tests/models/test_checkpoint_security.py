@@ -254,3 +254,14 @@ def test_non_finite_weights_are_refused_naming_the_keys(tmp_path, wrapper):
                          init_cfg=dict(type='Pretrained', checkpoint=str(path)))
     with pytest.raises(CheckpointReadError, match='NaN or Inf'):
         model.init_weights()
+
+
+def test_safe_reader_is_independent_of_the_models():
+    """The reader sits with the I/O helpers: importing it loads no model code (the models
+    build on it), so any layer of the package and any tool can use it."""
+    probe = ('import sys, dcls_mm.utils.checkpoint_io; '
+             "print(sorted(m for m in sys.modules if m.startswith('dcls_mm.models')))")
+    out = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == '[]'

@@ -1,4 +1,7 @@
 """timm registration of convnext_dcls_{tiny,small,base}."""
+import re
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -94,3 +97,43 @@ def test_bad_checkpoint_raises(tmp_path):
     with pytest.raises(ValueError, match=r'missing keys \(1\): stages\.1\.0\.pwconv1\.bias'):
         timm.create_model('convnext_dcls_tiny', pretrained=True,
                           pretrained_cfg_overlay=dict(file=str(path)), **SMALL)
+
+
+def _readme_python_block(marker):
+    """The README's python code block that contains ``marker``, as written."""
+    text = (Path(__file__).resolve().parents[2] / 'README.md').read_text()
+    blocks = [b for b in re.findall(r'```python\n(.*?)```', text, re.S) if marker in b]
+    assert len(blocks) == 1, f'{len(blocks)} README python blocks mention {marker}'
+    return blocks[0]
+
+
+@pytest.mark.slow  # full-size ConvNeXt-T (gaussian, 23x23)
+def test_readme_snippet_loads_the_reference_gaussian_file(tmp_path, monkeypatch):
+    """The README's timm line for the reference gaussian ConvNeXt-T, run as written, on a
+    synthetic file with the published names and shapes (tiny, dks 23, K 26, positions
+    AND SIG shared per stage, ``{'model': ...}``, the reference axis order)."""
+    name = 'convnext_dcls_gauss_tiny_1k_224_ema.pth'
+    snippet = _readme_python_block(name)
+    depths, dims = (3, 3, 9, 3), (96, 192, 384, 768)
+    ref = random_backbone_state(depths, dims, 26, 23, with_sig=True)
+    for key in ref:
+        if key.endswith('.SIG'):  # the two axes told apart
+            ref[key][0], ref[key][1] = 0.2, 1.5
+    published = add_classifier_head(ref, dims)
+    torch.save({'model': published}, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(snippet, scope)
+    model = scope['model']
+    dwconv = model.stages[2][1].dwconv
+    assert dwconv.dilated_kernel_size == (23, 23) and dwconv.kernel_count == 26
+    # the file's P[0]/SIG[0] act on the width: in dcls-mm order they are P[1]/SIG[1]
+    assert torch.equal(dwconv.SIG[1], torch.full_like(dwconv.SIG[1], 0.2))
+    assert torch.equal(dwconv.SIG[0], torch.full_like(dwconv.SIG[0], 1.5))
+    assert torch.equal(dwconv.P, ref['stages.2.1.dwconv.P'].flip(0))
+    assert torch.equal(model.head.weight, published['head.weight'])
+    # what the README explains: without the format, timm's unwrapped file is ambiguous
+    ambiguous = snippet.replace("checkpoint_format='reference_gauss',", '')
+    assert ambiguous != snippet
+    with pytest.raises(ValueError, match='position axis order is unknown'):
+        exec(ambiguous, {})
