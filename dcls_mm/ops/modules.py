@@ -84,6 +84,15 @@ def _document_args(cls: type) -> type:
     return cls
 
 
+def _caller_stacklevel() -> int:
+    """The ``warnings.warn`` stacklevel, called from this module, that names the first
+    line outside it (the user's ``Dcls2d(...)``, however many constructors it crossed)."""
+    frame, level = inspect.currentframe().f_back, 1
+    while frame is not None and frame.f_globals.get('__name__') == __name__:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _ntuple(value, n: int, name: str, minimum: int) -> Tuple[int, ...]:
     """Expand ``value`` to an ``n``-tuple of ints ``>= minimum``; ValueError naming ``name``."""
     if isinstance(value, (list, tuple)):
@@ -174,10 +183,9 @@ class _DclsNd(nn.Module):
         super().__init__()
         arg_name = 'interpolation'
         if version is not None:
-            # stacklevel 3: the line that built the public layer
             warnings.warn(f"{type(self).__name__}(version=...) is deprecated: use "
                           "interpolation=... (same values, 'v0'/'gauss'/... included)",
-                          DeprecationWarning, stacklevel=3)
+                          DeprecationWarning, stacklevel=_caller_stacklevel())
             interpolation, arg_name = version, 'version'
         for name, value in (('in_channels', in_channels), ('out_channels', out_channels),
                             ('kernel_count', kernel_count), ('groups', groups)):
@@ -416,8 +424,42 @@ class _DclsNd(nn.Module):
         return s
 
 
+class _DclsEveryDim(_DclsNd):
+    """DCLS convolution with positions learned along every kernel dim (``Dcls1d/2d/3d``):
+    the public ``__init__`` once, the number of dims from ``_dims``."""
+
+    _dims = 0
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_count: int,
+                 stride: IntOrTuple = 1, padding: Union[IntOrTuple, str] = 0,
+                 dilated_kernel_size: IntOrTuple = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = 'zeros', interpolation: str = 'gaussian', *,
+                 version: Optional[str] = None) -> None:
+        super().__init__(in_channels, out_channels, kernel_count, stride, padding,
+                         dilated_kernel_size, groups, bias, padding_mode, interpolation,
+                         conv_dims=self._dims, learned_dims=self._dims, version=version)
+
+
+class _DclsDenseLeading(_DclsNd):
+    """DCLS convolution whose kernel is dense along its leading dims and learned along
+    the last one (``Dcls2_1d``, ``Dcls3_1d``); the conv dims from ``_dims``."""
+
+    _dims = 0
+    _normal_position_init = False
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_count: int,
+                 stride: IntOrTuple = 1, padding: Union[IntOrTuple, str] = 0,
+                 dense_kernel_size: IntOrTuple = 1, dilated_kernel_size: IntOrTuple = 1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = 'zeros',
+                 interpolation: str = 'gaussian', *, version: Optional[str] = None) -> None:
+        super().__init__(in_channels, out_channels, kernel_count, stride, padding,
+                         dilated_kernel_size, groups, bias, padding_mode, interpolation,
+                         conv_dims=self._dims, learned_dims=1,
+                         dense_kernel_size=dense_kernel_size, version=version)
+
+
 @_document_args
-class Dcls1d(_DclsNd):
+class Dcls1d(_DclsEveryDim):
     """1-D DCLS convolution: positions learned along the kernel's only dim.
 
     Input ``(N, C_in, L_in)``; ``weight`` ``(C_out, C_in/g, K)``, ``P`` (and ``SIG``)
@@ -427,18 +469,11 @@ class Dcls1d(_DclsNd):
 {args}
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_count: int,
-                 stride: IntOrTuple = 1, padding: Union[IntOrTuple, str] = 0,
-                 dilated_kernel_size: IntOrTuple = 1, groups: int = 1, bias: bool = True,
-                 padding_mode: str = 'zeros', interpolation: str = 'gaussian', *,
-                 version: Optional[str] = None) -> None:
-        super().__init__(in_channels, out_channels, kernel_count, stride, padding,
-                         dilated_kernel_size, groups, bias, padding_mode, interpolation,
-                         conv_dims=1, learned_dims=1, version=version)
+    _dims = 1
 
 
 @_document_args
-class Dcls2d(_DclsNd):
+class Dcls2d(_DclsEveryDim):
     """2-D DCLS convolution: positions learned along height (``P[0]``) and width (``P[1]``).
 
     Input ``(N, C_in, H, W)``; ``weight`` ``(C_out, C_in/g, K)``, ``P`` (and ``SIG``)
@@ -447,6 +482,8 @@ class Dcls2d(_DclsNd):
     Args:
 {args}
     """
+
+    _dims = 2
 
     def __init__(self, in_channels: int, out_channels: int, kernel_count: int,
                  stride: IntOrTuple = 1, padding: Union[IntOrTuple, str] = 0,
@@ -458,7 +495,7 @@ class Dcls2d(_DclsNd):
         self.impl = impl
         super().__init__(in_channels, out_channels, kernel_count, stride, padding,
                          dilated_kernel_size, groups, bias, padding_mode, interpolation,
-                         conv_dims=2, learned_dims=2, version=version)
+                         version=version)
 
     @property
     def uses_fast_path(self) -> bool:
@@ -499,7 +536,7 @@ class Dcls2d(_DclsNd):
 
 
 @_document_args
-class Dcls3d(_DclsNd):
+class Dcls3d(_DclsEveryDim):
     """3-D DCLS convolution: positions learned along depth, height and width.
 
     Input ``(N, C_in, D, H, W)``; ``weight`` ``(C_out, C_in/g, K)``, ``P`` (and ``SIG``)
@@ -509,18 +546,11 @@ class Dcls3d(_DclsNd):
 {args}
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_count: int,
-                 stride: IntOrTuple = 1, padding: Union[IntOrTuple, str] = 0,
-                 dilated_kernel_size: IntOrTuple = 1, groups: int = 1, bias: bool = True,
-                 padding_mode: str = 'zeros', interpolation: str = 'gaussian', *,
-                 version: Optional[str] = None) -> None:
-        super().__init__(in_channels, out_channels, kernel_count, stride, padding,
-                         dilated_kernel_size, groups, bias, padding_mode, interpolation,
-                         conv_dims=3, learned_dims=3, version=version)
+    _dims = 3
 
 
 @_document_args
-class Dcls2_1d(_DclsNd):
+class Dcls2_1d(_DclsDenseLeading):
     """2-D convolution whose kernel is dense along height (``dense_kernel_size``) and has
     ``kernel_count`` learned positions along width (the last dim), per dense row.
 
@@ -531,21 +561,11 @@ class Dcls2_1d(_DclsNd):
 {args}
     """
 
-    _normal_position_init = False
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_count: int,
-                 stride: IntOrTuple = 1, padding: Union[IntOrTuple, str] = 0,
-                 dense_kernel_size: IntOrTuple = 1, dilated_kernel_size: IntOrTuple = 1,
-                 groups: int = 1, bias: bool = True, padding_mode: str = 'zeros',
-                 interpolation: str = 'gaussian', *, version: Optional[str] = None) -> None:
-        super().__init__(in_channels, out_channels, kernel_count, stride, padding,
-                         dilated_kernel_size, groups, bias, padding_mode, interpolation,
-                         conv_dims=2, learned_dims=1, dense_kernel_size=dense_kernel_size,
-                         version=version)
+    _dims = 2
 
 
 @_document_args
-class Dcls3_1d(_DclsNd):
+class Dcls3_1d(_DclsDenseLeading):
     """3-D convolution whose kernel is dense along depth and height (``dense_kernel_size``)
     and has ``kernel_count`` learned positions along width (the last dim).
 
@@ -556,17 +576,7 @@ class Dcls3_1d(_DclsNd):
 {args}
     """
 
-    _normal_position_init = False
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_count: int,
-                 stride: IntOrTuple = 1, padding: Union[IntOrTuple, str] = 0,
-                 dense_kernel_size: IntOrTuple = 1, dilated_kernel_size: IntOrTuple = 1,
-                 groups: int = 1, bias: bool = True, padding_mode: str = 'zeros',
-                 interpolation: str = 'gaussian', *, version: Optional[str] = None) -> None:
-        super().__init__(in_channels, out_channels, kernel_count, stride, padding,
-                         dilated_kernel_size, groups, bias, padding_mode, interpolation,
-                         conv_dims=3, learned_dims=1, dense_kernel_size=dense_kernel_size,
-                         version=version)
+    _dims = 3
 
 
 @_document_args

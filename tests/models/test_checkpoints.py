@@ -7,6 +7,7 @@ import torch
 
 from dcls_mm.models import ConvNeXtDCLS, checkpoint_filter_fn, load_checkpoint_file
 
+from ..ops.dense_reference import reference_gauss_axis_kernel
 from ._synthetic import (SMALL_ARCH, add_classifier_head, downstream_state,
                          published_backbone_shapes, random_backbone_state,
                          set_weights_directly)
@@ -180,21 +181,6 @@ def test_untrusted_pickle_is_refused(tmp_path):
         load_checkpoint_file(str(path))
 
 
-def _reference_gauss_kernel(weight, P, SIG, dks):
-    """Dense (C, 1, dks, dks) depthwise kernel of the reference DCLS package's 2-D gauss
-    interpolation, with ITS axis order: P[0]/SIG[0] act on the column (x) coordinate,
-    P[1]/SIG[1] on the row (y) coordinate; each element is normalised to sum 1."""
-    weight, P, SIG = weight.double(), P.double(), SIG.double()
-    grid = torch.arange(dks, dtype=torch.float64)
-    rows, cols = grid.view(dks, 1, 1, 1), grid.view(1, dks, 1, 1)  # -> (y, x, C, K)
-    u_col = cols - (P[0, :, 0] + dks // 2)
-    u_row = rows - (P[1, :, 0] + dks // 2)
-    s_col, s_row = SIG[0, :, 0].abs() + 0.27, SIG[1, :, 0].abs() + 0.27
-    g = torch.exp(-0.5 * ((u_col / s_col) ** 2 + (u_row / s_row) ** 2))
-    g = g / (g.sum((0, 1)) + 1e-7)
-    return (g * weight[:, 0]).sum(-1).permute(2, 0, 1).unsqueeze(1)
-
-
 def test_reference_gauss_checkpoint(tmp_path):
     ref = random_backbone_state(SMALL_ARCH['depths'], SMALL_ARCH['dims'], K, DKS, with_sig=True)
     # make the two axes clearly different so a missing conversion would show
@@ -217,8 +203,8 @@ def test_reference_gauss_checkpoint(tmp_path):
     assert torch.equal(raw.stages[0][0].dwconv.SIG[0], torch.full((8, 1, K), 0.2))
     # the loaded kernel is the one the reference package builds from the file
     prefix = 'stages.2.1.dwconv.'
-    expected = _reference_gauss_kernel(ref[prefix + 'weight'], ref[prefix + 'P'],
-                                       ref[prefix + 'SIG'], DKS)
+    expected = reference_gauss_axis_kernel(ref[prefix + 'weight'], ref[prefix + 'P'],
+                                         ref[prefix + 'SIG'], DKS)
     with torch.no_grad():
         kernel = model.stages[2][1].dwconv.construct_kernel()
     torch.testing.assert_close(kernel.double(), expected, rtol=1e-5, atol=1e-6)

@@ -15,7 +15,7 @@ from dcls_mm.ops import (Dcls1d, Dcls2_1d, Dcls2d, Dcls2dK1d, Dcls3_1d, Dcls3d,
                          convert_reference_state_dict)
 from dcls_mm.ops.kernel import canonical_interpolation
 
-from .dense_reference import reference_kernel
+from .dense_reference import reference_gauss_axis_kernel, reference_kernel
 
 
 def test_index_buffers_follow_to_and_stay_out_of_state_dict():
@@ -135,6 +135,13 @@ def test_version_aliases():
     assert canonical_interpolation('v1') == 'bilinear_normalized'
 
 
+@pytest.mark.parametrize('cls', [Dcls1d, Dcls2d, Dcls3d, Dcls2_1d, Dcls3_1d, Dcls2dK1d])
+def test_deprecated_version_warning_names_the_callers_line(cls):
+    with pytest.warns(DeprecationWarning, match='interpolation=') as record:
+        cls(1, 1, 1, dilated_kernel_size=3, version='v0')
+    assert record[0].filename == __file__
+
+
 def test_deprecated_version_attribute_and_old_pickles():
     m = Dcls2d(1, 1, 1, 3, interpolation='v0')
     with pytest.warns(DeprecationWarning):
@@ -164,20 +171,6 @@ def test_public_layers_document_every_argument(cls):
     assert '_DclsNd' not in doc
 
 
-def _reference_gauss_axis_kernel(weight, P, SIG, dks):
-    """The reference package's 2-D gauss formula with ITS axis convention: P[0] is the
-    column coordinate centred with dks[0]//2, P[1] the row coordinate centred with dks[1]//2."""
-    H, W = dks
-    rows = torch.arange(H, dtype=torch.float64).view(H, 1, 1, 1, 1)
-    cols = torch.arange(W, dtype=torch.float64).view(1, W, 1, 1, 1)
-    u_col = cols - (P[0] + H // 2)
-    u_row = rows - (P[1] + W // 2)
-    s_col, s_row = SIG[0].abs() + 0.27, SIG[1].abs() + 0.27
-    X = torch.exp(-0.5 * ((u_col / s_col) ** 2 + (u_row / s_row) ** 2))
-    X = X / (X.sum((0, 1)) + 1e-7)
-    return (X * weight).sum(-1).permute(2, 3, 0, 1)
-
-
 @pytest.mark.parametrize('dks', [(9, 9), (9, 5), (4, 7)])
 def test_convert_reference_gauss_state_dict(dks):
     torch.manual_seed(0)
@@ -185,7 +178,7 @@ def test_convert_reference_gauss_state_dict(dks):
            'P': torch.randn(2, 3, 1, 4, dtype=torch.float64),
            'SIG': torch.rand(2, 3, 1, 4, dtype=torch.float64),
            'bias': torch.zeros(3, dtype=torch.float64)}
-    expected = _reference_gauss_axis_kernel(ref['weight'], ref['P'], ref['SIG'], dks)
+    expected = reference_gauss_axis_kernel(ref['weight'], ref['P'], ref['SIG'], dks)
     m = Dcls2d(3, 3, 4, dilated_kernel_size=dks, groups=3, interpolation='gauss').double()
     m.load_state_dict(convert_reference_state_dict(ref, dks))
     torch.testing.assert_close(m.construct_kernel(), expected, rtol=1e-9, atol=1e-12)
