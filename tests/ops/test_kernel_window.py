@@ -8,16 +8,6 @@ import torch
 from dcls_mm.ops import Dcls2d, construct_kernel, extension
 
 
-@pytest.fixture(params=['compiled', 'torch'])
-def route(request, monkeypatch):
-    if request.param == 'compiled':
-        assert extension.available(), 'the compiled CPU kernels are not built: run bash tools/env/setup.sh'
-        monkeypatch.delenv('DCLS_MM_ROUTES', raising=False)
-    else:
-        monkeypatch.setenv('DCLS_MM_ROUTES', 'construct=torch')
-    return request.param
-
-
 def _params(C, K, sizes, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(C, 1, K, generator=g)

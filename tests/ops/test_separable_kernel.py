@@ -46,16 +46,6 @@ CASES = [
 ]
 
 
-@pytest.fixture(params=['compiled', 'torch'])
-def route(request, monkeypatch):
-    if request.param == 'compiled':
-        assert extension.available(), 'the compiled CPU kernels are not built: run bash tools/env/setup.sh'
-        monkeypatch.delenv('DCLS_MM_ROUTES', raising=False)
-    else:
-        monkeypatch.setenv('DCLS_MM_ROUTES', 'construct=torch')
-    return request.param
-
-
 @pytest.mark.parametrize('interpolation', ['gaussian', 'triangle'])
 @pytest.mark.parametrize('shape,K,sizes', CASES)
 def test_forward_and_gradients_match_dense_formula(route, monkeypatch, interpolation, shape, K,
