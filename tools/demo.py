@@ -1,7 +1,11 @@
-"""dcls-mm demo on built-in data, CPU friendly (DURATION on 2 cores).
+"""dcls-mm demo on built-in data, CPU only (2-3 minutes on an idle 2-core machine).
+
+How long it took (README.md, "Quick start"): 311 s for the steps, 6.6 minutes with
+``tools/demo.sh``'s environment check, on 2 cores shared with five other jobs (load
+average 6); about 3 minutes of CPU time in all, hence the estimate above.
 
     bash tools/demo.sh            # sets up .venv if needed, then runs this file
-    python tools/demo.py [--work-dir work_dirs/demo] [--skip-det] [--skip-seg] [--skip-coco-c]
+    .venv/bin/python tools/demo.py [--work-dir work_dirs/demo] [--skip-det] [--skip-seg] [--skip-coco-c]
         [--skip-robustness]
 
 Steps:
@@ -75,7 +79,7 @@ def demo_layer() -> dict:
     torch.manual_seed(0)
     channels, count, dks = 8, 4, 9
     layer = Dcls2d(channels, channels, kernel_count=count, dilated_kernel_size=dks,
-                   padding=dks // 2, groups=channels, version='bilinear')
+                   padding=dks // 2, groups=channels, interpolation='bilinear')
     kernel = layer.construct_kernel()
     nonzero = (kernel.detach().abs() > 0).flatten(1).sum(1)
     x = torch.randn(1, channels, 32, 32)
@@ -99,7 +103,7 @@ def demo_backbone() -> dict:
     from dcls_mm.models import ConvNeXtDCLS
     torch.manual_seed(0)
     model = ConvNeXtDCLS(arch='atto', dilated_kernel_size=9, drop_path_rate=0.1)
-    dense = ConvNeXtDCLS(arch='atto', dwconv='dense')
+    dense = ConvNeXtDCLS(arch='atto', dwconv_type='dense')
     x = torch.randn(2, 3, 64, 64)
     t0 = time.perf_counter()
     outs = model(x)
@@ -176,7 +180,7 @@ def demo_downstream(task: DownstreamTask, work_dir: str, num_images: int) -> dic
 
         def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
             if outputs and 'loss' in outputs:
-                self.losses.append(float(outputs['loss']))
+                self.losses.append(float(outputs['loss'].detach()))
 
         def after_val_epoch(self, runner, metrics=None):
             self.metrics = {k: float(v) for k, v in (metrics or {}).items()}

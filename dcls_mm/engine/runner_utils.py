@@ -331,8 +331,9 @@ class ConsoleProgressHook(Hook):
         self._metrics('test', metrics)
 
     def after_run(self, runner) -> None:
-        self._print(f'  log: {runner.logger.log_file}; work dir (checkpoints): '
-                    f'{runner.work_dir}')
+        trained = self._start[0] > 0  # before_train ran: checkpoints may be new
+        self._print(f'  log: {runner.logger.log_file}'
+                    + (f'; checkpoints: {runner.work_dir}' if trained else ''))
 
 
 def _with_quiet_console(runner_cls: type) -> type:

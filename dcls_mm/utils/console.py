@@ -15,12 +15,23 @@ import warnings
 from typing import Iterator, Tuple, Type
 
 #: ``(message regex, category, module regex)`` of Python warnings that say nothing a
-#: user can act on: setuptools >= 81 warns on every import of ``pkg_resources``
-#: (mmengine, imagecorruptions); mmdet 3.3's mask head copies a tensor with
-#: ``new_tensor`` (torch's advice is for mmdet's authors).
+#: user of our configs can act on (advice for the authors of the pinned mmengine 0.10 /
+#: mmdet 3.3 / mmseg 1.2 about their own internals): setuptools >= 81 warns on every
+#: import of ``pkg_resources`` (mmengine, imagecorruptions); mmdet's mask head copies a
+#: tensor with ``new_tensor``; mmseg's UperNet builds its loss with its own deprecated
+#: ``build_loss``, warns that ``avg_non_ignore`` defaults to False, that its
+#: visualisation hook does not draw (``draw=False`` is the default) and that its
+#: ``LoadAnnotations`` ``reduce_zero_label`` argument will move; mmengine warns when a
+#: second Runner in one process (the demo, the tests) reuses the visualizer's name.
 KNOWN_WARNINGS: Tuple[Tuple[str, Type[Warning], str], ...] = (
     ('pkg_resources is deprecated as an API', UserWarning, ''),
     ('To copy construct from a tensor', UserWarning, r'mmdet\.'),
+    ('``build_loss`` would be deprecated soon', UserWarning, r'mmseg\.'),
+    ('Default ``avg_non_ignore`` is False', UserWarning, r'mmseg\.'),
+    ('The draw is False, it means that the hook for visualization', UserWarning, r'mmseg\.'),
+    ('`reduce_zero_label` will be deprecated', UserWarning, r'mmseg\.'),
+    (r"<class '[\w.]+Visualizer'> instance named of visualizer has been created", UserWarning,
+     r'mmengine\.'),
 )
 
 #: Beginnings of mmengine log records (level WARNING) about mmengine's own deprecated

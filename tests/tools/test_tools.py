@@ -314,7 +314,7 @@ def test_demo_detector_quiet_console_and_resume_after_the_end(tools, tmp_path, c
     assert runner.iter == 1 and osp.isfile(osp.join(work, 'epoch_1.pth'))
     assert console[0].startswith('  train iter 1/1  loss ')
     assert console[1].startswith('  val: coco/bbox_mAP ')
-    assert console[2] == f'  log: {runner.logger.log_file}; work dir (checkpoints): {work}'
+    assert console[2] == f'  log: {runner.logger.log_file}; checkpoints: {work}'
     assert len(console) == 3
     with open(runner.logger.log_file) as f:
         log = f.read()
