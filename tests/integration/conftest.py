@@ -11,9 +11,10 @@ import torch
 # the demo's own overrides: the tests build exactly what tools/demo.py runs
 from dcls_mm.datasets.demo import ade20k_demo_cfg_options as seg_data_options  # noqa: F401
 from dcls_mm.datasets.demo import coco_demo_cfg_options as det_data_options  # noqa: F401
+from tests._helpers import ROOT
 
-ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-DEMO_DET = osp.join(ROOT, 'configs/demo/cascade-mask-rcnn_convnext-dcls-atto_fpn_4conv1fc-giou_ms-crop-1e_demo-coco.py')
+DEMO_DET = osp.join(
+    ROOT, 'configs/demo/cascade-mask-rcnn_convnext-dcls-atto_fpn_4conv1fc-giou_ms-crop-1e_demo-coco.py')
 DEMO_SEG = osp.join(ROOT, 'configs/demo/upernet_convnext-dcls-atto_demo-ade20k-64x64.py')
 DET_DIR = osp.join(ROOT, 'configs/cascade_mask_rcnn')
 SEG_DIR = osp.join(ROOT, 'configs/upernet')

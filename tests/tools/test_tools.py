@@ -1,6 +1,7 @@
 """tools/train.py, tools/test.py, the launchers, demo.py's fast steps, and resuming a
-full mmengine training checkpoint under torch's weights_only default."""
-import importlib.util
+full mmengine training checkpoint under torch's weights_only default; what the tools
+print: the quiet console, the pre-flight errors on missing data/checkpoints, --resume
+after the end, and no profiler chatter from the benchmarks' memory measurement."""
 import os
 import os.path as osp
 import pickle
@@ -10,25 +11,15 @@ import sys
 import pytest
 import torch
 
-ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+from tests._helpers import ROOT, load_tool
+from tests.integration.conftest import DEMO_DET, DEMO_SEG
+
 TOOLS = osp.join(ROOT, 'tools')
-DEMO_SEG = osp.join(ROOT, 'configs/demo/upernet_convnext-dcls-atto_demo-ade20k-64x64.py')
-DEMO_DET = osp.join(ROOT, 'configs/demo/cascade-mask-rcnn_convnext-dcls-atto_fpn_4conv1fc-giou_ms-crop-1e_demo-coco.py')
-
-
-def load_tool(name):
-    """tools/<name>.py as a module named ``dcls_mm_tools_<name>`` (``tools/test.py`` must
-    not shadow anything, and sys.path is left alone)."""
-    spec = importlib.util.spec_from_file_location(f'dcls_mm_tools_{name}',
-                                                  osp.join(TOOLS, f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope='module')
 def tools():
-    return load_tool('train'), load_tool('test')
+    return load_tool('tools/train.py'), load_tool('tools/test.py')
 
 
 def _options(data_root, max_iters):
@@ -155,7 +146,7 @@ def _run_launcher(tmp_path, script, args, **env):
                          timeout=60)
     assert out.returncode == 0, out.stderr
     pythonpath, *argv = log.read_text().splitlines()
-    assert pythonpath.split('=', 1)[1].split(os.pathsep)[0] == ROOT
+    assert pythonpath.split('=', 1)[1].split(os.pathsep)[0] == str(ROOT)
     return argv
 
 
@@ -192,7 +183,7 @@ def test_slurm_train_command_line(tmp_path):
 
 
 def test_demo_layer_and_backbone_steps():
-    demo = load_tool('demo')
+    demo = load_tool('tools/demo.py')
     layer = demo.demo_layer()
     assert layer['kernel'] == [8, 1, 9, 9] and layer['position_grad_norm'] > 0
     backbone = demo.demo_backbone()
@@ -333,7 +324,7 @@ def test_demo_prints_one_line_per_step_and_a_table(tmp_path, capsys):
     """The demo's console: a progress line and a result line per step, then the table;
     what the steps print goes to demo.log; summary.json has every step."""
     import json
-    demo = load_tool('demo')
+    demo = load_tool('tools/demo.py')
     summary = demo.main(['--work-dir', str(tmp_path), '--skip-det', '--skip-seg',
                          '--skip-robustness'])
     lines = capsys.readouterr().out.splitlines()
