@@ -198,6 +198,7 @@ def test_setup_check_package_that_crashes_the_interpreter(tmp_path):
     _assert_clear_failure(rc, out, 'crashed', 'rm -rf')
 
 
+@pytest.mark.slow  # the whole check again, in a fresh interpreter (imports everything)
 def test_setup_check_complete_environment():
     """The environment running these tests passes the same check (all imports + ops)."""
     venv = Path(sys.prefix)

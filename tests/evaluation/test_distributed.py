@@ -29,6 +29,7 @@ def _torchrun(prefix, out, data_root, ckpt):
         return json.load(f), proc
 
 
+@pytest.mark.slow  # torchrun, 2 processes
 def test_two_processes_equal_one(tmp_path):
     ckpt = save_model_checkpoint(str(tmp_path / 'model.pth'))
     data_root = build_data_root(str(tmp_path / 'data'), ckpt)

@@ -159,6 +159,7 @@ def test_detector_pregenerated_equals_on_the_fly(tool, coco_demo, det_ckpt, tmp_
     assert pre['metrics'] == fly['metrics']
 
 
+@pytest.mark.slow  # torchrun, 2 processes
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU (gloo) path')
 def test_two_processes_equal_one(tool, ade_demo, seg_ckpt, tmp_path):
     """torchrun, 2 CPU processes: each evaluates one of the 2 images of every set; the

@@ -175,6 +175,7 @@ def _build_full(path):
     return cfg, model, build_optim_wrapper(model, dict(type='OptimWrapper', **ow_cfg))
 
 
+@pytest.mark.slow  # full-size ConvNeXt-T Cascade Mask R-CNN
 def test_full_cascade_mask_rcnn_t_builds_with_layer_wise_groups():
     from dcls_mm.ops import Dcls2d
     cfg, model, ow = _build_full(det_path('t', True))
@@ -206,6 +207,7 @@ def test_full_cascade_mask_rcnn_t_builds_with_layer_wise_groups():
     assert len(names) == sum(1 for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.slow  # full-size ConvNeXt-T UperNet
 def test_full_upernet_t_builds_with_stage_wise_groups():
     cfg, model, ow = _build_full(seg_path('t', True))
     assert model.decode_head.channels == 512 and model.auxiliary_head.channels == 256
@@ -228,6 +230,7 @@ def test_full_upernet_t_builds_with_stage_wise_groups():
         assert group['weight_decay'] == wd, name
 
 
+@pytest.mark.slow  # full-size ConvNeXt-T backbone
 def test_dense_baseline_has_no_dcls_layers():
     from mmengine.registry import MODELS, init_default_scope
 

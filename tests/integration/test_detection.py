@@ -49,6 +49,7 @@ def test_demo_config_train_and_inference_step(coco_demo, tmp_path):
     _check_predictions(runner, num_classes=3)
 
 
+@pytest.mark.slow  # the recipe's full-size FPN and heads
 def test_full_t_config_with_atto_backbone_trains(coco_demo, tmp_path):
     """The full recipe config (256-ch FPN, 1024-d 4conv1fc heads, 80 classes, its
     constructor) with an atto backbone and small images."""

@@ -10,6 +10,8 @@ from .conftest import DET_DIR, SEG_DIR, load_cfg
 
 pytest.importorskip('mmdet')
 pytest.importorskip('mmseg')
+# each test builds a full-size ResNet-50 detector / segmentor
+pytestmark = pytest.mark.slow
 
 DET = osp.join(DET_DIR, 'cascade-mask-rcnn_r50-dcls_fpn_ms-3x_coco.py')
 SEG = osp.join(SEG_DIR, 'upernet_r50-dcls_4xb4-160k_ade20k-512x512.py')

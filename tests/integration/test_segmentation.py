@@ -31,6 +31,7 @@ def test_demo_config_train_and_slide_inference(ade_demo, tmp_path):
     assert int(sample.pred_sem_seg.data.max()) < 4
 
 
+@pytest.mark.slow  # the recipe's full-size UperNet heads
 def test_full_t_config_with_atto_backbone_trains(ade_demo, tmp_path):
     """The full recipe config (UPerHead 512 ch, aux FCN 256 ch, 150 classes, its
     constructor) with an atto backbone and 64 px crops."""

@@ -65,6 +65,7 @@ def test_layer_part_writes_json(bench, compiled, tmp_path, capsys):
         r['interpolation'] == 'gaussian' for r in rows)
 
 
+@pytest.mark.slow  # full-size ConvNeXt-T models, dense and dcls
 def test_throughput_runs_on_any_device(bench):
     result = bench.throughput('cpu', batch=1, repeats=1, plain=True)
     assert result['batch'] == 1
@@ -92,6 +93,7 @@ def test_downstream_detection_inputs_have_the_real_size(downstream):
     assert all(s.gt_sem_seg.data.shape == (1, 512, 512) for s in seg['data_samples'])
 
 
+@pytest.mark.slow  # ConvNeXt-T UperNets from the recipe configs
 def test_downstream_segmentation_runs_and_reports_routes(downstream, tmp_path, capsys):
     """UperNet from the recipe configs, ConvNeXt-T vs ConvNeXt-T-dcls, at a tiny size."""
     out = tmp_path / 'downstream.json'

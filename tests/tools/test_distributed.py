@@ -59,6 +59,7 @@ def _predictions(path):
     return {p['img_id']: p['pred_instances'] for p in preds}
 
 
+@pytest.mark.slow  # torchrun, 2 processes
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU (gloo) path')
 def test_two_cpu_processes_train_and_evaluate_like_one(coco_demo, tmp_path):
     root = coco_demo['data_root'].rstrip('/') + '/'  # 4 training, 2 validation images
