@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import datetime
 import logging
+import numbers
 import os
 import os.path as osp
 import sys
@@ -321,7 +322,7 @@ class ConsoleProgressHook(Hook):
     def _metrics(self, split: str, metrics: Optional[dict]) -> None:
         if metrics:
             self._print(f'  {split}: ' + ', '.join(
-                f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}'
+                f'{k} {v:.4g}' if isinstance(v, numbers.Real) else f'{k} {v}'
                 for k, v in metrics.items()))
 
     def after_val_epoch(self, runner, metrics: Optional[dict] = None) -> None:

@@ -35,10 +35,12 @@ KNOWN_WARNINGS: Tuple[Tuple[str, Type[Warning], str], ...] = (
 )
 
 #: Beginnings of mmengine log records (level WARNING) about mmengine's own deprecated
-#: internals, which mmdet/mmseg 3.x still use: kept in the log file, not on the console.
+#: internals, which mmdet 3.3 / mmseg 1.2 still use, and about mmseg's ``IoUMetric``
+#: leaving its ``prefix`` unset: kept in the log file, not on the console.
 KNOWN_LOG_NOTICES: Tuple[str, ...] = (
     '"FileClient" will be deprecated in future',
     '"HardDiskBackend" is the alias of "LocalBackend"',
+    'The prefix is not set in metric class',
 )
 
 
