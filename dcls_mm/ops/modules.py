@@ -411,8 +411,8 @@ class _DclsNd(nn.Module):
 
     def extra_repr(self) -> str:
         s = (f'{self.in_channels}, {self.out_channels}, kernel_count={self.kernel_count}, '
-             f'dilated_kernel_size={self.dilated_kernel_size}, interpolation={self.interpolation!r}, '
-             f'stride={self.stride}, padding={self.padding}')
+             f'dilated_kernel_size={self.dilated_kernel_size}, '
+             f'interpolation={self.interpolation!r}, stride={self.stride}, padding={self.padding}')
         if self.dense_kernel_size:
             s += f', dense_kernel_size={self.dense_kernel_size}'
         if self.groups != 1:

@@ -15,7 +15,7 @@ from dcls_mm.ops import (Dcls1d, Dcls2_1d, Dcls2d, Dcls2dK1d, Dcls3_1d, Dcls3d,
                          convert_reference_state_dict)
 from dcls_mm.ops.kernel import canonical_interpolation
 
-from .dense_reference import reference_gauss_axis_kernel, reference_kernel
+from .dense_reference import reference_gauss_axis_kernel
 
 
 def test_index_buffers_follow_to_and_stay_out_of_state_dict():
