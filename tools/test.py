@@ -26,10 +26,9 @@ ignore_known_warnings()  # before mmengine imports pkg_resources
 
 from mmengine.config import Config  # noqa: E402
 
-from dcls_mm.engine.runner_utils import (add_common_args, apply_common_args,  # noqa: E402
-                                         build_runner, console_prints, parse_tool_args,
-                                         run_cli, set_prediction_output, setup_dcls_mm,
-                                         use_tta)
+from dcls_mm.engine.runner_utils import (  # noqa: E402
+    add_common_args, add_verbose_arg, apply_common_args, build_runner, console_prints,
+    parse_tool_args, run_cli, set_prediction_output, setup_dcls_mm, use_tta)
 
 
 def parse_args(argv=None):
@@ -37,6 +36,7 @@ def parse_args(argv=None):
     parser.add_argument('config', help='config file')
     parser.add_argument('checkpoint', help='checkpoint file')
     add_common_args(parser)
+    add_verbose_arg(parser)
     parser.add_argument('--tta', action='store_true', help="test-time augmentation (the "
                         "config's tta_pipeline and tta_model; ADE20K configs: resize to "
                         '0.5..1.75 x (2048, 512), keep ratio, + horizontal flip)')

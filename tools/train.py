@@ -27,16 +27,16 @@ ignore_known_warnings()  # before mmengine imports pkg_resources
 
 from mmengine.config import Config  # noqa: E402
 
-from dcls_mm.engine.runner_utils import (add_common_args, apply_common_args,  # noqa: E402
-                                         build_runner, console_prints,
-                                         fall_back_to_fp32_on_cpu, parse_tool_args, run_cli,
-                                         setup_dcls_mm)
+from dcls_mm.engine.runner_utils import (  # noqa: E402
+    add_common_args, add_verbose_arg, apply_common_args, build_runner, console_prints,
+    fall_back_to_fp32_on_cpu, parse_tool_args, run_cli, setup_dcls_mm)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Train a dcls-mm detector/segmentor')
     parser.add_argument('config', help='config file')
     add_common_args(parser)
+    add_verbose_arg(parser)
     parser.add_argument('--amp', action='store_true',
                         help='mixed precision (AmpOptimWrapper, dynamic loss scale); the '
                         'recipe configs already use it')

@@ -40,12 +40,16 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         'train_dataloader.batch_size=1; lists as key="[a,b]")')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
                         default='none', help='job launcher')
+    # torch.distributed launchers pass --local-rank (torch>=2) or --local_rank.
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+
+
+def add_verbose_arg(parser: argparse.ArgumentParser) -> None:
+    """``--verbose``, for tools whose runner is quiet otherwise (:func:`build_runner`)."""
     parser.add_argument('--verbose', action='store_true',
                         help="mmengine's full log on the console too (environment, config, "
                         'every logged iteration); without it the console shows progress '
                         'and results, and the log file in the work dir has everything')
-    # torch.distributed launchers pass --local-rank (torch>=2) or --local_rank.
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
 
 
 def parse_tool_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
@@ -281,7 +285,8 @@ class ConsoleProgressHook(Hook):
         self.interval = interval
         # the console as it is now: third-party prints may be redirected later
         self._stream = sys.stdout
-        self._start = (0., 0)
+        self._train_start: Optional[float] = None  # set once training starts
+        self._first_iter = 0
 
     def _print(self, text: str) -> None:
         from mmengine.dist import is_main_process
@@ -295,7 +300,7 @@ class ConsoleProgressHook(Hook):
                                   if isinstance(h, LoggerHook)), 50)
 
     def before_train(self, runner) -> None:
-        self._start = (time.perf_counter(), runner.iter)
+        self._train_start, self._first_iter = time.perf_counter(), runner.iter
         by_epoch = isinstance(runner.train_loop, EpochBasedTrainLoop)
         if (runner.epoch >= runner.max_epochs) if by_epoch else (runner.iter >= runner.max_iters):
             runner.logger.warning(
@@ -309,8 +314,8 @@ class ConsoleProgressHook(Hook):
                 or self.is_last_train_iter(runner)):
             return
         done = runner.iter + 1
-        elapsed = time.perf_counter() - self._start[0]
-        left = elapsed / max(done - self._start[1], 1) * (runner.max_iters - done)
+        elapsed = time.perf_counter() - self._train_start
+        left = elapsed / max(done - self._first_iter, 1) * (runner.max_iters - done)
         loss = (outputs or {}).get('loss')
         if hasattr(loss, 'detach'):  # the logged value, not the autograd graph
             loss = loss.detach()
@@ -332,9 +337,8 @@ class ConsoleProgressHook(Hook):
         self._metrics('test', metrics)
 
     def after_run(self, runner) -> None:
-        trained = self._start[0] > 0  # before_train ran: checkpoints may be new
-        self._print(f'  log: {runner.logger.log_file}'
-                    + (f'; checkpoints: {runner.work_dir}' if trained else ''))
+        self._print(f'  log: {runner.logger.log_file}' + (
+            f'; checkpoints: {runner.work_dir}' if self._train_start is not None else ''))
 
 
 def _with_quiet_console(runner_cls: type) -> type:

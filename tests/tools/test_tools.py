@@ -34,7 +34,7 @@ class Evil:  # pickled by reference: an untrusted global in a "checkpoint"
     pass
 
 
-def test_train_resume_test_cli(tools, tmp_path):
+def test_train_resume_test_cli(tools, tmp_path, capsys):
     from dcls_mm.datasets import make_ade20k_demo
     train_tool, test_tool = tools
     data = make_ade20k_demo(str(tmp_path / 'ade'), num_images=2, num_val_images=1,
@@ -51,9 +51,13 @@ def test_train_resume_test_cli(tools, tmp_path):
                              _options(data['data_root'], 2))
     assert runner.iter == 2 and osp.isfile(osp.join(work, 'iter_2.pth'))
     preds = str(tmp_path / 'preds')
+    capsys.readouterr()
     metrics = test_tool.main([DEMO_SEG, osp.join(work, 'iter_2.pth'), '--work-dir', work,
-                              '--out', preds] + _options(data['data_root'], 2))
+                              '--out', preds, '--verbose'] + _options(data['data_root'], 2))
     assert 'mIoU' in metrics
+    # --verbose: mmengine's log on the console too (here at the options' WARNING level:
+    # the IoUMetric notice the quiet console leaves to the log file)
+    assert 'The prefix is not set in metric class IoUMetric' in capsys.readouterr().out
     # mmseg's --out: one prediction PNG per validation image in the OUT directory
     val_images = os.listdir(osp.join(data['data_root'], data['val_img']))
     assert sorted(os.listdir(preds)) == sorted(
