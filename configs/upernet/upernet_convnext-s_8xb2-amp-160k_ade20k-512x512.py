@@ -1,5 +1,5 @@
 # Dense baseline: the SAME recipe and backbone class with plain 7x7 depthwise convs
-# (dwconv='dense'), i.e. ConvNeXt-S (docs/recipes.md row "ConvNeXt-S").
+# (dwconv_type='dense'), i.e. ConvNeXt-S (docs/recipes.md row "ConvNeXt-S").
 _base_ = './upernet_convnext-dcls-s_8xb2-amp-160k_ade20k-512x512.py'
 
 # The official ConvNeXt IN-1k weights (github.com/facebookresearch/ConvNeXt,
@@ -9,6 +9,6 @@ checkpoint_file = 'checkpoints/convnext_small_1k_224.pth'
 
 model = dict(
     backbone=dict(
-        dwconv='dense',
+        dwconv_type='dense',
         kernel_count=None,
         init_cfg=dict(type='Pretrained', checkpoint=checkpoint_file)))

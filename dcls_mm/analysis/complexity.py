@@ -24,6 +24,8 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from dcls_mm.ops import layer_interpolation
+
 from .layers import named_dcls_layers
 
 BILINEAR = ('bilinear', 'bilinear_normalized')
@@ -72,10 +74,10 @@ def _counting_mode(model: nn.Module) -> Iterator[None]:
             with torch.no_grad():
                 kernel = layer.construct_kernel().detach()
             cost = torch.tensor(construction_flops(
-                layer.weight.numel(), layer.dilated_kernel_size,
-                getattr(layer, 'version', 'bilinear')))
+                layer.weight.numel(), layer.dilated_kernel_size, layer_interpolation(layer)))
 
-            def construct(layer=layer, kernel=kernel, cost=cost):
+            # window: the plain path (set below) always asks for the whole kernel
+            def construct(window=None, layer=layer, kernel=kernel, cost=cost):
                 return DclsConstruction.apply(layer.weight, layer.P, cost, kernel)
 
             patched.append((layer, getattr(layer, 'impl', None)))

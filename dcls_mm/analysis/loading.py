@@ -10,7 +10,7 @@ A spec is ``SOURCE[@CHECKPOINT]`` with ``SOURCE`` one of:
   ``pretrained=False``;
 - ``convnext_dcls:KEY=VALUE,...``: :class:`~dcls_mm.models.ConvNeXtDCLS` with these
   keyword arguments (values as Python literals, e.g.
-  ``convnext_dcls:arch=atto,dwconv=dense`` or ``convnext_dcls:arch=tiny,dilated_kernel_size=17``).
+  ``convnext_dcls:arch=atto,dwconv_type=dense`` or ``convnext_dcls:arch=tiny,dilated_kernel_size=17``).
 
 Checkpoints of ConvNeXt-dcls models (published, dcls-mm, mmengine training files) go
 through :func:`dcls_mm.models.load_pretrained` (one filter for every format); other

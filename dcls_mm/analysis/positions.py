@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dcls_mm.ops import layer_interpolation
 from dcls_mm.ops.kernel import SIGMA_OFFSET
 
 from .layers import group_name, named_dcls_layers
@@ -71,7 +72,7 @@ def collect_positions(model: nn.Module) -> Dict[str, GroupPositions]:
     for name, layer in named_dcls_layers(model):
         key = group_name(name)
         dks = tuple(layer.dilated_kernel_size)
-        version = getattr(layer, 'version', 'unknown')
+        version = layer_interpolation(layer)
         group = groups.setdefault(key, GroupPositions(key, [], dks, version,
                                                       np.zeros((len(dks), 0, 1))))
         if (group.dilated_kernel_size, group.interpolation) != (dks, version):

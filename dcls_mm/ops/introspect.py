@@ -15,6 +15,8 @@ from typing import Iterable, Iterator, List, Tuple, Union
 
 from torch import nn
 
+from .kernel import canonical_interpolation
+
 #: names of the position-like parameters of a DCLS layer
 POSITION_ATTRS = ('P', 'SIG')
 
@@ -31,6 +33,20 @@ def is_dcls_layer(module: nn.Module) -> bool:
     """
     return (callable(getattr(module, 'clamp_parameters', None))
             and isinstance(getattr(module, 'P', None), nn.Parameter))
+
+
+def layer_interpolation(layer: nn.Module) -> str:
+    """Canonical interpolation name (:data:`dcls_mm.ops.INTERPOLATIONS`) of a DCLS layer:
+    ours (``.interpolation``) or the reference package's (``.version``: ``'v0'``,
+    ``'gauss'``, ...).
+
+    Args:
+        layer: a module for which :func:`is_dcls_layer` holds.
+    """
+    name = getattr(layer, 'interpolation', None)
+    if name is None:
+        name = vars(layer).get('version', 'v0')  # the reference package's default
+    return canonical_interpolation(name)
 
 
 def dcls_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:

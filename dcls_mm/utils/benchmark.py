@@ -161,7 +161,7 @@ def dcls_layer_routes(module, x_shape) -> dict:
     from dcls_mm.ops.kernel import construction_route
     return dict(kernel_grad=kernel_grad_route(x_shape, module.dilated_kernel_size, module.stride,
                                               module.padding),
-                construct=construction_route(module.version, 2, module.P, module.SIG))
+                construct=construction_route(module.interpolation, 2, module.P, module.SIG))
 
 
 class DclsRouteRecorder:

@@ -16,7 +16,7 @@ def test_flops_equal_a_hand_count(version, construction):
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1, bias=False),
         Dcls2d(4, 4, kernel_count=3, dilated_kernel_size=5, padding=2, groups=4,
-               version=version),
+               interpolation=version),
         nn.Conv2d(4, 6, 1, stride=2))
     r = measure_complexity(model, (3, 8, 8))
     conv3x3 = 4 * 8 * 8 * 3 * 3 * 3        # outputs x taps per output
@@ -33,7 +33,7 @@ def test_flops_equal_a_hand_count(version, construction):
 def test_convnext_dcls_shared_positions_and_dense_baseline():
     arch = dict(depths=[2, 1, 1, 1], dims=[8, 8, 8, 8])
     dcls = ConvNeXtDCLS(arch, dilated_kernel_size=7, kernel_count=5)
-    dense = ConvNeXtDCLS(arch, dwconv='dense')
+    dense = ConvNeXtDCLS(arch, dwconv_type='dense')
     rd, rn = measure_complexity(dcls, (3, 32, 32)), measure_complexity(dense, (3, 32, 32))
     # positions shared per stage: counted once; the rest of the two models is identical
     assert rd['params'] - rn['params'] == 5 * 8 * 5 + 4 * 2 * 8 * 5 - 5 * 8 * 7 * 7

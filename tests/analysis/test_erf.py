@@ -46,7 +46,7 @@ def test_dense_depthwise_erf_is_its_kernel_support():
 def test_dcls_erf_is_nonzero_exactly_where_its_kernel_is(version):
     torch.manual_seed(1)
     layer = Dcls2d(2, 2, kernel_count=3, dilated_kernel_size=7, padding=3, groups=2,
-                   version=version)
+                   interpolation=version)
     with torch.no_grad():  # off-grid positions, bilinear taps spread over 4 cells each
         layer.P.copy_(torch.tensor([[[[-2.5, 0.3, 1.7]], [[2.2, -1.4, 0.0]]],
                                     [[[1.5, -0.6, 3.0]], [[-2.8, 0.9, -3.0]]]]))
@@ -96,7 +96,7 @@ def test_run_erf_side_by_side(tmp_path):
     torch.manual_seed(0)
     models = {'dcls': ConvNeXtDCLS(TINY, dilated_kernel_size=7, kernel_count=3,
                                    layer_scale_init_value=1.0),
-              'dense': ConvNeXtDCLS(TINY, dwconv='dense', layer_scale_init_value=1.0)}
+              'dense': ConvNeXtDCLS(TINY, dwconv_type='dense', layer_scale_init_value=1.0)}
     result = run_erf(models, str(tmp_path), None, num_images=2, size=32, stage=1,
                      progress=False)
     assert result['generated_images'] and 'generated' in result['images']

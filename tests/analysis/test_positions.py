@@ -20,8 +20,8 @@ HAND = [[(0.0, 0.0), (0.3, -0.2), (3.0, 3.0)], [(-3.0, 1.6), (1.0, 1.0), (1.4, 0
 class TwoLayers(nn.Module):
     def __init__(self, version='bilinear'):
         super().__init__()
-        self.first = Dcls2d(2, 2, 3, padding=3, dilated_kernel_size=7, groups=2, version=version)
-        self.second = Dcls2d(2, 2, 3, padding=3, dilated_kernel_size=7, groups=2, version=version)
+        self.first = Dcls2d(2, 2, 3, padding=3, dilated_kernel_size=7, groups=2, interpolation=version)
+        self.second = Dcls2d(2, 2, 3, padding=3, dilated_kernel_size=7, groups=2, interpolation=version)
         with torch.no_grad():
             P = torch.tensor(HAND).permute(2, 0, 1).unsqueeze(2)  # (2, C, 1, K)
             self.first.P.copy_(P)

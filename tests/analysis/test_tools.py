@@ -63,7 +63,7 @@ def test_position_dynamics_cli(tmp_path, checkpoint, capsys):
 def test_complexity_cli(tmp_path, capsys):
     out = str(tmp_path / 'table.md')
     table = load_tool('tools/analysis/complexity.py').main([
-        '--model', SPEC, '--model', f'convnext_dcls:{ARCH},dwconv=dense', '--label', 'dcls',
+        '--model', SPEC, '--model', f'convnext_dcls:{ARCH},dwconv_type=dense', '--label', 'dcls',
         '--label', 'dense', '--shape', '32', '32', '--batch-size', '1', '--repeats', '1',
         '--out', out])
     assert table.startswith('| model | input |') and '| `dcls` | 32x32 |' in table
@@ -79,7 +79,7 @@ def test_bad_specs_are_one_line_errors(tmp_path):
         load_tool('tools/analysis/positions.py').main(['--model', f'{SPEC}@{tmp_path}/missing.pth'])
     with pytest.raises(SystemExit, match='no DCLS layer'):
         load_tool('tools/analysis/positions.py').main(
-            ['--model', f'convnext_dcls:{ARCH},dwconv=dense', '--out-dir', str(tmp_path)])
+            ['--model', f'convnext_dcls:{ARCH},dwconv_type=dense', '--out-dir', str(tmp_path)])
 
 
 def test_config_backbone_with_a_downstream_checkpoint(tmp_path, capsys):

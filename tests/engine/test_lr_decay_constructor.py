@@ -157,7 +157,7 @@ def test_unshared_positions_and_sig_found_by_module_type():
     backbone = make_backbone((1, 1, 4, 1), share_positions=False)
     from dcls_mm.ops import Dcls2d
     backbone.stages[1][0].dwconv = Dcls2d(4, 4, 3, padding=2, dilated_kernel_size=5, groups=4,
-                                          version='gauss')
+                                          interpolation='gauss')
     # a DCLS layer outside the backbone, with a name that does not say 'dwconv'
     model = ToyDetector(backbone)
     model.extra = Dcls2d(4, 4, 2, padding=1, dilated_kernel_size=3)

@@ -30,7 +30,7 @@ def seg_path(size, dcls):
 def check_backbone(backbone, size, dcls, drop_path):
     assert backbone.type == 'dcls_mm.ConvNeXtDCLS'
     assert backbone.arch == ARCH[size]
-    assert backbone.dwconv == ('dcls' if dcls else 'dense')
+    assert backbone.dwconv_type == ('dcls' if dcls else 'dense')
     if dcls:
         assert backbone.dilated_kernel_size == 17
         assert backbone.kernel_count == KERNEL_COUNT[size]

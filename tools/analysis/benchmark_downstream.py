@@ -76,7 +76,7 @@ def build_model(config: str, scope: str, interpolation: str = 'bilinear', size=N
     cfg.model.backbone.init_cfg = None
     if size is not None and cfg.model.data_preprocessor.get('size') is not None:
         cfg.model.data_preprocessor.size = tuple(size)
-    if cfg.model.backbone.get('dwconv') == 'dcls':
+    if cfg.model.backbone.get('dwconv_type') == 'dcls':
         dks, count = VARIANTS[interpolation]
         cfg.model.backbone.update(interpolation=interpolation, dilated_kernel_size=dks,
                                   kernel_count=count)
