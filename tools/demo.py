@@ -365,14 +365,19 @@ STEPS = (
 )
 
 
+def _close_demo_log(logger: logging.Logger) -> None:
+    # detached, not just closed: a closed FileHandler reopens (mode 'w') on the next record
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+
+
 def _demo_log(work_dir: str) -> logging.Logger:
     """The log of everything the steps print (``<work_dir>/demo.log``, new each run)."""
     logger = logging.getLogger('dcls_mm.demo')
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    for handler in list(logger.handlers):  # an earlier main() in this process
-        logger.removeHandler(handler)
-        handler.close()
+    _close_demo_log(logger)  # an earlier main() in this process
     handler = logging.FileHandler(osp.join(work_dir, 'demo.log'), mode='w')
     handler.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
     logger.addHandler(handler)
@@ -396,16 +401,20 @@ def main(argv=None) -> dict:
     steps = [step for step in STEPS if not step.skip(args)]
     summary, rows = dict(torch=torch.__version__), [('step', 'metric', 'value', 'where')]
     t_start = time.perf_counter()
-    for i, step in enumerate(steps, 1):
-        print(f'[{i}/{len(steps)}] {step.title} ...', end=' ', flush=True)
-        t0 = time.perf_counter()
-        log.info(f'=== {step.title}')
-        with prints_to_log(log):
-            result = step.run(args, work_dir, summary)
-        result['seconds'] = round(time.perf_counter() - t0, 1)
-        summary[step.key] = result
-        print(f'{result["seconds"]} s\n      {result["line"]}', flush=True)
-        rows += [(step.key if j == 0 else '', *row) for j, row in enumerate(step.rows(result))]
+    try:
+        for i, step in enumerate(steps, 1):
+            print(f'[{i}/{len(steps)}] {step.title} ...', end=' ', flush=True)
+            t0 = time.perf_counter()
+            log.info(f'=== {step.title}')
+            with prints_to_log(log):
+                result = step.run(args, work_dir, summary)
+            result['seconds'] = round(time.perf_counter() - t0, 1)
+            summary[step.key] = result
+            print(f'{result["seconds"]} s\n      {result["line"]}', flush=True)
+            rows += [(step.key if j == 0 else '', *row)
+                     for j, row in enumerate(step.rows(result))]
+    finally:
+        _close_demo_log(log)
     summary['total_s'] = round(time.perf_counter() - t_start, 1)
     with open(osp.join(work_dir, 'summary.json'), 'w') as f:
         json.dump(summary, f, indent=1)
