@@ -27,9 +27,9 @@ _restore_default_scope_per_module = pytest.fixture(autouse=True, scope='module')
 def _restore_checkpoint_schemes():
     """``CheckpointLoader._schemes`` (prefix -> loader) is class-global: a test that
     registers a loader must not change how later tests read checkpoints. The baseline
-    is the state after ``import dcls_mm.models``, which registers the checked local
+    is the state after ``import dcls_mm.engine``, which registers the checked local
     loader once per process (restoring a pre-import snapshot would drop it for good)."""
-    import dcls_mm.models  # noqa: F401
+    import dcls_mm.engine  # noqa: F401
     from mmengine.runner.checkpoint import CheckpointLoader
     saved = list(CheckpointLoader._schemes.items())
     yield

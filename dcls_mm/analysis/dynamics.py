@@ -74,7 +74,7 @@ def read_checkpoint_positions(path: str) -> Tuple[Dict[str, Tensor], dict]:
         ValueError: the checkpoint holds no position tensor.
     """
     from dcls_mm.models import load_checkpoint_file
-    from dcls_mm.models.checkpoint import unwrap_checkpoint
+    from dcls_mm.utils.checkpoint_io import unwrap_checkpoint
     checkpoint = load_checkpoint_file(path)
     state_dict, meta = unwrap_checkpoint(checkpoint)
     positions = OrderedDict((k, v.double()) for k, v in state_dict.items()

@@ -83,13 +83,13 @@ def _parse_kwargs(text: str) -> dict:
 def _load_weights(model: nn.Module, checkpoint: str, prefix: Optional[str]) -> None:
     """Load ``checkpoint`` into ``model`` (ConvNeXt-dcls filter, or strict for others)."""
     from dcls_mm.models import ConvNeXtDCLS, load_checkpoint_file, load_pretrained
-    from dcls_mm.models.checkpoint import _select_prefix, unwrap_checkpoint
+    from dcls_mm.utils.checkpoint_io import select_prefix, unwrap_checkpoint
     from dcls_mm.models.classifiers import ConvNeXtDCLSClassifier
     if isinstance(model, (ConvNeXtDCLS, ConvNeXtDCLSClassifier)):
         load_pretrained(model, checkpoint, prefix=prefix)
         return
     state_dict, _ = unwrap_checkpoint(load_checkpoint_file(checkpoint))
-    state_dict = _select_prefix(state_dict, prefix)
+    state_dict = select_prefix(state_dict, prefix)
     result = model.load_state_dict(state_dict, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f'{checkpoint} does not fit {type(model).__name__}: missing keys '

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dcls_mm.utils.checkpoint_io import format_keys
+
 from .folders import (BENCHMARKS, DataLayoutError, class_subset, limit_items,
                       resolve_benchmark_root, scan_class_folders, scan_corruption_root)
 from .imagenet_c import summarize_imagenet_c, summarize_imagenet_c_bar
@@ -130,11 +132,6 @@ def _one_line(message: str) -> str:
     return '; '.join(line.strip() for line in str(message).splitlines() if line.strip())
 
 
-def _short(keys: List[str], limit: int = 6) -> str:
-    more = f' (+{len(keys) - limit} more)' if len(keys) > limit else ''
-    return ', '.join(keys[:limit]) + more
-
-
 def load_classifier_checkpoint(model: nn.Module, path: str) -> Dict[str, Any]:
     """Load a weights file into a timm classifier, strictly.
 
@@ -190,7 +187,7 @@ def load_classifier_checkpoint(model: nn.Module, path: str) -> Dict[str, Any]:
                   for k, v in state_dict.items()
                   if k in target and hasattr(v, 'shape') and v.shape != target[k].shape]
     if missing or unexpected or mismatched:
-        parts = [f'{name} ({len(keys)}): {_short(keys)}' for name, keys in
+        parts = [f'{name} ({len(keys)}): {format_keys(keys, 6)}' for name, keys in
                  (('missing keys', missing), ('unexpected keys', unexpected),
                   ('shape mismatches', mismatched)) if keys]
         raise CheckpointError(f'checkpoint {path} does not fit {type(model).__name__}: '

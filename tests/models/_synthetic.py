@@ -1,6 +1,6 @@
 """Synthetic ConvNeXt-dcls checkpoints with exactly the published key names and shapes.
 
-Written from the key list in shared/reference/dcls-method.md ("Published ConvNeXt-dcls
+Written from the key list in docs/dcls-method.md ("Published ConvNeXt-dcls
 checkpoints"), independently of the model code.
 """
 from collections import OrderedDict
