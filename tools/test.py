@@ -4,12 +4,13 @@
                          [--cfg-options k=v ...] [--launcher none|pytorch|slurm|mpi]
 
 ``CHECKPOINT`` may be a dcls-mm/mmengine training checkpoint (read with the checked
-loader that importing dcls_mm registers, see
-:func:`dcls_mm.engine.runner_utils.setup_dcls_mm`: full unpickle only for
-mmengine/numpy state) or a published downstream ``{'state_dict': ...}`` file. ``--tta``
-uses the config's ``tta_pipeline``/``tta_model`` (the ADE20K configs: resize to ratios
-0.5, 0.75, ..., 1.75 of (2048, 512), keep ratio, each with and without flip: the
-"multi-scale" column of the recipes). ``--out`` follows the downstream package's own
+loader of :func:`dcls_mm.engine.register_checkpoint_loader`: weights-only unpickling with
+mmengine/numpy state allowed) or a published downstream ``{'state_dict': ...}`` file.
+``--tta`` uses the config's ``tta_pipeline``/``tta_model``: ADE20K configs resize to ratios
+0.5, 0.75, ..., 1.75 of (2048, 512), keep ratio, each with and without flip (the
+"multi-scale" column of the recipes); COCO configs use mmdet's three scales with flip,
+merged by ``dcls_mm.DetMaskTTAModel``; the demo configs views at their own size (see each
+config README). ``--out`` follows the downstream package's own
 tools/test.py, chosen by the config's ``default_scope``.
 
 A missing checkpoint or test data folder is reported before anything is built, one line
@@ -38,8 +39,8 @@ def parse_args(argv=None):
     add_common_args(parser)
     add_verbose_arg(parser)
     parser.add_argument('--tta', action='store_true', help="test-time augmentation (the "
-                        "config's tta_pipeline and tta_model; ADE20K configs: resize to "
-                        '0.5..1.75 x (2048, 512), keep ratio, + horizontal flip)')
+                        "config's tta_pipeline and tta_model: multi-scale + horizontal flip "
+                        'views; each config README lists its views)')
     parser.add_argument('--out', help='save the predictions: mmdet configs: a .pkl file '
                         "(mmdet's DumpDetResults); mmseg configs: a directory of "
                         "prediction PNGs (the test evaluator's output_dir)")
