@@ -137,28 +137,24 @@ def test_setup_check_missing_environment(tmp_path):
     _assert_clear_failure(rc, out, 'no dcls-mm environment')
 
 
-def test_setup_check_python_not_executable(tmp_path):
-    venv = tmp_path / 'venv'
-    (venv / 'bin').mkdir(parents=True)
-    (venv / 'bin' / 'python').write_text('not a program\n')  # mode 644
-    rc, out = _run_check(venv)
-    _assert_clear_failure(rc, out, 'does not run')
+def _not_executable(py: Path) -> None:
+    py.write_text('not a program\n')  # mode 644
 
 
-def test_setup_check_python_broken_symlink(tmp_path):
-    venv = tmp_path / 'venv'
-    (venv / 'bin').mkdir(parents=True)
-    (venv / 'bin' / 'python').symlink_to(tmp_path / 'gone' / 'python3.11')
-    rc, out = _run_check(venv)
-    _assert_clear_failure(rc, out, 'does not run')
+def _broken_symlink(py: Path) -> None:
+    py.symlink_to(py.parent / 'gone' / 'python3.11')
 
 
-def test_setup_check_python_that_fails(tmp_path):
-    venv = tmp_path / 'venv'
-    (venv / 'bin').mkdir(parents=True)
-    py = venv / 'bin' / 'python'
+def _exits_with_an_error(py: Path) -> None:
     py.write_text('#!/bin/sh\nexit 3\n')
     py.chmod(0o755)
+
+
+@pytest.mark.parametrize('make_python', [_not_executable, _broken_symlink, _exits_with_an_error])
+def test_setup_check_python_that_does_not_run(tmp_path, make_python):
+    venv = tmp_path / 'venv'
+    (venv / 'bin').mkdir(parents=True)
+    make_python(venv / 'bin' / 'python')
     rc, out = _run_check(venv)
     _assert_clear_failure(rc, out, 'does not run')
 

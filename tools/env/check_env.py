@@ -64,24 +64,22 @@ def greedy_nms(boxes: Sequence[Box], scores: Sequence[float], thr: float) -> lis
     return keep
 
 
+def _neighbours(v: float, n: int) -> tuple[float, int, int]:
+    """A coordinate in ``[0, n)`` and its two grid neighbours, clamped to the last index."""
+    v = max(v, 0.0)
+    if int(v) >= n - 1:
+        return float(n - 1), n - 1, n - 1
+    return v, int(v), int(v) + 1
+
+
 def bilinear(feat: Sequence[Sequence[float]], y: float, x: float) -> float:
     """Bilinear sample of an ``(H, W)`` map as RoIAlign takes it: zero outside
     ``[-1, H] x [-1, W]``, coordinates clamped to the border inside that band."""
     h, w = len(feat), len(feat[0])
     if y < -1.0 or y > h or x < -1.0 or x > w:
         return 0.0
-    y, x = max(y, 0.0), max(x, 0.0)
-    y0, x0 = int(y), int(x)
-    if y0 >= h - 1:
-        y0 = y1 = h - 1
-        y = float(y0)
-    else:
-        y1 = y0 + 1
-    if x0 >= w - 1:
-        x0 = x1 = w - 1
-        x = float(x0)
-    else:
-        x1 = x0 + 1
+    y, y0, y1 = _neighbours(y, h)
+    x, x0, x1 = _neighbours(x, w)
     ly, lx = y - y0, x - x0
     hy, hx = 1.0 - ly, 1.0 - lx
     return (hy * hx * feat[y0][x0] + hy * lx * feat[y0][x1] + ly * hx * feat[y1][x0] +
