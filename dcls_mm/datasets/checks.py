@@ -229,7 +229,8 @@ def missing_checkpoints(cfg: Mapping, pretrained: bool = True) -> List[str]:
     if pretrained:
         found += list(_pretrained_checkpoints(cfg.get('model') or {}, 'model'))
     return [f'checkpoint {_shown(path)} does not exist ({key})'
-            for key, path in found if _is_local(path) and not osp.isfile(path)]
+            # mmengine's local loader expands '~' (its data loaders do not)
+            for key, path in found if _is_local(path) and not osp.isfile(osp.expanduser(path))]
 
 
 def check_inputs(cfg: Mapping, splits=('train', 'val', 'test'), pretrained: bool = True) -> None:

@@ -373,7 +373,11 @@ def build_runner(cfg: Config, quiet: bool = False, progress: bool = True):
     """
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
-    runner_cls = RUNNERS.get(cfg.runner_type) if 'runner_type' in cfg else Runner
+    runner_cls = cfg.get('runner_type', Runner)
+    if isinstance(runner_cls, str):
+        name, runner_cls = runner_cls, RUNNERS.get(runner_cls)
+        if runner_cls is None:
+            raise KeyError(f'runner_type {name!r} is not in the RUNNERS registry')
     runner = (_with_quiet_console(runner_cls) if quiet else runner_cls).from_cfg(cfg)
     runner.register_hook(ConsoleProgressHook(progress=quiet and progress))
     return runner
