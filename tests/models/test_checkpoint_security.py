@@ -6,7 +6,6 @@ import pickle
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +15,10 @@ from dcls_mm.models import ConvNeXtDCLS
 from dcls_mm.utils.checkpoint_io import (CheckpointReadError, UnsafeCheckpointError,
                                          load_checkpoint_file)
 
+from tests._helpers import ROOT
+
 from ._synthetic import SMALL_ARCH, random_backbone_state
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 class _OsSystem:

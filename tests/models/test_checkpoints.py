@@ -1,18 +1,18 @@
 """Loading published-format, downstream, dcls-mm and reference-gaussian checkpoints."""
 import pickle
-from pathlib import Path
 
 import pytest
 import torch
 
 from dcls_mm.models import ConvNeXtDCLS, checkpoint_filter_fn, load_checkpoint_file
 
+from tests._helpers import ROOT, load_tool
+
 from ..ops.dense_reference import reference_gauss_axis_kernel
 from ._synthetic import (SMALL_ARCH, add_classifier_head, downstream_state,
                          published_backbone_shapes, random_backbone_state,
                          set_weights_directly)
 
-ROOT = Path(__file__).resolve().parents[2]
 K, DKS = 5, 7
 X = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 
@@ -248,12 +248,7 @@ def test_errors_list_bad_keys(tmp_path):
 
 
 def test_converter_roundtrip(tmp_path):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        'dcls_mm_tools_convert_convnext_dcls',
-        ROOT / 'tools' / 'model_converters' / 'convert_convnext_dcls.py')
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_tool('tools/model_converters/convert_convnext_dcls.py')
     sd = trunk()
     src = tmp_path / 'cls.pth'
     torch.save({'model': add_classifier_head(sd, SMALL_ARCH['dims'])}, src)

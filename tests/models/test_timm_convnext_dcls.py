@@ -1,6 +1,5 @@
 """timm registration of convnext_dcls_{tiny,small,base}."""
 import re
-from pathlib import Path
 
 import pytest
 import timm
@@ -8,6 +7,8 @@ import torch
 
 import dcls_mm.models  # noqa: F401  (registers the timm models)
 from dcls_mm.models import ConvNeXtDCLS
+
+from tests._helpers import ROOT
 
 from ._synthetic import (SMALL_ARCH, add_classifier_head, published_backbone_shapes,
                          random_backbone_state)
@@ -101,7 +102,7 @@ def test_bad_checkpoint_raises(tmp_path):
 
 def _readme_python_block(marker):
     """The README's python code block that contains ``marker``, as written."""
-    text = (Path(__file__).resolve().parents[2] / 'README.md').read_text()
+    text = (ROOT / 'README.md').read_text()
     blocks = [b for b in re.findall(r'```python\n(.*?)```', text, re.S) if marker in b]
     assert len(blocks) == 1, f'{len(blocks)} README python blocks mention {marker}'
     return blocks[0]

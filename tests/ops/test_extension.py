@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from dcls_mm.ops import extension
 from dcls_mm.ops import depthwise as dw
 from dcls_mm.ops import routes
+from tests._helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def dense_kernel_grad(x, g, kh, kw, pads, stride):
