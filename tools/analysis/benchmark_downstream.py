@@ -24,6 +24,10 @@ Example::
 """
 from __future__ import annotations
 
+from dcls_mm.utils.console import ignore_known_warnings
+
+ignore_known_warnings()  # before mmengine imports pkg_resources
+
 import argparse
 import logging
 from collections import OrderedDict

@@ -18,6 +18,10 @@ the CPU capability. Rounds alternate tool and bare runs; medians are reported.
 """
 from __future__ import annotations
 
+from dcls_mm.utils.console import ignore_known_warnings
+
+ignore_known_warnings()  # before mmengine imports pkg_resources
+
 import argparse
 import json
 import os

@@ -12,6 +12,10 @@ first model's, and the CPU capability is printed with it.
 """
 from __future__ import annotations
 
+from dcls_mm.utils.console import ignore_known_warnings
+
+ignore_known_warnings()  # before mmengine imports pkg_resources
+
 import argparse
 import json
 

@@ -11,6 +11,10 @@ thresholds 0.2/0.3/0.5/0.99).
 """
 from __future__ import annotations
 
+from dcls_mm.utils.console import ignore_known_warnings
+
+ignore_known_warnings()  # before mmengine imports pkg_resources
+
 import argparse
 import json
 import sys

@@ -11,6 +11,10 @@ learning rate logged in ``*/vis_data/scalars.json``). Writes ``position_speeds.c
 """
 from __future__ import annotations
 
+from dcls_mm.utils.console import ignore_known_warnings
+
+ignore_known_warnings()  # before mmengine imports pkg_resources
+
 import argparse
 
 from dcls_mm.analysis.dynamics import run_position_dynamics

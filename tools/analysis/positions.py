@@ -11,6 +11,10 @@ limit, overlaps, learned widths), ``positions.png`` and ``kernels.png``.
 """
 from __future__ import annotations
 
+from dcls_mm.utils.console import ignore_known_warnings
+
+ignore_known_warnings()  # before mmengine imports pkg_resources
+
 import argparse
 
 from dcls_mm.analysis.loading import build_analysis_model, default_label

@@ -11,6 +11,10 @@ line per model). Library: :mod:`dcls_mm.evaluation.compare`.
 """
 from __future__ import annotations
 
+from dcls_mm.utils.console import ignore_known_warnings
+
+ignore_known_warnings()  # before mmengine imports pkg_resources
+
 import argparse
 import sys
 

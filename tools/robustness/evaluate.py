@@ -13,6 +13,10 @@ rerunning the same command resumes. Library: :mod:`dcls_mm.evaluation.classifica
 """
 from __future__ import annotations
 
+from dcls_mm.utils.console import ignore_known_warnings
+
+ignore_known_warnings()  # before mmengine imports pkg_resources
+
 import argparse
 import ast
 import os

@@ -16,6 +16,10 @@ result to ``tools/robustness/test_downstream.py --corrupted-root OUT``. Library:
 """
 from __future__ import annotations
 
+from dcls_mm.utils.console import ignore_known_warnings
+
+ignore_known_warnings()  # before mmengine imports pkg_resources
+
 import argparse
 import os
 import sys

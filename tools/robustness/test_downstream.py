@@ -15,6 +15,10 @@ CONFIG CHECKPOINT --launcher pytorch ...``. Library: :mod:`dcls_mm.evaluation.do
 """
 from __future__ import annotations
 
+from dcls_mm.utils.console import ignore_known_warnings
+
+ignore_known_warnings()  # before mmengine imports pkg_resources
+
 import argparse
 import os.path as osp
 import sys
