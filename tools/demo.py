@@ -1,8 +1,8 @@
-"""dcls-mm demo on built-in data, CPU only (2-3 minutes on an idle 2-core machine).
+"""dcls-mm demo on built-in data, CPU only (about 40 s on an idle 2-core machine).
 
-How long it took (README.md, "Quick start"): 245 s for the steps, 4.3 minutes with
-``tools/demo.sh``'s environment check, on 2 cores shared with other jobs (load average
-4); 146 s of CPU time in all, hence the estimate above.
+How long it took (README.md, "Quick start"): 26.5 s for the steps, 38 s with
+``tools/demo.sh``'s environment check, on 2 idle cores (load average 1.1); 4 minutes
+when other jobs shared the cores (load average 4).
 
     bash tools/demo.sh            # sets up .venv if needed, then runs this file
     .venv/bin/python tools/demo.py [--work-dir work_dirs/demo] [--skip-det] [--skip-seg] [--skip-coco-c]
