@@ -250,3 +250,15 @@ def test_bad_args():
         small(out_indices=(4,))
     with pytest.raises(ValueError, match='checkpoint_format'):
         small(checkpoint_format='v0')
+
+
+def test_deprecated_dwconv_warning_names_the_callers_line():
+    """Through the backbone, the timm classifier or timm.create_model, the warning points
+    at this file (where dwconv= was written), not at library code."""
+    import timm
+    for build in (lambda: small(dwconv='dense'),
+                  lambda: ConvNeXtDCLSClassifier(SMALL_ARCH, num_classes=0, dwconv='dense'),
+                  lambda: timm.create_model('convnext_dcls_tiny', dwconv='dense')):
+        with pytest.warns(DeprecationWarning, match='dwconv_type') as record:
+            build()
+        assert [w.filename for w in record if 'dwconv_type' in str(w.message)] == [__file__]

@@ -34,6 +34,7 @@ package's gauss axis order); a flat state dict of any of these.
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 import warnings
 from collections import OrderedDict
@@ -90,6 +91,20 @@ def check_checkpoint_format(checkpoint_format: str) -> str:
     return checkpoint_format
 
 
+#: modules a model is built through: a warning names the first line outside them
+_BUILDER_MODULES = ('dcls_mm.', 'timm.', 'mmengine.', 'mmdet.', 'mmseg.', 'torch.')
+
+
+def _caller_stacklevel() -> int:
+    """The ``warnings.warn`` stacklevel (called from :func:`resolve_dwconv_type`) that names
+    the first line outside dcls_mm and the libraries that build models (the user's
+    ``ConvNeXtDCLS(...)``, ``timm.create_model(...)`` or ``MODELS.build(...)`` call)."""
+    frame, level = inspect.currentframe().f_back.f_back, 2
+    while frame is not None and frame.f_globals.get('__name__', '').startswith(_BUILDER_MODULES):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def resolve_dwconv_type(dwconv_type: str, dwconv: Optional[str] = None) -> str:
     """Validate ``dwconv_type``, honouring the deprecated ``dwconv=`` spelling.
 
@@ -106,7 +121,7 @@ def resolve_dwconv_type(dwconv_type: str, dwconv: Optional[str] = None) -> str:
     """
     if dwconv is not None:
         warnings.warn("dwconv=... is deprecated (dwconv names the block's conv module): "
-                      'use dwconv_type=...', DeprecationWarning, stacklevel=3)
+                      'use dwconv_type=...', DeprecationWarning, stacklevel=_caller_stacklevel())
         dwconv_type = dwconv
     if dwconv_type not in DWCONV_TYPES:
         raise ValueError(f"dwconv_type must be 'dcls' or 'dense', got {dwconv_type!r}")
