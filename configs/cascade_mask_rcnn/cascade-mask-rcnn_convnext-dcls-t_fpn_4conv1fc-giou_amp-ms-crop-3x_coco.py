@@ -10,7 +10,7 @@
 # tests/integration/test_configs.py checks the merged values against docs/recipes.md.
 _base_ = [
     'mmdet::convnext/cascade-mask-rcnn_convnext-t-p4-w7_fpn_4conv1fc-giou_amp-ms-crop-3x_coco.py',  # noqa
-    '../_base_/det_tta.py'
+    '../_base_/det_tta.py', '../_base_/convnext_dcls_t.py'
 ]
 
 # The mmdet base imports mmpretrain (for its ConvNeXt); we need dcls_mm instead. The
@@ -19,32 +19,13 @@ _base_ = [
 custom_imports = dict(imports=['dcls_mm.models', 'dcls_mm.engine', 'dcls_mm.models.det_tta'],
                       allow_failed_imports=False)
 
-# Reliability (README): checkpoints written atomically (a kill never leaves a truncated
-# one; resume skips a truncated file with one warning), and resume restores the random
-# generators and the data position, so k iterations + resume == a straight run.
-default_hooks = dict(checkpoint=dict(type='dcls_mm.AtomicCheckpointHook'))
-custom_hooks = [dict(type='dcls_mm.RNGStateHook')]
+default_hooks = {{_base_.dcls_mm_default_hooks}}
+custom_hooks = {{_base_.dcls_mm_custom_hooks}}
 
-# The published IN-1k ConvNeXt-T-dcls EMA weights (Zenodo record 7112021, file
-# convnext_dcls_tiny_1k_224_ema.pth, a {'model': ...} classification checkpoint; the
-# backbone's loader drops head/norm and checks every other key).
+# what the backbone's init_cfg reads (the base's checkpoint_file is mmpretrain's URL)
 checkpoint_file = 'checkpoints/convnext_dcls_tiny_1k_224_ema.pth'
-
 model = dict(
-    backbone=dict(
-        _delete_=True,
-        type='dcls_mm.ConvNeXtDCLS',
-        arch='tiny',
-        dwconv_type='dcls',
-        dilated_kernel_size=17,
-        kernel_count=34,
-        interpolation='bilinear',
-        share_positions=True,
-        out_indices=(0, 1, 2, 3),
-        drop_path_rate=0.4,
-        layer_scale_init_value=1.0,
-        gap_before_final_norm=False,
-        init_cfg=dict(type='Pretrained', checkpoint=checkpoint_file)),
+    backbone={{_base_.convnext_dcls_t_backbone}},
     neck=dict(in_channels=[96, 192, 384, 768]))
 
 optim_wrapper = dict(
