@@ -516,8 +516,10 @@ class Dcls2d(_DclsEveryDim):
             return super().conv(x, kernel, window)
         padding = self.padding
         if window is not None:
-            # the padding that goes with the cropped kernel (same output)
-            padding = used_taps(x.shape[-2:], self.kernel_size, self.stride, self.padding)[1]
+            # each tap cut off before/after the window takes one padding row/column with it:
+            # same output size, same values
+            padding = tuple((lo - start, hi - (size - stop)) for (lo, hi), (start, stop), size
+                            in zip(self.padding, window, self.kernel_size))
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)

@@ -97,3 +97,24 @@ def test_inference_memo_follows_the_window():
             expect = torch.nn.functional.conv2d(x, m.construct_kernel(), m.bias, padding=8,
                                                 groups=16)
             torch.testing.assert_close(m(x), expect, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('hw', [(5, 5), (6, 4)])
+def test_strided_window_equals_plain_path(route, hw):
+    torch.manual_seed(0)
+    fast = Dcls2d(16, 16, 5, stride=2, padding=8, dilated_kernel_size=17, groups=16,
+                  interpolation='gaussian')
+    with torch.no_grad():
+        fast.P.uniform_(-8, 8)
+    plain = Dcls2d(16, 16, 5, stride=2, padding=8, dilated_kernel_size=17, groups=16,
+                   interpolation='gaussian', impl='plain')
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 16, *hw)
+    assert fast.kernel_window(x) is not None
+    results = []
+    for m in (fast, plain):
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        results.append((y, *torch.autograd.grad(y.square().sum(), [xi, m.weight, m.P, m.SIG])))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
