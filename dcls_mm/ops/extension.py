@@ -130,9 +130,13 @@ def _depthwise_kernel_grad_fake(x, grad_out, kh, kw, pad_top, pad_left, stride_h
     return x.new_empty(kh, kw, x.shape[1]).permute(2, 0, 1).unsqueeze(1)
 
 
-def _separable_kernel_fake(weight, P, SIG, L0, L1, interp, r0, nr, c0, nc):
-    return weight.new_empty(weight.shape[0], nr, nc)
+def _separable_kernel_fake(weight, P, SIG, L0, L1, interp, r0, nr, c0, nc, keep_profiles=False):
+    blocks = -(-weight.shape[0] // 16) if keep_profiles else 0  # kBlock in the C++ source
+    K = weight.shape[1]
+    return (weight.new_empty(weight.shape[0], nr, nc),
+            weight.new_empty(blocks, (K * (L0 + L1) + 2 * K) * 16))
 
 
-def _separable_kernel_backward_fake(grad, weight, P, SIG, L0, L1, interp, r0, nr, c0, nc):
+def _separable_kernel_backward_fake(grad, weight, P, SIG, kept, L0, L1, interp, r0, nr, c0,
+                                    nc):
     return weight.new_empty(weight.shape), P.new_empty(P.shape), SIG.new_empty(SIG.shape)

@@ -175,16 +175,19 @@ class _CompiledSeparableKernel2d(torch.autograd.Function):
     def forward(ctx, weight: Tensor, P: Tensor, SIG: Tensor, sizes: Tuple[int, int],
                 interpolation: str, window: Window) -> Tensor:
         lead, K = weight.shape[:-1], weight.shape[-1]
-        out = torch.ops.dcls_mm.separable_kernel(
+        # the profiles (exponentials: most of the work) are kept for the backward when
+        # one will come: C * K * (L_0 + L_1) floats, a few MiB at ConvNeXt sizes
+        out, kept = torch.ops.dcls_mm.separable_kernel(
             weight.reshape(-1, K), P.reshape(2, -1, K), SIG.reshape(2, -1, K), *sizes,
-            _COMPILED_INTERP[interpolation], *_window_args(window))
-        ctx.save_for_backward(weight, P, SIG)
+            _COMPILED_INTERP[interpolation], *_window_args(window),
+            keep_profiles=any(ctx.needs_input_grad[:3]))
+        ctx.save_for_backward(weight, P, SIG, kept)
         ctx.sizes, ctx.interpolation, ctx.window = sizes, interpolation, window
         return out.view(*lead, *(hi - lo for lo, hi in window))
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        weight, P, SIG = ctx.saved_tensors
+        weight, P, SIG, kept = ctx.saved_tensors
         sizes, interpolation, window = ctx.sizes, ctx.interpolation, ctx.window
         if torch.is_grad_enabled():
             # backward(create_graph=True): the compiled backward has no derivative, so
@@ -198,8 +201,8 @@ class _CompiledSeparableKernel2d(torch.autograd.Function):
         K = weight.shape[-1]
         dw, dP, dSIG = torch.ops.dcls_mm.separable_kernel_backward(
             grad.reshape(-1, *grad.shape[-2:]).float(), weight.reshape(-1, K),
-            P.reshape(2, -1, K), SIG.reshape(2, -1, K), *sizes, _COMPILED_INTERP[interpolation],
-            *_window_args(window))
+            P.reshape(2, -1, K), SIG.reshape(2, -1, K), kept, *sizes,
+            _COMPILED_INTERP[interpolation], *_window_args(window))
         return dw.view(weight.shape), dP.view(P.shape), dSIG.view(SIG.shape), None, None, None
 
 

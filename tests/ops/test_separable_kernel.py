@@ -113,7 +113,7 @@ def test_op_rejects_bad_input():
     with pytest.raises(RuntimeError, match='interpolation must be 0'):
         op(w, P, S, 5, 5, 7, 0, 5, 0, 5)
     with pytest.raises(RuntimeError, match=r'grad must be float32 \(B, nr, nc\)'):
-        torch.ops.dcls_mm.separable_kernel_backward(torch.randn(4, 5, 4), w, P, S, 5, 5, 1,
+        torch.ops.dcls_mm.separable_kernel_backward(torch.randn(4, 5, 4), w, P, S, torch.empty(0), 5, 5, 1,
                                                     0, 5, 0, 5)
 
 
@@ -160,3 +160,27 @@ def test_compiled_copy_follows_aten_capability(tmp_path):
         for a, b in zip(results[cap]['grads'], results[None]['grads']):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(results[cap]['kg'], results[None]['kg'], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize('interpolation,code', [('gaussian', 1), ('triangle', 0)])
+@pytest.mark.parametrize('window', [(0, 23, 0, 23), (5, 13, 4, 13)])
+def test_backward_with_kept_profiles_equals_backward_that_evaluates_them(interpolation, code,
+                                                                         window):
+    """The forward hands its profiles to the backward (keep_profiles); the gradients are
+    the same numbers as when the backward evaluates them itself (an empty tensor)."""
+    assert extension.available()
+    w, P, SIG = (t.float() for t in make((37,), 26, (23, 23)))
+    op = torch.ops.dcls_mm.separable_kernel
+    out, kept = op(w, P, SIG, 23, 23, code, *window, keep_profiles=True)
+    plain, none = op(w, P, SIG, 23, 23, code, *window)
+    assert torch.equal(out, plain) and none.numel() == 0
+    assert kept.shape == (3, (26 * 46 + 2 * 26) * 16)  # 37 channels: 3 blocks of 16
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    backward = torch.ops.dcls_mm.separable_kernel_backward
+    with_kept = backward(grad, w, P, SIG, kept, 23, 23, code, *window)
+    evaluated = backward(grad, w, P, SIG, torch.empty(0), 23, 23, code, *window)
+    for a, b in zip(with_kept, evaluated):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match='kept profiles must be what separable_kernel '
+                                           r'returned for these inputs \(float32 \(3, 19968\)\)'):
+        backward(grad, w, P, SIG, kept[:2], 23, 23, code, *window)

@@ -85,15 +85,33 @@ struct Shape {
   int64_t interp;
 };
 
+// The 1-D profiles of one block and their sums, every array with b innermost:
+// a0 [K][L0][B], a1 [K][L1][B], s0 and s1 [K][B]. The forward can hand them to the
+// backward (`keep_profiles`), which then skips their evaluation (the exponentials are
+// most of the construction's work); the layout in that tensor is the same, per block.
+struct Profiles {
+  float *a0, *a1, *s0, *s1;
+};
+
+int64_t profile_floats(const Shape& s) { return (s.K * (s.L0 + s.L1) + 2 * s.K) * kBlock; }
+
+Profiles profiles_at(float* base, const Shape& s) {
+  Profiles p;
+  p.a0 = base;
+  p.a1 = p.a0 + s.K * s.L0 * kBlock;
+  p.s0 = p.a1 + s.K * s.L1 * kBlock;
+  p.s1 = p.s0 + s.K * kBlock;
+  return p;
+}
+
 // Per-thread scratch for one block of kBlock b's, every array with b innermost.
 struct Scratch {
   std::vector<float> pos0, pos1, wid0, wid1;  // [K][B] grid positions, widths
-  std::vector<float> a0, a1;                  // [K][L_d][B] profiles
-  std::vector<float> s0, s1, scale, w;        // [K][B]
+  std::vector<float> scale, w;                // [K][B]
+  std::vector<float> own;                     // profiles when none are kept
   explicit Scratch(const Shape& s)
       : pos0(s.K * kBlock), pos1(s.K * kBlock), wid0(s.K * kBlock), wid1(s.K * kBlock),
-        a0(s.K * s.L0 * kBlock), a1(s.K * s.L1 * kBlock), s0(s.K * kBlock),
-        s1(s.K * kBlock), scale(s.K * kBlock), w(s.K * kBlock) {}
+        scale(s.K * kBlock), w(s.K * kBlock), own(profile_floats(s)) {}
 };
 
 // Loads the block [b0, b0 + nb) of a (rows, K) array into [K][B] (missing b's: value).
@@ -107,24 +125,36 @@ void load_block(const float* src, int64_t b0, int64_t nb, int64_t K, float* dst,
 DCLS_MM_INLINE void profiles_impl(const float* __restrict pos, const float* __restrict wid,
                                   int64_t K, int64_t L, int64_t interp,
                                   float* __restrict a, float* __restrict sums) {
+  // One fused loop per tap with `omp simd`: written as two loops (values, then sums) or
+  // with std::max, GCC unrolled the 16 lanes into scalar code for the triangle.
   constexpr int64_t B = kBlock;
   for (int64_t k = 0; k < K; ++k) {
-    float acc[B] = {};
+    const float* p = pos + k * B;
+    const float* w = wid + k * B;
+    float acc[B] = {}, inv[B];
+    // one division per element instead of one per tap (a vector division costs ~10
+    // multiplies); t differs from PyTorch's u / width by at most an ulp
+    for (int64_t c = 0; c < B; ++c) inv[c] = 1.0f / w[c];
     for (int64_t i = 0; i < L; ++i) {
       float* ai = a + (k * L + i) * B;
       const float gi = static_cast<float>(i);
       if (interp == kGaussian) {
-#pragma GCC ivdep
+#pragma omp simd
         for (int64_t c = 0; c < B; ++c) {
-          const float t = (gi - pos[k * B + c]) / wid[k * B + c];
-          ai[c] = fast_exp_neg(-0.5f * (t * t));
+          const float t = (gi - p[c]) * inv[c];
+          const float v = fast_exp_neg(-0.5f * (t * t));
+          ai[c] = v;
+          acc[c] += v;
         }
       } else {
-#pragma GCC ivdep
-        for (int64_t c = 0; c < B; ++c)
-          ai[c] = std::max(wid[k * B + c] - std::fabs(gi - pos[k * B + c]), 0.0f);
+#pragma omp simd
+        for (int64_t c = 0; c < B; ++c) {
+          const float d = w[c] - std::fabs(gi - p[c]);
+          const float v = d > 0.0f ? d : 0.0f;
+          ai[c] = v;
+          acc[c] += v;
+        }
       }
-      for (int64_t c = 0; c < B; ++c) acc[c] += ai[c];
     }
     for (int64_t c = 0; c < B; ++c) sums[k * B + c] = acc[c];
   }
@@ -267,9 +297,10 @@ void check_inputs(const at::Tensor& weight, const at::Tensor& P, const at::Tenso
               ": interpolation must be 0 (triangle) or 1 (gaussian)");
 }
 
-// Positions on the grid and widths of one block, as kernel.py computes them in float32.
+// Positions on the grid and widths of one block, as kernel.py computes them in float32;
+// the profiles `a` are evaluated unless `evaluated` (kept by the forward).
 void load_geometry(const Shape& s, const float* w, const float* P, const float* SIG,
-                   int64_t b0, int64_t nb, Scratch& t) {
+                   int64_t b0, int64_t nb, Scratch& t, const Profiles& a, bool evaluated) {
   const float offset = s.interp == kGaussian ? 0.27f : 1.0f;
   const int64_t plane = s.nb * s.K;
   load_block(w, b0, nb, s.K, t.w.data(), 0.0f);
@@ -284,41 +315,90 @@ void load_geometry(const Shape& s, const float* w, const float* P, const float* 
     t.wid0[e] = std::fabs(t.wid0[e]) + offset;
     t.wid1[e] = std::fabs(t.wid1[e]) + offset;
   }
-  profiles(t.pos0.data(), t.wid0.data(), s.K, s.L0, s.interp, t.a0.data(), t.s0.data());
-  profiles(t.pos1.data(), t.wid1.data(), s.K, s.L1, s.interp, t.a1.data(), t.s1.data());
+  if (!evaluated) {
+    profiles(t.pos0.data(), t.wid0.data(), s.K, s.L0, s.interp, a.a0, a.s0);
+    profiles(t.pos1.data(), t.wid1.data(), s.K, s.L1, s.interp, a.a1, a.s1);
+  }
   for (int64_t e = 0; e < s.K * kBlock; ++e)
-    t.scale[e] = t.w[e] / (t.s0[e] * t.s1[e] + kNormEps);
+    t.scale[e] = t.w[e] / (a.s0[e] * a.s1[e] + kNormEps);
 }
 
-at::Tensor separable_kernel(const at::Tensor& weight, const at::Tensor& P,
-                            const at::Tensor& SIG, int64_t L0, int64_t L1, int64_t interp,
-                            int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
+std::tuple<at::Tensor, at::Tensor> separable_kernel(
+    const at::Tensor& weight, const at::Tensor& P, const at::Tensor& SIG, int64_t L0,
+    int64_t L1, int64_t interp, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+    bool keep_profiles) {
   check_inputs(weight, P, SIG, L0, L1, interp, r0, nr, c0, nc);
   const at::Tensor wc = weight.contiguous(), pc = P.contiguous(), sc = SIG.contiguous();
   const Shape s{weight.size(0), weight.size(1), L0, L1, interp};
+  const int64_t blocks = (s.nb + kBlock - 1) / kBlock;
   at::Tensor out = at::empty({s.nb, nr, nc}, weight.options());
+  at::Tensor kept = at::empty({keep_profiles ? blocks : 0, profile_floats(s)}, weight.options());
   const float* wp = wc.const_data_ptr<float>();
   const float* pp = pc.const_data_ptr<float>();
   const float* sp = sc.const_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
-  const int64_t blocks = (s.nb + kBlock - 1) / kBlock;
+  float* kp = kept.mutable_data_ptr<float>();
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
     Scratch t(s);
     std::vector<float> kern(nr * nc * kBlock);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t b0 = blk * kBlock, nb = std::min(kBlock, s.nb - b0);
-      load_geometry(s, wp, pp, sp, b0, nb, t);
-      contract(t.a0.data(), t.a1.data(), t.scale.data(), s.K, L0, L1, r0, nr, c0, nc,
-               kern.data());
+      const Profiles a =
+          profiles_at(keep_profiles ? kp + blk * profile_floats(s) : t.own.data(), s);
+      load_geometry(s, wp, pp, sp, b0, nb, t, a, false);
+      contract(a.a0, a.a1, t.scale.data(), s.K, L0, L1, r0, nr, c0, nc, kern.data());
       for (int64_t c = 0; c < nb; ++c) {
         float* dst = op + (b0 + c) * nr * nc;
         for (int64_t e = 0; e < nr * nc; ++e) dst[e] = kern[e * kBlock + c];
       }
     }
   });
-  return out;
+  return {out, kept};
 }
+
+// scale = w / (S0 S1 + eps): gradient wrt w (dw) and the profile sums; turns m_d (the
+// gradient wrt scale * profile) into the profiles' own gradient, scale * m_d + dS_d
+// (S_d sums the profile, so dS_d reaches every tap).
+DCLS_MM_INLINE void normalisation_backward_impl(int64_t K, int64_t L0, int64_t L1,
+                                                const float* __restrict s0,
+                                                const float* __restrict s1,
+                                                const float* __restrict w,
+                                                const float* __restrict scale,
+                                                const float* __restrict dscale,
+                                                float* __restrict dw, float* __restrict m0,
+                                                float* __restrict m1) {
+  constexpr int64_t B = kBlock;
+  for (int64_t k = 0; k < K; ++k) {
+    float sc[B], d0[B], d1[B];
+#pragma omp simd
+    for (int64_t c = 0; c < B; ++c) {
+      const int64_t e = k * B + c;
+      const float den = s0[e] * s1[e] + kNormEps;
+      dw[e] = dscale[e] / den;
+      const float dz = -dscale[e] * w[e] / (den * den);
+      d0[c] = dz * s1[e];
+      d1[c] = dz * s0[e];
+      sc[c] = scale[e];
+    }
+    for (int64_t i = 0; i < L0; ++i) {
+      float* v = m0 + (k * L0 + i) * B;
+#pragma omp simd
+      for (int64_t c = 0; c < B; ++c) v[c] = sc[c] * v[c] + d0[c];
+    }
+    for (int64_t j = 0; j < L1; ++j) {
+      float* v = m1 + (k * L1 + j) * B;
+#pragma omp simd
+      for (int64_t c = 0; c < B; ++c) v[c] = sc[c] * v[c] + d1[c];
+    }
+  }
+}
+DCLS_MM_ISA_VARIANTS(normalisation_backward,
+                     (int64_t K, int64_t L0, int64_t L1, const float* __restrict s0,
+                      const float* __restrict s1, const float* __restrict w,
+                      const float* __restrict scale, const float* __restrict dscale,
+                      float* __restrict dw, float* __restrict m0, float* __restrict m1),
+                     (K, L0, L1, s0, s1, w, scale, dscale, dw, m0, m1))
 
 // Gradient wrt position and raw SIG of one learned dim, from the gradient `da` wrt its
 // profile a ([K][L][B]); writes dpos/dsig ([K][B]).
@@ -371,10 +451,12 @@ DCLS_MM_ISA_VARIANTS(profile_backward,
                       float* __restrict dpos, float* __restrict dsig),
                      (K, L, interp, pos, wid, a, da, sig_raw, dpos, dsig))
 
+// `kept`: the profiles the forward kept (keep_profiles), or an empty tensor to evaluate
+// them again.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_kernel_backward(
     const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& P,
-    const at::Tensor& SIG, int64_t L0, int64_t L1, int64_t interp, int64_t r0, int64_t nr,
-    int64_t c0, int64_t nc) {
+    const at::Tensor& SIG, const at::Tensor& kept, int64_t L0, int64_t L1, int64_t interp,
+    int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
   check_inputs(weight, P, SIG, L0, L1, interp, r0, nr, c0, nc);
   TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.device().is_cpu() && grad.dim() == 3 &&
                   grad.size(0) == weight.size(0) && grad.size(1) == nr && grad.size(2) == nc,
@@ -383,6 +465,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_kernel_backward(
   const at::Tensor gc = grad.contiguous(), wc = weight.contiguous(), pc = P.contiguous(),
                    sc = SIG.contiguous();
   const Shape s{weight.size(0), weight.size(1), L0, L1, interp};
+  const int64_t K = s.K, plane = s.nb * K, blocks = (s.nb + kBlock - 1) / kBlock;
+  const bool have = kept.numel() > 0;
+  TORCH_CHECK(!have || (kept.scalar_type() == at::kFloat && kept.device().is_cpu() &&
+                        kept.is_contiguous() && kept.dim() == 2 && kept.size(0) == blocks &&
+                        kept.size(1) == profile_floats(s)),
+              "dcls_mm::separable_kernel_backward: the kept profiles must be what "
+              "separable_kernel returned for these inputs (float32 (", blocks, ", ",
+              profile_floats(s), ")), got ", kept.sizes());
   at::Tensor dw = at::empty_like(wc), dP = at::empty_like(pc), dSIG = at::empty_like(sc);
   const float* gp = gc.const_data_ptr<float>();
   const float* wp = wc.const_data_ptr<float>();
@@ -391,7 +481,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_kernel_backward(
   float* dwp = dw.mutable_data_ptr<float>();
   float* dpp = dP.mutable_data_ptr<float>();
   float* dsp = dSIG.mutable_data_ptr<float>();
-  const int64_t K = s.K, plane = s.nb * K, blocks = (s.nb + kBlock - 1) / kBlock;
+  // read only: the backward writes its profile gradients into m0/m1
+  float* kp = have ? const_cast<float*>(kept.const_data_ptr<float>()) : nullptr;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
     Scratch t(s);
@@ -401,37 +492,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_kernel_backward(
           *ds1 = ds0 + K * kBlock, *dwb = ds1 + K * kBlock;
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t b0 = blk * kBlock, nb = std::min(kBlock, s.nb - b0);
-      load_geometry(s, wp, pp, sp, b0, nb, t);
+      const Profiles a =
+          profiles_at(have ? kp + blk * profile_floats(s) : t.own.data(), s);
+      load_geometry(s, wp, pp, sp, b0, nb, t, a, have);
       load_block(sp, b0, nb, K, sig0.data(), 0.0f);
       load_block(sp + plane, b0, nb, K, sig1.data(), 0.0f);
-      for (int64_t e = 0; e < nr * nc; ++e)
-        for (int64_t c = 0; c < kBlock; ++c)
-          g[e * kBlock + c] = c < nb ? gp[(b0 + c) * nr * nc + e] : 0.0f;
-      contract_backward(g.data(), t.a0.data(), t.a1.data(), K, L0, L1, r0, nr, c0, nc,
-                        m0.data(), m1.data(), dscale.data());
-      // scale = w / (S0 S1 + eps): gradients wrt w and the profile sums; then the
-      // profiles' own gradient: scale * m_d + dS_d (S_d sums the profile)
-      for (int64_t k = 0; k < K; ++k) {
-        for (int64_t c = 0; c < kBlock; ++c) {
-          const int64_t e = k * kBlock + c;
-          const float den = t.s0[e] * t.s1[e] + kNormEps;
-          dwb[e] = dscale[e] / den;
-          const float dz = -dscale[e] * t.w[e] / (den * den);
-          const float dsum0 = dz * t.s1[e], dsum1 = dz * t.s0[e], sc_e = t.scale[e];
-          for (int64_t i = 0; i < L0; ++i) {
-            float& v = m0[(k * L0 + i) * kBlock + c];
-            v = sc_e * v + dsum0;
-          }
-          for (int64_t j = 0; j < L1; ++j) {
-            float& v = m1[(k * L1 + j) * kBlock + c];
-            v = sc_e * v + dsum1;
-          }
-        }
+      std::fill(g.begin(), g.end(), 0.0f);
+      for (int64_t c = 0; c < nb; ++c) {
+        const float* src = gp + (b0 + c) * nr * nc;
+        for (int64_t e = 0; e < nr * nc; ++e) g[e * kBlock + c] = src[e];
       }
-      profile_backward(K, L0, s.interp, t.pos0.data(), t.wid0.data(), t.a0.data(),
-                       m0.data(), sig0.data(), dp0, ds0);
-      profile_backward(K, L1, s.interp, t.pos1.data(), t.wid1.data(), t.a1.data(),
-                       m1.data(), sig1.data(), dp1, ds1);
+      contract_backward(g.data(), a.a0, a.a1, K, L0, L1, r0, nr, c0, nc, m0.data(),
+                        m1.data(), dscale.data());
+      normalisation_backward(K, L0, L1, a.s0, a.s1, t.w.data(), t.scale.data(),
+                             dscale.data(), dwb, m0.data(), m1.data());
+      profile_backward(K, L0, s.interp, t.pos0.data(), t.wid0.data(), a.a0, m0.data(),
+                       sig0.data(), dp0, ds0);
+      profile_backward(K, L1, s.interp, t.pos1.data(), t.wid1.data(), a.a1, m1.data(),
+                       sig1.data(), dp1, ds1);
       for (int64_t c = 0; c < nb; ++c) {
         for (int64_t k = 0; k < K; ++k) {
           const int64_t src = k * kBlock + c, dst = (b0 + c) * K + k;
@@ -451,9 +529,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_kernel_backward(
 
 TORCH_LIBRARY_FRAGMENT(dcls_mm, m) {
   m.def("separable_kernel(Tensor weight, Tensor P, Tensor SIG, int L0, int L1, int interp, "
-        "int r0, int nr, int c0, int nc) -> Tensor");
-  m.def("separable_kernel_backward(Tensor grad, Tensor weight, Tensor P, Tensor SIG, int L0, "
-        "int L1, int interp, int r0, int nr, int c0, int nc) -> (Tensor, Tensor, Tensor)");
+        "int r0, int nr, int c0, int nc, bool keep_profiles=False) -> (Tensor, Tensor)");
+  m.def("separable_kernel_backward(Tensor grad, Tensor weight, Tensor P, Tensor SIG, "
+        "Tensor kept, int L0, int L1, int interp, int r0, int nr, int c0, int nc) -> "
+        "(Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dcls_mm, CPU, m) {
