@@ -24,7 +24,8 @@ logger = logging.getLogger('dcls_mm')
 
 NAME = 'dcls_mm_cpu'
 _CSRC = Path(__file__).parent / 'csrc'
-SOURCES = (_CSRC / 'depthwise_kernel_grad.cpp', _CSRC / 'separable_kernel.cpp')
+SOURCES = (_CSRC / 'depthwise_kernel_grad.cpp', _CSRC / 'separable_kernel.cpp',
+           _CSRC / 'bilinear_kernel.cpp')
 #: included by the sources: part of the build key too
 HEADERS = (_CSRC / 'isa.h', )
 # -fopenmp: at::parallel_for is inlined from torch's headers, so the OpenMP pragmas it
@@ -113,6 +114,9 @@ def _load() -> bool:
     torch.library.register_fake('dcls_mm::separable_kernel')(_separable_kernel_fake)
     torch.library.register_fake('dcls_mm::separable_kernel_backward')(
         _separable_kernel_backward_fake)
+    torch.library.register_fake('dcls_mm::bilinear_kernel')(_bilinear_kernel_fake)
+    torch.library.register_fake('dcls_mm::bilinear_kernel_backward')(
+        _bilinear_kernel_backward_fake)
     # the hot loops' copy (AVX-512 / AVX2 / baseline) follows ATen's CPU capability, so
     # ATEN_CPU_CAPABILITY=avx2 emulates an AVX2 machine for these kernels too
     _state['isa'] = torch.ops.dcls_mm.set_cpu_isa(torch.backends.cpu.get_cpu_capability())
@@ -140,3 +144,11 @@ def _separable_kernel_fake(weight, P, SIG, L0, L1, interp, r0, nr, c0, nc, keep_
 def _separable_kernel_backward_fake(grad, weight, P, SIG, kept, L0, L1, interp, r0, nr, c0,
                                     nc):
     return weight.new_empty(weight.shape), P.new_empty(P.shape), SIG.new_empty(SIG.shape)
+
+
+def _bilinear_kernel_fake(weight, P, L0, L1, r0, nr, c0, nc):
+    return weight.new_empty(weight.shape[0], nr, nc)
+
+
+def _bilinear_kernel_backward_fake(grad, weight, P, L0, L1, r0, nr, c0, nc):
+    return weight.new_empty(weight.shape), P.new_empty(P.shape)

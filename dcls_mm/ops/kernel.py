@@ -8,7 +8,9 @@ normalisation, which gives two exact constructions:
 
 - bilinear (the published models): each 1-D profile has two non-zero taps, so an element
   is ``2^D`` weighted taps, scattered (``scatter_add``) into the kernel: memory and work
-  ``O(C * K * 2^D)``;
+  ``O(C * K * 2^D)``. That is ~35 small autograd ops, 1-4 ms per ConvNeXt layer on the
+  CPU for microseconds of arithmetic, so for 2 learned dims in float32 a compiled op
+  (``csrc/bilinear_kernel.cpp``) adds the same taps in the same order (same bits);
 - triangle / gaussian (every grid point non-zero): the kernel is an ``einsum`` of small
   factors, ``K[..., i, j] = sum_k s[..., k] * A_0[..., k, i] * A_1[..., k, j]`` with
   ``A_d`` of shape ``(..., K, L_d)`` and ``s = w / Z``: memory ``O(C * K * sum(L_d))``.
@@ -16,7 +18,8 @@ normalisation, which gives two exact constructions:
   calls, more time than the convolution), so for 2 learned dims in float32 the compiled
   kernels (:mod:`dcls_mm.ops.extension`, ``csrc/separable_kernel.cpp``) compute the same
   formula, forward and backward, 16 channels per vector; the ``einsum`` stays the
-  fallback (route ``construct``: ``compiled`` or ``torch``, :mod:`dcls_mm.ops.routes`).
+  fallback (route ``construct``: ``compiled``, else ``torch``, or ``scatter`` for
+  bilinear; :mod:`dcls_mm.ops.routes`).
 
 Axis convention (one for every interpolation): ``P[d]`` is the position along the
 d-th *learned* kernel dim, in the order of the kernel tensor's trailing dims (for 2-D:
@@ -206,6 +209,37 @@ class _CompiledSeparableKernel2d(torch.autograd.Function):
         return dw.view(weight.shape), dP.view(P.shape), dSIG.view(SIG.shape), None, None, None
 
 
+class _CompiledBilinearKernel2d(torch.autograd.Function):
+    """The bilinear construction for 2 learned dims by the compiled CPU op."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, P: Tensor, sizes: Tuple[int, int], window: Window) -> Tensor:
+        lead, K = weight.shape[:-1], weight.shape[-1]
+        out = torch.ops.dcls_mm.bilinear_kernel(weight.reshape(-1, K), P.reshape(2, -1, K),
+                                                *sizes, *_window_args(window))
+        ctx.save_for_backward(weight, P)
+        ctx.sizes, ctx.window = sizes, window
+        return out.view(*lead, *(hi - lo for lo, hi in window))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        weight, P = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # backward(create_graph=True): differentiate the scatter formula instead
+            out = _bilinear_kernel(weight, P, ctx.sizes, normalize=False)
+            for d, (lo, hi) in enumerate(ctx.window):
+                out = out.narrow(out.dim() - 2 + d, lo, hi - lo)
+            needed = [t for t, need in zip((weight, P), ctx.needs_input_grad[:2]) if need]
+            grads = iter(torch.autograd.grad(out, needed, grad, create_graph=True))
+            return (*(next(grads) if need else None for need in ctx.needs_input_grad[:2]),
+                    None, None)
+        K = weight.shape[-1]
+        dw, dP = torch.ops.dcls_mm.bilinear_kernel_backward(
+            grad.reshape(-1, *grad.shape[-2:]).float(), weight.reshape(-1, K),
+            P.reshape(2, -1, K), *ctx.sizes, *_window_args(ctx.window))
+        return dw.view(weight.shape), dP.view(P.shape), None, None
+
+
 def _window_args(window: Window) -> Tuple[int, int, int, int]:
     """``(r0, nr, c0, nc)`` of a 2-D window, as the compiled ops take it."""
     (r0, r1), (c0, c1) = window
@@ -246,6 +280,9 @@ def construct_kernel(weight: Tensor, P: Tensor, SIG: Optional[Tensor],
     if len(window) != D or any(not 0 <= lo < hi <= L for (lo, hi), L in zip(window, sizes)):
         raise ValueError(f'window must be {D} (start, stop) pairs inside the dilated kernel '
                          f'{sizes}, got {window}')
+    route = construction_route(interpolation, D, P, SIG)
+    if route == 'compiled' and interpolation == 'bilinear':
+        return _CompiledBilinearKernel2d.apply(weight, P, sizes, window)
     if interpolation in ('bilinear', 'bilinear_normalized'):
         # the scatter costs O(C K 2^D) whatever the window: build all, slice
         kernel = _bilinear_kernel(weight, P, sizes,
@@ -256,17 +293,18 @@ def construct_kernel(weight: Tensor, P: Tensor, SIG: Optional[Tensor],
         return kernel
     if grids is None:
         grids = [torch.arange(L, device=P.device, dtype=P.dtype) for L in sizes]
-    if construction_route(interpolation, D, P, SIG) == 'compiled':
+    if route == 'compiled':
         return _CompiledSeparableKernel2d.apply(weight, P, SIG, sizes, interpolation, window)
     return _separable_kernel_torch(weight, P, SIG, sizes, interpolation, grids, window)
 
 
 def construction_route(interpolation: str, learned_dims: int, P: Tensor,
                        SIG: Optional[Tensor]) -> str:
-    """How :func:`construct_kernel` builds a kernel (route ``construct``): ``'scatter'``
-    (bilinear), ``'compiled'`` (triangle/gaussian, 2 learned dims, float32 on the CPU,
-    compiled kernels built, not forced off by ``DCLS_MM_ROUTES=construct=torch``) or
-    ``'torch'`` (the ``einsum``).
+    """How :func:`construct_kernel` builds a kernel (route ``construct``): ``'compiled'``
+    (bilinear, triangle or gaussian with 2 learned dims, float32 on the CPU, compiled
+    kernels built, not forced off by ``DCLS_MM_ROUTES=construct=torch``), else the
+    PyTorch ops: ``'scatter'`` (bilinear, and always for ``'bilinear_normalized'``) or
+    ``'torch'`` (the triangle/gaussian ``einsum``).
 
     Args:
         interpolation: canonical name.
@@ -274,10 +312,12 @@ def construction_route(interpolation: str, learned_dims: int, P: Tensor,
         P: positions (their device and dtype decide).
         SIG: widths (``None`` for bilinear).
     """
-    if interpolation not in WITH_SIGMA:
-        return 'scatter'
-    if (learned_dims == 2 and P.device.type == 'cpu' and P.dtype == SIG.dtype == torch.float32
+    fallback = 'torch' if interpolation in WITH_SIGMA else 'scatter'
+    if interpolation == 'bilinear_normalized':
+        return fallback
+    if (learned_dims == 2 and P.device.type == 'cpu' and P.dtype == torch.float32
+            and (SIG is None or SIG.dtype == torch.float32)
             and routes.forced('construct') != 'torch' and not torch.compiler.is_compiling()
             and extension.available()):
         return 'compiled'
-    return 'torch'
+    return fallback

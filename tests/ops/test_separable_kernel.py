@@ -129,8 +129,15 @@ out = construct_kernel(*ins, (9, 8), 'gaussian')
 out.backward(torch.randn(out.shape, generator=g))
 x, gy = torch.randn(2, 37, 9, 9, generator=g), torch.randn(2, 37, 9, 9, generator=g)
 kg = torch.ops.dcls_mm.depthwise_kernel_grad(x, gy, 9, 9, 4, 4, 1, 1)
-torch.save(dict(isa=extension.isa(), out=out.detach(), grads=[t.grad for t in ins], kg=kg),
-           sys.argv[1])
+# bilinear from values computed in Python (torch.randn's last bit follows the capability)
+import math
+bw = torch.tensor([math.sin(0.7 * i) for i in range(185)]).view(37, 1, 5).requires_grad_()
+bP = torch.tensor([[math.sin(1.3 * i) * 5.5 for i in range(185)],
+                   [math.cos(2.1 * i) * 5.5 for i in range(185)]]).view(2, 37, 1, 5).requires_grad_()
+bil = construct_kernel(bw, bP, None, (9, 8), 'bilinear')
+bil.backward(torch.tensor([math.cos(0.3 * i) for i in range(bil.numel())]).view(bil.shape))
+torch.save(dict(isa=extension.isa(), out=out.detach(), grads=[t.grad for t in ins], kg=kg,
+                bil=bil.detach(), bil_grads=[bw.grad, bP.grad]), sys.argv[1])
 '''
 
 
@@ -160,6 +167,9 @@ def test_compiled_copy_follows_aten_capability(tmp_path):
         for a, b in zip(results[cap]['grads'], results[None]['grads']):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(results[cap]['kg'], results[None]['kg'], rtol=1e-5, atol=1e-4)
+        assert torch.equal(results[cap]['bil'], results[None]['bil'])  # same additions
+        for a, b in zip(results[cap]['bil_grads'], results[None]['bil_grads']):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('interpolation,code', [('gaussian', 1), ('triangle', 0)])

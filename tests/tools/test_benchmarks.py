@@ -53,16 +53,17 @@ def test_layer_part_writes_json(bench, compiled, tmp_path, capsys):
         assert row['construct_share'] == pytest.approx(row['construct_ms'] / row['conv_ms'])
         assert row['routes']['kernel_grad'] in grad_routes
         assert row['routes']['construct'] == (
-            'scatter' if row['interpolation'] == 'bilinear' else
-            'compiled' if compiled else 'torch')
+            'compiled' if compiled else
+            'scatter' if row['interpolation'] == 'bilinear' else 'torch')
     printed = capsys.readouterr().out
     assert f'cpu_capability={torch.backends.cpu.get_cpu_capability()}' in printed
     assert ('compiled C++ kernels' if compiled else
             'PyTorch fallback (C++ kernels not built)') in printed
     assert printed.count('x ') >= len(rows)  # one ratio per row
     assert printed.count('kernel_grad ') == len(rows)
-    assert printed.count(f'construct {"compiled" if compiled else "torch"}') == sum(
-        r['interpolation'] == 'gaussian' for r in rows)
+    for route in ('compiled', 'scatter', 'torch'):
+        assert printed.count(f'construct {route}') == sum(
+            r['routes']['construct'] == route for r in rows)
 
 
 @pytest.mark.slow  # full-size ConvNeXt-T models, dense and dcls
@@ -112,7 +113,8 @@ def test_downstream_segmentation_runs_and_reports_routes(downstream, tmp_path, c
     assert len(routes) == 18  # ConvNeXt-T: 3 + 3 + 9 + 3 DCLS depthwise convs
     assert routes['backbone.stages.0.0.dwconv']['input'] == [2, 96, 16, 16]
     grad_routes = ('direct', 'fft') if extension.available() else ('fft (only one available)', )
-    assert all(r['kernel_grad'] in grad_routes and r['construct'] == 'scatter'
+    construct = 'compiled' if extension.available() else 'scatter'
+    assert all(r['kernel_grad'] in grad_routes and r['construct'] == construct
                for r in routes.values())
     printed = capsys.readouterr().out
     assert f'cpu_capability={torch.backends.cpu.get_cpu_capability()}' in printed

@@ -4,8 +4,8 @@ For the ConvNeXt-dcls depthwise layer shapes (C_out = C, C_in/g = 1, K elements,
 kernel dks x dks) it times construction forward + backward (median of repeats after
 warm-up) and measures peak memory, for:
 
-- ``separable``: ``dcls_mm.ops.construct_kernel`` (bilinear: scatter of the taps;
-  triangle/gaussian: the compiled op when built, else the einsum below);
+- ``separable``: ``dcls_mm.ops.construct_kernel`` (the compiled ops when built, else
+  bilinear: ``scatter_add`` of the taps, triangle/gaussian: the einsum below);
 - ``einsum`` (gaussian only here): the PyTorch fallback, an ``einsum`` of the 1-D
   profiles (a batched matmul of one tiny GEMM per channel on the CPU);
 - ``dense``: the direct formulation, evaluating every element on the full grid
