@@ -20,7 +20,7 @@ ConvNeXt stage.
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -117,47 +117,51 @@ def kernel_grad_key(x_shape: Sequence[int], out_shape: Sequence[int], kernel_hw:
             f'pad{tuple(map(tuple, padding))} s{tuple(stride)} {str(dtype).replace("torch.", "")}')
 
 
-def _conv_channels_last(x: Tensor, kernel: Tensor, stride: Tuple[int, int],
-                        padding: Tuple[Tuple[int, int], Tuple[int, int]]) -> Tuple[Tensor, Tensor]:
-    """Forward depthwise conv on a channels_last copy of ``x``; returns ``(y, x_cl)``."""
+def _conv_channels_last(x: Tensor, kernel: Tensor, bias: Optional[Tensor],
+                        stride: Tuple[int, int],
+                        padding: Tuple[Tuple[int, int], Tuple[int, int]]) -> Tensor:
+    """Forward depthwise conv on a channels_last copy of ``x`` (the bias added by the
+    convolution itself: a separate ``y + bias`` is one more pass over the output)."""
     (pt, pb), (pl, pr) = padding
     xc = x.contiguous(memory_format=torch.channels_last)
     k = kernel.to(x.dtype)
+    b = None if bias is None else bias.to(x.dtype)
     if pt == pb and pl == pr:
-        return F.conv2d(xc, k, None, stride, (pt, pl), 1, x.shape[1]), xc
-    return F.conv2d(F.pad(xc, (pl, pr, pt, pb)), k, None, stride, 0, 1, x.shape[1]), xc
+        return F.conv2d(xc, k, b, stride, (pt, pl), 1, x.shape[1])
+    return F.conv2d(F.pad(xc, (pl, pr, pt, pb)), k, b, stride, 0, 1, x.shape[1])
 
 
 class _DepthwiseConv2d(torch.autograd.Function):
     """Depthwise conv (groups = channels, multiplier 1) with explicit, fast gradients."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, kernel: Tensor, stride: Tuple[int, int],
+    def forward(ctx, x: Tensor, kernel: Tensor, bias: Optional[Tensor], stride: Tuple[int, int],
                 padding: Tuple[Tuple[int, int], Tuple[int, int]]) -> Tensor:
-        y, _ = _conv_channels_last(x, kernel, stride, padding)
+        y = _conv_channels_last(x, kernel, bias, stride, padding)
         # x itself, not its channels_last copy: a copy made here is not in the autograd
         # graph, so higher-order gradients could not reach x through it
-        ctx.save_for_backward(x, kernel)
+        ctx.save_for_backward(x, kernel, bias)
         ctx.stride, ctx.padding = stride, padding
         return y
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, kernel = ctx.saved_tensors
+        x, kernel, bias = ctx.saved_tensors
         stride, padding = ctx.stride, ctx.padding
         if torch.is_grad_enabled():
             # backward(create_graph=True): the C++ kernel gradient has no derivative, so
             # take the gradients of the same convolution through PyTorch's own
             # (twice differentiable) ops instead
-            needed = [t for t, need in zip((x, kernel), ctx.needs_input_grad[:2]) if need]
-            y, _ = _conv_channels_last(x, kernel, stride, padding)
+            inputs = (x, kernel, bias)
+            needed = [t for t, need in zip(inputs, ctx.needs_input_grad[:3]) if need]
+            y = _conv_channels_last(x, kernel, bias, stride, padding)
             grads = iter(torch.autograd.grad(y, needed, grad_out, create_graph=True))
-            return (next(grads) if ctx.needs_input_grad[0] else None,
-                    next(grads) if ctx.needs_input_grad[1] else None, None, None)
+            return (*(next(grads) if need else None for need in ctx.needs_input_grad[:3]),
+                    None, None)
         x = x.contiguous(memory_format=torch.channels_last)
         (pt, pb), (pl, pr) = padding
         g = grad_out.contiguous(memory_format=torch.channels_last)
-        grad_x = grad_k = None
+        grad_x = grad_k = grad_b = None
         kh, kw = kernel.shape[-2:]
         if (ctx.needs_input_grad[0] and stride == (1, 1) and pt == pb and pl == pr
                 and pt <= kh - 1 and pl <= kw - 1):
@@ -178,7 +182,10 @@ class _DepthwiseConv2d(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_k = _kernel_grad(x, g, tuple(kernel.shape[-2:]), padding, stride)
             grad_k = grad_k.to(kernel.dtype)
-        return grad_x, grad_k, None, None
+        if ctx.needs_input_grad[2]:
+            grad_b = g.sum((0, 2, 3), dtype=torch.float64 if g.dtype == torch.float64
+                           else torch.float32).to(bias.dtype)
+        return grad_x, grad_k, grad_b, None, None
 
 
 def used_taps(x_hw: Sequence[int], kernel_hw: Sequence[int], stride: Sequence[int],
@@ -235,7 +242,8 @@ def kernel_grad_route(x_shape: Sequence[int], kernel_hw: Sequence[int], stride: 
 
 
 def depthwise_conv2d(x: Tensor, kernel: Tensor, stride: Sequence[int] = (1, 1),
-                     padding: Sequence[Sequence[int]] = ((0, 0), (0, 0))) -> Tensor:
+                     padding: Sequence[Sequence[int]] = ((0, 0), (0, 0)),
+                     bias: Optional[Tensor] = None) -> Tensor:
     """Exact depthwise 2-D convolution (zero padding), fast for large kernels.
 
     Args:
@@ -243,11 +251,12 @@ def depthwise_conv2d(x: Tensor, kernel: Tensor, stride: Sequence[int] = (1, 1),
         kernel: ``(C, 1, kh, kw)``; gradients flow to it and to ``x``.
         stride: ``(sh, sw)``.
         padding: ``((top, bottom), (left, right))`` zero padding.
+        bias: optional ``(C,)``, added by the convolution (gradients flow to it).
 
     Returns:
         ``(N, C, H_out, W_out)`` in channels_last memory format (the layout the next
         ConvNeXt ops want), with the same values as
-        ``F.conv2d(F.pad(x, ...), kernel, stride=stride, groups=C)``. Higher-order
+        ``F.conv2d(F.pad(x, ...), kernel, bias, stride=stride, groups=C)``. Higher-order
         gradients (``backward(create_graph=True)``, e.g. gradient penalties) are exact
         too: that backward goes through PyTorch's own convolution ops (slower).
     """
@@ -256,6 +265,7 @@ def depthwise_conv2d(x: Tensor, kernel: Tensor, stride: Sequence[int] = (1, 1),
                                       padding)
     if (r0, r1, c0, c1) != (0, kernel.shape[-2], 0, kernel.shape[-1]):
         kernel = kernel[:, :, r0:r1, c0:c1]
-    if not torch.is_grad_enabled() or not (x.requires_grad or kernel.requires_grad):
-        return _conv_channels_last(x, kernel, stride, padding)[0]
-    return _DepthwiseConv2d.apply(x, kernel, stride, padding)
+    if not torch.is_grad_enabled() or not any(
+            t is not None and t.requires_grad for t in (x, kernel, bias)):
+        return _conv_channels_last(x, kernel, bias, stride, padding)
+    return _DepthwiseConv2d.apply(x, kernel, bias, stride, padding)

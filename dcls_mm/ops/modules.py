@@ -528,9 +528,7 @@ class Dcls2d(_DclsEveryDim):
             # what autocast would do to F.conv2d's input on the plain path
             x = x.to(torch.get_autocast_dtype(device_type))
         with torch.autocast(device_type=device_type, enabled=False):
-            y = depthwise_conv2d(x, kernel, self.stride, padding)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype).view(1, -1, 1, 1)
+            y = depthwise_conv2d(x, kernel, self.stride, padding, self.bias)
         return y[0] if unbatched else y
 
     def extra_repr(self) -> str:

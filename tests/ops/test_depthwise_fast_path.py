@@ -105,20 +105,23 @@ def test_fast_path_is_chosen_automatically_and_can_be_forced_off():
     ((11, 11), (3, 3), (2, 2), ((0, 0), (0, 0))),   # trailing row/col unused
     ((6, 5), (3, 3), (1, 1), ((4, 4), (4, 4))),     # padding larger than the kernel
 ])
-def test_depthwise_conv2d_function(hw, k, stride, pads):
+@pytest.mark.parametrize('with_bias', [False, True])
+def test_depthwise_conv2d_function(hw, k, stride, pads, with_bias):
     torch.manual_seed(0)
     x = torch.randn(3, 5, *hw, dtype=torch.float64, requires_grad=True)
     kernel = torch.randn(5, 1, *k, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True) if with_bias else None
+    inputs = (x, kernel) + ((bias, ) if with_bias else ())
     (pt, pb), (pl, pr) = pads
-    ref = F.conv2d(F.pad(x, (pl, pr, pt, pb)), kernel, None, stride, 0, 1, 5)
-    got = depthwise_conv2d(x, kernel, stride, pads)
+    ref = F.conv2d(F.pad(x, (pl, pr, pt, pb)), kernel, bias, stride, 0, 1, 5)
+    got = depthwise_conv2d(x, kernel, stride, pads, bias)
     torch.testing.assert_close(got, ref)
     gy = torch.randn_like(ref)
-    torch.testing.assert_close(torch.autograd.grad(got, (x, kernel), gy),
-                               torch.autograd.grad(ref, (x, kernel), gy))
-    assert torch.autograd.gradcheck(lambda a, b: depthwise_conv2d(a, b, stride, pads),
-                                    (x[:1, :2].detach().requires_grad_(),
-                                     kernel[:2].detach().requires_grad_()))
+    torch.testing.assert_close(torch.autograd.grad(got, inputs, gy),
+                               torch.autograd.grad(ref, inputs, gy))
+    small = [x[:1, :2], kernel[:2]] + ([bias[:2]] if with_bias else [])
+    assert torch.autograd.gradcheck(lambda a, b, *c: depthwise_conv2d(a, b, stride, pads, *c),
+                                    [t.detach().requires_grad_() for t in small])
 
 
 def test_fast_path_under_torch_compile_and_export():

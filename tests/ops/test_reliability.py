@@ -75,6 +75,9 @@ def test_gradgradcheck_depthwise_conv2d_float64(route, hw, k, stride, pads, monk
     # only one input differentiable: the other gradient slot stays None
     assert torch.autograd.gradgradcheck(lambda a: fn(a, kernel.detach()), (x,))
     assert torch.autograd.gradgradcheck(lambda b: fn(x.detach(), b), (kernel,))
+    bias = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(
+        lambda a, b, c: depthwise_conv2d(a, b, stride, pads, c), (x, kernel, bias))
 
 
 @pytest.mark.parametrize('route', ROUTES)
