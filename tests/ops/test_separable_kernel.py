@@ -194,3 +194,23 @@ def test_backward_with_kept_profiles_equals_backward_that_evaluates_them(interpo
     with pytest.raises(RuntimeError, match='kept profiles must be what separable_kernel '
                                            r'returned for these inputs \(float32 \(3, 19968\)\)'):
         backward(grad, w, P, SIG, kept[:2], 23, 23, code, *window)
+
+
+@pytest.mark.parametrize('forced', ['', 'construct=torch'])
+def test_gaussian_kernel_has_no_subnormal_values(monkeypatch, forced):
+    """Gaussian tails multiply into subnormal floats (a convolution with them ran ~3x
+    slower on the CPU); both constructions flush values below finfo.tiny to zero and
+    keep every other value."""
+    monkeypatch.setenv('DCLS_MM_ROUTES', forced)
+    torch.manual_seed(0)
+    m = Dcls2d(32, 32, 26, dilated_kernel_size=23, padding='same', groups=32,
+               interpolation='gaussian')  # initial width 0.5: tails of 1e-20 per dim
+    kernel = m.construct_kernel().detach()
+    tiny = torch.finfo(torch.float32).tiny
+    exact = dense_formula(m.weight.double(), m.P.double(), m.SIG.double(), (23, 23),
+                          'gaussian')
+    assert ((exact != 0) & (exact.abs() < tiny)).sum() > 1000  # the tails are there
+    assert not ((kernel != 0) & (kernel.abs() < tiny)).any()
+    kept = exact.abs() >= 2 * tiny
+    torch.testing.assert_close(kernel.double()[kept], exact[kept], rtol=1e-4, atol=1e-6)
+    assert (kernel[exact.abs() < tiny / 2] == 0).all()
