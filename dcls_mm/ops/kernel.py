@@ -8,7 +8,7 @@ normalisation, which gives two exact constructions:
 
 - bilinear (the published models): each 1-D profile has two non-zero taps, so an element
   is ``2^D`` weighted taps, scattered (``scatter_add``) into the kernel: memory and work
-  ``O(C * K * 2^D)``. That is ~35 small autograd ops, 1-4 ms per ConvNeXt layer on the
+  ``O(C * K * 2^D)``. That is ~35 small autograd ops, 0.7-2.7 ms per ConvNeXt layer on the
   CPU for microseconds of arithmetic, so for 2 learned dims in float32 a compiled op
   (``csrc/bilinear_kernel.cpp``) adds the same taps in the same order (same bits);
 - triangle / gaussian (every grid point non-zero): the kernel is an ``einsum`` of small
@@ -167,7 +167,7 @@ def _separable_kernel_torch(weight: Tensor, P: Tensor, SIG: Tensor, sizes: Seque
     kernel = torch.einsum(spec, scale, *profiles)
     if interpolation == 'gaussian':
         # gaussian tails multiply into subnormal numbers (e.g. 1e-20 * 1e-20), and a
-        # convolution with subnormal weights runs ~10x slower on x86 CPUs (a microcode
+        # convolution with subnormal weights runs several times slower on x86 CPUs (a microcode
         # assist per multiply): flush them to zero, as the compiled op's FTZ/DAZ does
         # (|value| < finfo.tiny, far below the kernel's float resolution)
         kernel = kernel.masked_fill(kernel.abs() < torch.finfo(kernel.dtype).tiny, 0.0)

@@ -5,7 +5,7 @@
 // split into its floor (grid index i_d = floor + L_d / 2) and fraction f_d; the element
 // adds (w (1 - f_0 | f_0)) (1 - f_1 | f_1) to its 4 taps (i_0 | i_0 + 1, i_1 | i_1 + 1)
 // that lie on the grid. That is dcls_mm.ops.kernel._bilinear_kernel, whose scatter_add
-// costs ~35 small autograd ops per layer (1-4 ms at ConvNeXt sizes, more than the
+// costs ~35 small autograd ops per layer (0.7-2.7 ms at ConvNeXt sizes, more than the
 // construction's arithmetic by two orders of magnitude). The forward adds the taps in the
 // order that scatter_add does (corner by corner, elements in order), so both give the
 // same bits.
