@@ -120,8 +120,9 @@ def kernel_grad_key(x_shape: Sequence[int], out_shape: Sequence[int], kernel_hw:
 def _conv_channels_last(x: Tensor, kernel: Tensor, bias: Optional[Tensor],
                         stride: Tuple[int, int],
                         padding: Tuple[Tuple[int, int], Tuple[int, int]]) -> Tensor:
-    """Forward depthwise conv on a channels_last copy of ``x`` (the bias added by the
-    convolution itself: a separate ``y + bias`` is one more pass over the output)."""
+    """Forward depthwise conv on a channels_last copy of ``x`` by ``F.conv2d`` (oneDNN;
+    differentiable, any dtype; the bias added by the convolution itself: a separate
+    ``y + bias`` is one more pass over the output)."""
     (pt, pb), (pl, pr) = padding
     xc = x.contiguous(memory_format=torch.channels_last)
     k = kernel.to(x.dtype)
@@ -131,13 +132,46 @@ def _conv_channels_last(x: Tensor, kernel: Tensor, bias: Optional[Tensor],
     return F.conv2d(F.pad(xc, (pl, pr, pt, pb)), k, b, stride, 0, 1, x.shape[1])
 
 
+def conv_key(x_shape: Sequence[int], kernel_hw: Sequence[int],
+             padding: Sequence[Sequence[int]]) -> str:
+    """Route-cache key of one stride-1 float32 forward shape (route ``conv``).
+
+    Args:
+        x_shape: input ``(N, C, H, W)``.
+        kernel_hw: (cropped) kernel ``(kh, kw)``.
+        padding: ``((top, bottom), (left, right))`` after cropping.
+    """
+    n, c, h, w = x_shape
+    return (f'N{n} C{c} in{h}x{w} k{kernel_hw[0]}x{kernel_hw[1]} '
+            f'pad{tuple(map(tuple, padding))} float32')
+
+
+def _conv(x: Tensor, kernel: Tensor, bias: Optional[Tensor], stride: Tuple[int, int],
+          padding: Tuple[Tuple[int, int], Tuple[int, int]]) -> Tensor:
+    """Forward depthwise conv (no autograd), channels_last output: oneDNN, or for stride 1
+    in float32 on the CPU the compiled direct sum over the taps that meet the input
+    (``csrc/depthwise_conv.cpp``), whichever was measured faster for this shape on this
+    machine (route ``conv``; AVX2 and AVX-512 machines choose differently)."""
+    candidates = {'onednn': lambda: _conv_channels_last(x, kernel, bias, stride, padding)}
+    (pt, pb), (pl, pr) = padding
+    if (stride == (1, 1) and min(pt, pb, pl, pr) >= 0 and x.device.type == 'cpu'
+            and x.dtype == kernel.dtype == torch.float32 and x.shape[1] % 16 == 0
+            and (bias is None or bias.dtype == torch.float32)
+            and not torch.compiler.is_compiling() and extension.available()):
+        candidates['direct'] = lambda: torch.ops.dcls_mm.depthwise_conv(
+            x, kernel, bias, pt, pb, pl, pr)
+    if len(candidates) == 1:
+        return candidates['onednn']()
+    return routes.run('conv', conv_key(x.shape, kernel.shape[-2:], padding), candidates)
+
+
 class _DepthwiseConv2d(torch.autograd.Function):
     """Depthwise conv (groups = channels, multiplier 1) with explicit, fast gradients."""
 
     @staticmethod
     def forward(ctx, x: Tensor, kernel: Tensor, bias: Optional[Tensor], stride: Tuple[int, int],
                 padding: Tuple[Tuple[int, int], Tuple[int, int]]) -> Tensor:
-        y = _conv_channels_last(x, kernel, bias, stride, padding)
+        y = _conv(x, kernel, bias, stride, padding)
         # x itself, not its channels_last copy: a copy made here is not in the autograd
         # graph, so higher-order gradients could not reach x through it
         ctx.save_for_backward(x, kernel, bias)
@@ -166,8 +200,8 @@ class _DepthwiseConv2d(torch.autograd.Function):
         if (ctx.needs_input_grad[0] and stride == (1, 1) and pt == pb and pl == pr
                 and pt <= kh - 1 and pl <= kw - 1):
             # stride 1: the input gradient is a correlation with the flipped kernel
-            grad_x = F.conv2d(g, kernel.flip(-2, -1).to(g.dtype), None, 1,
-                              (kh - 1 - pt, kw - 1 - pl), 1, x.shape[1])
+            grad_x = _conv(g, kernel.flip(-2, -1).to(g.dtype), None, (1, 1),
+                           ((kh - 1 - pt, kh - 1 - pt), (kw - 1 - pl, kw - 1 - pl)))
         elif ctx.needs_input_grad[0]:
             h, w = x.shape[-2:]
             # rows/cols of the padded input that the strided windows reach
@@ -241,6 +275,20 @@ def kernel_grad_route(x_shape: Sequence[int], kernel_hw: Sequence[int], stride: 
     return routes.chosen('kernel_grad', key) or 'not measured yet'
 
 
+def conv_route(x_shape: Sequence[int], kernel_hw: Sequence[int], stride: Sequence[int],
+               padding: Sequence[Sequence[int]], dtype: torch.dtype = torch.float32) -> str:
+    """Forward route this process uses for a :func:`depthwise_conv2d` call (for reports):
+    ``'direct'``, ``'onednn'``, ``'... (forced)'``, ``'onednn (only one available)'`` or
+    ``'not measured yet'``. Same arguments as :func:`kernel_grad_route`."""
+    stride = tuple(stride)
+    (r0, r1, c0, c1), padding = used_taps(tuple(x_shape[-2:]), tuple(kernel_hw), stride, padding)
+    if (stride != (1, 1) or dtype != torch.float32 or x_shape[1] % 16
+            or min(p for pair in padding for p in pair) < 0 or not extension.available()):
+        return 'onednn (only one available)'
+    return routes.chosen('conv', conv_key(x_shape, (r1 - r0, c1 - c0), padding)) or \
+        'not measured yet'
+
+
 def depthwise_conv2d(x: Tensor, kernel: Tensor, stride: Sequence[int] = (1, 1),
                      padding: Sequence[Sequence[int]] = ((0, 0), (0, 0)),
                      bias: Optional[Tensor] = None) -> Tensor:
@@ -267,5 +315,5 @@ def depthwise_conv2d(x: Tensor, kernel: Tensor, stride: Sequence[int] = (1, 1),
         kernel = kernel[:, :, r0:r1, c0:c1]
     if not torch.is_grad_enabled() or not any(
             t is not None and t.requires_grad for t in (x, kernel, bias)):
-        return _conv_channels_last(x, kernel, bias, stride, padding)
+        return _conv(x, kernel, bias, stride, padding)
     return _DepthwiseConv2d.apply(x, kernel, bias, stride, padding)

@@ -24,8 +24,8 @@ logger = logging.getLogger('dcls_mm')
 
 NAME = 'dcls_mm_cpu'
 _CSRC = Path(__file__).parent / 'csrc'
-SOURCES = (_CSRC / 'depthwise_kernel_grad.cpp', _CSRC / 'separable_kernel.cpp',
-           _CSRC / 'bilinear_kernel.cpp')
+SOURCES = (_CSRC / 'depthwise_kernel_grad.cpp', _CSRC / 'depthwise_conv.cpp',
+           _CSRC / 'separable_kernel.cpp', _CSRC / 'bilinear_kernel.cpp')
 #: included by the sources: part of the build key too
 HEADERS = (_CSRC / 'isa.h', )
 # -fopenmp: at::parallel_for is inlined from torch's headers, so the OpenMP pragmas it
@@ -114,6 +114,7 @@ def _load() -> bool:
     torch.library.register_fake('dcls_mm::separable_kernel')(_separable_kernel_fake)
     torch.library.register_fake('dcls_mm::separable_kernel_backward')(
         _separable_kernel_backward_fake)
+    torch.library.register_fake('dcls_mm::depthwise_conv')(_depthwise_conv_fake)
     torch.library.register_fake('dcls_mm::bilinear_kernel')(_bilinear_kernel_fake)
     torch.library.register_fake('dcls_mm::bilinear_kernel_backward')(
         _bilinear_kernel_backward_fake)
@@ -152,3 +153,10 @@ def _bilinear_kernel_fake(weight, P, L0, L1, r0, nr, c0, nc):
 
 def _bilinear_kernel_backward_fake(grad, weight, P, L0, L1, r0, nr, c0, nc):
     return weight.new_empty(weight.shape), P.new_empty(P.shape)
+
+
+def _depthwise_conv_fake(x, kernel, bias, pad_top, pad_bottom, pad_left, pad_right):
+    n, c, h, w = x.shape
+    return x.new_empty(n, c, h + pad_top + pad_bottom - kernel.shape[2] + 1,
+                       w + pad_left + pad_right - kernel.shape[3] + 1).contiguous(
+                           memory_format=torch.channels_last)

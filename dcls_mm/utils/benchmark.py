@@ -149,17 +149,20 @@ def machine_line(info: dict) -> str:
 
 
 def dcls_layer_routes(module, x_shape) -> dict:
-    """Routes a ``Dcls2d`` layer used for inputs of ``x_shape`` (after it ran):
-    ``kernel_grad`` (measured ``direct``/``fft``, see :mod:`dcls_mm.ops.routes`) and
-    ``construct`` (``scatter``/``compiled``/``torch``).
+    """Routes a ``Dcls2d`` layer used for inputs of ``x_shape`` (after it ran): ``conv``
+    (the forward, measured ``direct``/``onednn``) and ``kernel_grad`` (measured
+    ``direct``/``fft``, see :mod:`dcls_mm.ops.routes`), and ``construct``
+    (``scatter``/``compiled``/``torch``).
 
     Args:
         module: the ``Dcls2d`` layer.
         x_shape: its input shape ``(N, C, H, W)``.
     """
-    from dcls_mm.ops.depthwise import kernel_grad_route
+    from dcls_mm.ops.depthwise import conv_route, kernel_grad_route
     from dcls_mm.ops.kernel import construction_route
-    return dict(kernel_grad=kernel_grad_route(x_shape, module.dilated_kernel_size, module.stride,
+    return dict(conv=conv_route(x_shape, module.dilated_kernel_size, module.stride,
+                                module.padding),
+                kernel_grad=kernel_grad_route(x_shape, module.dilated_kernel_size, module.stride,
                                               module.padding),
                 construct=construction_route(module.interpolation, 2, module.P, module.SIG))
 
@@ -201,10 +204,11 @@ class DclsRouteRecorder:
         """
         groups: dict = {}
         for layer, info in routes_by_layer.items():
-            key = (tuple(info['input']), info['kernel_grad'], info['construct'])
+            key = (tuple(info['input']), info['conv'], info['kernel_grad'], info['construct'])
             groups.setdefault(key, []).append(layer)
-        return '; '.join(f'{len(layers)} x {"x".join(map(str, shape[1:]))}: kernel_grad {kg}, '
-                         f'construct {cons}' for (shape, kg, cons), layers in groups.items())
+        return '; '.join(f'{len(layers)} x {"x".join(map(str, shape[1:]))}: conv {conv}, '
+                         f'kernel_grad {kg}, construct {cons}'
+                         for (shape, conv, kg, cons), layers in groups.items())
 
 
 def write_json(results: dict, path: str) -> None:

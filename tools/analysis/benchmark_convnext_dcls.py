@@ -15,8 +15,9 @@ repeats after warm-up, interleaved), because machines are noisy:
 
 The header prints the CPU, ATen's CPU capability (``torch.backends.cpu.get_cpu_capability()``),
 oneDNN's ISA cap and the compiled kernels' instruction-set copy; every layer row and
-every model prints the routes it ran (kernel gradient: measured ``direct``/``fft``,
-:mod:`dcls_mm.ops.routes`; construction: ``scatter``/``compiled``/``torch``).
+every model prints the routes it ran (forward: measured ``direct``/``onednn``; kernel
+gradient: measured ``direct``/``fft``, :mod:`dcls_mm.ops.routes`; construction:
+``scatter``/``compiled``/``torch``).
 To emulate an AVX2-only x86 CPU on an AVX-512 one::
 
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python tools/analysis/benchmark_convnext_dcls.py
@@ -104,8 +105,9 @@ def layer_rows(args, device):
                 print(f'{interp:9} {dks:3d} {K:3d} {C:4d} {H:3d}x{H:<3d}{layout:>13} '
                       f'{row["dense7_ms"]:7.1f} {row["dcls_ms"]:7.1f} {row["ratio"]:5.2f}x '
                       f'{row["conv_ms"]:7.1f} {row["construct_ms"]:7.2f} '
-                      f'{100 * row["construct_share"]:5.1f}% {plain}  kernel_grad '
-                      f'{row["routes"]["kernel_grad"]}, construct {row["routes"]["construct"]}',
+                      f'{100 * row["construct_share"]:5.1f}% {plain}  conv '
+                      f'{row["routes"]["conv"]}, kernel_grad {row["routes"]["kernel_grad"]}, '
+                      f'construct {row["routes"]["construct"]}',
                       flush=True)
     return rows
 
