@@ -81,6 +81,8 @@ DCLS_MM_INLINE void conv_row_impl(const float* __restrict x, const float* __rest
     }
     for (int t = 0; t < 4; ++t) std::copy_n(acc[t], B, orow + (ox + t) * C);
   }
+  // the last columns one by one; written out rather than one template over the column
+  // count: that version ran 1.0-1.5x oneDNN's time on the AVX2 copy against 0.6-1.0x here
   for (; ox < s.Wo; ++ox) {
     float acc[B];
     std::copy_n(b, B, acc);
