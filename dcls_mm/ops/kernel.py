@@ -233,9 +233,8 @@ class _CompiledBilinearKernel2d(torch.autograd.Function):
         weight, P = ctx.saved_tensors
         if torch.is_grad_enabled():
             # backward(create_graph=True): differentiate the scatter formula instead
-            out = _bilinear_kernel(weight, P, ctx.sizes, normalize=False)
-            for d, (lo, hi) in enumerate(ctx.window):
-                out = out.narrow(out.dim() - 2 + d, lo, hi - lo)
+            out = _slice_window(_bilinear_kernel(weight, P, ctx.sizes, normalize=False),
+                                ctx.window)
             needed = [t for t, need in zip((weight, P), ctx.needs_input_grad[:2]) if need]
             grads = iter(torch.autograd.grad(out, needed, grad, create_graph=True))
             return (*(next(grads) if need else None for need in ctx.needs_input_grad[:2]),
@@ -245,6 +244,15 @@ class _CompiledBilinearKernel2d(torch.autograd.Function):
             grad.reshape(-1, *grad.shape[-2:]).float(), weight.reshape(-1, K),
             P.reshape(2, -1, K), *ctx.sizes, *_window_args(ctx.window))
         return dw.view(weight.shape), dP.view(P.shape), None, None
+
+
+def _slice_window(kernel: Tensor, window: Window) -> Tensor:
+    """The ``window`` taps of a full kernel (its trailing dims are the learned ones)."""
+    D = len(window)
+    for d, (lo, hi) in enumerate(window):
+        if (lo, hi) != (0, kernel.shape[kernel.dim() - D + d]):
+            kernel = kernel.narrow(kernel.dim() - D + d, lo, hi - lo)
+    return kernel
 
 
 def _window_args(window: Window) -> Tuple[int, int, int, int]:
@@ -292,12 +300,9 @@ def construct_kernel(weight: Tensor, P: Tensor, SIG: Optional[Tensor],
         return _CompiledBilinearKernel2d.apply(weight, P, sizes, window)
     if interpolation in ('bilinear', 'bilinear_normalized'):
         # the scatter costs O(C K 2^D) whatever the window: build all, slice
-        kernel = _bilinear_kernel(weight, P, sizes,
-                                  normalize=interpolation == 'bilinear_normalized')
-        for d, (lo, hi) in enumerate(window):
-            if (lo, hi) != full[d]:
-                kernel = kernel.narrow(kernel.dim() - D + d, lo, hi - lo)
-        return kernel
+        return _slice_window(_bilinear_kernel(weight, P, sizes,
+                                              normalize=interpolation == 'bilinear_normalized'),
+                             window)
     if grids is None:
         grids = [torch.arange(L, device=P.device, dtype=P.dtype) for L in sizes]
     if route == 'compiled':
