@@ -146,6 +146,14 @@ def conv_key(x_shape: Sequence[int], kernel_hw: Sequence[int],
             f'pad{tuple(map(tuple, padding))} float32')
 
 
+def _direct_conv_available(channels: int, stride: Sequence[int],
+                           padding: Sequence[Sequence[int]], dtype: torch.dtype) -> bool:
+    """Whether the compiled direct forward (``dcls_mm::depthwise_conv``: stride 1, float32,
+    channels in blocks of 16, no negative padding) can compute this shape."""
+    return (tuple(stride) == (1, 1) and min(p for pair in padding for p in pair) >= 0
+            and dtype == torch.float32 and channels % 16 == 0 and extension.available())
+
+
 def _conv(x: Tensor, kernel: Tensor, bias: Optional[Tensor], stride: Tuple[int, int],
           padding: Tuple[Tuple[int, int], Tuple[int, int]]) -> Tensor:
     """Forward depthwise conv (no autograd), channels_last output: oneDNN, or for stride 1
@@ -154,10 +162,9 @@ def _conv(x: Tensor, kernel: Tensor, bias: Optional[Tensor], stride: Tuple[int, 
     machine (route ``conv``; AVX2 and AVX-512 machines choose differently)."""
     candidates = {'onednn': lambda: _conv_channels_last(x, kernel, bias, stride, padding)}
     (pt, pb), (pl, pr) = padding
-    if (stride == (1, 1) and min(pt, pb, pl, pr) >= 0 and x.device.type == 'cpu'
-            and x.dtype == kernel.dtype == torch.float32 and x.shape[1] % 16 == 0
-            and (bias is None or bias.dtype == torch.float32)
-            and not torch.compiler.is_compiling() and extension.available()):
+    if (_direct_conv_available(x.shape[1], stride, padding, x.dtype) and x.device.type == 'cpu'
+            and kernel.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
+            and not torch.compiler.is_compiling()):
         candidates['direct'] = lambda: torch.ops.dcls_mm.depthwise_conv(
             x, kernel, bias, pt, pb, pl, pr)
     if len(candidates) == 1:
@@ -282,8 +289,7 @@ def conv_route(x_shape: Sequence[int], kernel_hw: Sequence[int], stride: Sequenc
     ``'not measured yet'``. Same arguments as :func:`kernel_grad_route`."""
     stride = tuple(stride)
     (r0, r1, c0, c1), padding = used_taps(tuple(x_shape[-2:]), tuple(kernel_hw), stride, padding)
-    if (stride != (1, 1) or dtype != torch.float32 or x_shape[1] % 16
-            or min(p for pair in padding for p in pair) < 0 or not extension.available()):
+    if not _direct_conv_available(x_shape[1], stride, padding, dtype):
         return 'onednn (only one available)'
     return routes.chosen('conv', conv_key(x_shape, (r1 - r0, c1 - c0), padding)) or \
         'not measured yet'
