@@ -109,9 +109,10 @@ struct Scratch {
   std::vector<float> pos0, pos1, wid0, wid1;  // [K][B] grid positions, widths
   std::vector<float> scale, w;                // [K][B]
   std::vector<float> own;                     // profiles when none are kept
-  explicit Scratch(const Shape& s)
+  // own_profiles: the block's profiles live here (else in the kept tensor)
+  Scratch(const Shape& s, bool own_profiles)
       : pos0(s.K * kBlock), pos1(s.K * kBlock), wid0(s.K * kBlock), wid1(s.K * kBlock),
-        scale(s.K * kBlock), w(s.K * kBlock), own(profile_floats(s)) {}
+        scale(s.K * kBlock), w(s.K * kBlock), own(own_profiles ? profile_floats(s) : 0) {}
 };
 
 // Loads the block [b0, b0 + nb) of a (rows, K) array into [K][B] (missing b's: value).
@@ -340,7 +341,7 @@ std::tuple<at::Tensor, at::Tensor> separable_kernel(
   float* kp = kept.mutable_data_ptr<float>();
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
-    Scratch t(s);
+    Scratch t(s, !keep_profiles);
     std::vector<float> kern(nr * nc * kBlock);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t b0 = blk * kBlock, nb = std::min(kBlock, s.nb - b0);
@@ -485,7 +486,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_kernel_backward(
   float* kp = have ? const_cast<float*>(kept.const_data_ptr<float>()) : nullptr;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
-    Scratch t(s);
+    Scratch t(s, !have);
     std::vector<float> g(nr * nc * kBlock), m0(K * L0 * kBlock), m1(K * L1 * kBlock),
         dscale(K * kBlock), sig0(K * kBlock), sig1(K * kBlock), out(6 * K * kBlock);
     float *dp0 = out.data(), *dp1 = dp0 + K * kBlock, *ds0 = dp1 + K * kBlock,
