@@ -13,7 +13,8 @@ from dcls_mm.utils import dcls_layer_routes
     (32, (9, 10), (5, 5), ((2, 2), (2, 2)), True),      # 'same'
     (48, (7, 7), (17, 17), ((8, 8), (8, 8)), False),    # kernel larger than the map
     (16, (10, 3), (3, 4), ((0, 2), (1, 0)), True),      # asymmetric, fewer than 4 columns
-    (16, (6, 13), (7, 1), ((3, 3), (0, 0)), False),     # 13 columns: 3 groups of 4 + 1
+    (16, (6, 13), (7, 1), ((3, 3), (0, 0)), False),     # 13 columns, one tap per row
+    (32, (5, 15), (3, 5), ((1, 1), (2, 2)), True),      # 15 columns: tiles of 8 + 4 + 2 + 1
 ])
 def test_op_equals_conv2d(C, hw, k, pads, with_bias):
     assert extension.available()

@@ -45,6 +45,8 @@ GEOMETRIES = [
     ((3, 20, 10, 9), (5, 6), ((1, 3), (0, 2)), (2, 1)),     # asymmetric, mixed stride
     ((2, 18, 3, 4), (9, 9), ((4, 4), (4, 4)), (2, 2)),      # map smaller than the kernel
     ((1, 17, 6, 5), (3, 3), ((4, 4), (4, 4)), (1, 1)),      # rows that never meet the input
+    ((2, 32, 12, 21), (7, 15), ((3, 3), (7, 7)), (1, 2)),   # tiles of 8 + 4 + 2 + 1 taps
+    ((1, 16, 5, 30), (3, 9), ((1, 1), (0, 0)), (1, 3)),     # no padding, stride 3
 ]
 
 

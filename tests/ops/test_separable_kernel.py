@@ -129,6 +129,12 @@ out = construct_kernel(*ins, (9, 8), 'gaussian')
 out.backward(torch.randn(out.shape, generator=g))
 x, gy = torch.randn(2, 37, 9, 9, generator=g), torch.randn(2, 37, 9, 9, generator=g)
 kg = torch.ops.dcls_mm.depthwise_kernel_grad(x, gy, 9, 9, 4, 4, 1, 1)
+# 15 taps / 15 columns: every tile size of the register-tiled loops (8 + 4 + 2 + 1)
+x2, g2 = torch.randn(2, 32, 12, 21, generator=g), torch.randn(2, 32, 12, 11, generator=g)
+kg15 = torch.ops.dcls_mm.depthwise_kernel_grad(x2, g2, 7, 15, 3, 7, 1, 2)
+cx, ck, cb = (torch.randn(2, 32, 6, 15, generator=g), torch.randn(32, 1, 3, 5, generator=g),
+              torch.randn(32, generator=g))
+conv = torch.ops.dcls_mm.depthwise_conv(cx, ck, cb, 1, 1, 2, 2)
 # bilinear from values computed in Python (torch.randn's last bit follows the capability)
 import math
 bw = torch.tensor([math.sin(0.7 * i) for i in range(185)]).view(37, 1, 5).requires_grad_()
@@ -137,6 +143,7 @@ bP = torch.tensor([[math.sin(1.3 * i) * 5.5 for i in range(185)],
 bil = construct_kernel(bw, bP, None, (9, 8), 'bilinear')
 bil.backward(torch.tensor([math.cos(0.3 * i) for i in range(bil.numel())]).view(bil.shape))
 torch.save(dict(isa=extension.isa(), out=out.detach(), grads=[t.grad for t in ins], kg=kg,
+                kg15=kg15, conv=conv,
                 bil=bil.detach(), bil_grads=[bw.grad, bP.grad]), sys.argv[1])
 '''
 
@@ -166,7 +173,9 @@ def test_compiled_copy_follows_aten_capability(tmp_path):
         torch.testing.assert_close(results[cap]['out'], results[None]['out'], rtol=1e-5, atol=1e-6)
         for a, b in zip(results[cap]['grads'], results[None]['grads']):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(results[cap]['kg'], results[None]['kg'], rtol=1e-5, atol=1e-4)
+        for name in ('kg', 'kg15', 'conv'):
+            torch.testing.assert_close(results[cap][name], results[None][name], rtol=1e-5,
+                                       atol=1e-4)
         assert torch.equal(results[cap]['bil'], results[None]['bil'])  # same additions
         for a, b in zip(results[cap]['bil_grads'], results[None]['bil_grads']):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -4,10 +4,11 @@
 //
 // An exact alternative to oneDNN's depthwise kernel for large kernels (17x17, 23x23):
 // every output visits only the taps that meet the input (no padded buffer), the innermost
-// loop is a block of 16 contiguous channels (one AVX-512 / two AVX2 vectors), and four
-// output columns share each kernel load. Measured against oneDNN with the same AVX2 ISA
-// it was 10-25% faster on ConvNeXt shapes, with AVX-512 it was slower; so it is one
-// candidate of the measured route `conv` (dcls_mm.ops.depthwise), never a default.
+// dimension is a block of 16 contiguous channels, and a tile of output columns keeps its
+// sums in registers over all taps (8 columns with AVX-512, 4 with AVX2). Against oneDNN
+// with the same ISA (batch 8, ConvNeXt shapes, one run each): AVX2 0.72-1.0x its time,
+// AVX-512 0.8-2.1x; so it is one candidate of the measured route `conv`
+// (dcls_mm.ops.depthwise), never a default.
 //
 // Work items are (image, block of 16 channels, output row). Channel counts that are not
 // a multiple of 16 are not offered to this op (the caller checks).
@@ -22,90 +23,99 @@
 
 namespace {
 
+using dcls_mm_isa::load;
+using dcls_mm_isa::store;
+
 constexpr int64_t kBlock = 16;
 
 struct Geometry {
   int64_t N, C, H, W, Ho, Wo, kh, kw, pad_top, pad_left;
 };
 
-// Output row oy of channels [c0, c0 + 16) of image n. k is (kh * kw, C), bias (C,) or null.
-DCLS_MM_INLINE void conv_row_impl(const float* __restrict x, const float* __restrict k,
-                                  const float* __restrict bias, float* __restrict out,
-                                  const Geometry& s, int64_t n, int64_t c0, int64_t oy) {
-  constexpr int64_t B = kBlock;
+// A block of 16 channels is P vectors of the level's width (Simd<level>).
+template <int level>
+struct Lanes {
+  using V = typename dcls_mm_isa::Simd<level>::V;
+  static constexpr int kWidth = sizeof(V) / sizeof(float);
+  static constexpr int P = kBlock / kWidth;
+};
+
+// Output columns [ox0, ox0 + TO) of row oy, channels [c0, c0 + 16) of image n, their sums
+// in registers over all taps. k is (kh * kw, C), bias (C,) or null.
+template <int level, int TO>
+DCLS_MM_INLINE void conv_tile(const float* __restrict x, const float* __restrict k,
+                              const float* __restrict bias, float* __restrict out,
+                              const Geometry& s, int64_t n, int64_t c0, int64_t oy,
+                              int64_t ox0) {
+  using L = Lanes<level>;
+  using V = typename L::V;
   const int64_t C = s.C;
+  V acc[TO][L::P];
+#pragma GCC unroll 4
+  for (int p = 0; p < L::P; ++p) {
+    const V b = bias ? load<V>(bias + c0 + p * L::kWidth) : V{};
+#pragma GCC unroll 8
+    for (int t = 0; t < TO; ++t) acc[t][p] = b;
+  }
   // kernel rows whose input row lies inside the map
   const int64_t i_lo = std::max<int64_t>(0, s.pad_top - oy);
   const int64_t i_hi = std::min(s.kh, s.H + s.pad_top - oy);
-  float b[B];
-  for (int64_t c = 0; c < B; ++c) b[c] = bias ? bias[c0 + c] : 0.0f;
-  float* orow = out + ((n * s.Ho + oy) * s.Wo) * C + c0;
-  int64_t ox = 0;
-  for (; ox + 4 <= s.Wo; ox += 4) {
-    float acc[4][B];
-    for (int t = 0; t < 4; ++t) std::copy_n(b, B, acc[t]);
-    const int64_t base = ox - s.pad_left;
-    // taps valid for all four columns: [all_lo, all_hi); the others column by column
-    const int64_t all_lo = std::max<int64_t>(0, -base);
-    const int64_t all_hi = std::max(all_lo, std::min(s.kw, s.W - base - 3));
-    for (int64_t i = i_lo; i < i_hi; ++i) {
-      const float* xrow = x + ((n * s.H + oy + i - s.pad_top) * s.W) * C + c0;
-      const float* krow = k + (i * s.kw) * C + c0;
-      for (int64_t j = all_lo; j < all_hi; ++j) {
-        const float* kv = krow + j * C;
-        const float* xp = xrow + (base + j) * C;
-#pragma GCC ivdep
-        for (int64_t c = 0; c < B; ++c) {
-          acc[0][c] += kv[c] * xp[c];
-          acc[1][c] += kv[c] * xp[C + c];
-          acc[2][c] += kv[c] * xp[2 * C + c];
-          acc[3][c] += kv[c] * xp[3 * C + c];
-        }
-      }
-      for (int t = 0; t < 4; ++t) {
-        const int64_t col = base + t;
-        const int64_t j_lo = std::max<int64_t>(0, -col), j_hi = std::min(s.kw, s.W - col);
-        for (int64_t j = j_lo; j < std::min(all_lo, j_hi); ++j) {
-          const float* kv = krow + j * C;
-          const float* xp = xrow + (col + j) * C;
-#pragma GCC ivdep
-          for (int64_t c = 0; c < B; ++c) acc[t][c] += kv[c] * xp[c];
-        }
-        for (int64_t j = std::max(all_hi, j_lo); j < j_hi; ++j) {
-          const float* kv = krow + j * C;
-          const float* xp = xrow + (col + j) * C;
-#pragma GCC ivdep
-          for (int64_t c = 0; c < B; ++c) acc[t][c] += kv[c] * xp[c];
+  for (int64_t i = i_lo; i < i_hi; ++i) {
+    const float* xrow = x + ((n * s.H + oy + i - s.pad_top) * s.W) * C + c0;
+    const float* krow = k + (i * s.kw) * C + c0;
+    for (int64_t j = 0; j < s.kw; ++j) {
+      V kv[L::P];
+#pragma GCC unroll 4
+      for (int p = 0; p < L::P; ++p) kv[p] = load<V>(krow + j * C + p * L::kWidth);
+      const int64_t first = ox0 + j - s.pad_left;  // input column of output ox0
+      if (first >= 0 && first + TO <= s.W) {
+        const float* xp = xrow + first * C;
+#pragma GCC unroll 8
+        for (int t = 0; t < TO; ++t)
+#pragma GCC unroll 4
+          for (int p = 0; p < L::P; ++p)
+            acc[t][p] += kv[p] * load<V>(xp + t * C + p * L::kWidth);
+      } else {  // near the left or right edge: only the columns inside the map
+#pragma GCC unroll 8
+        for (int t = 0; t < TO; ++t) {
+          const int64_t col = first + t;
+          if (col < 0 || col >= s.W) continue;
+#pragma GCC unroll 4
+          for (int p = 0; p < L::P; ++p)
+            acc[t][p] += kv[p] * load<V>(xrow + col * C + p * L::kWidth);
         }
       }
     }
-    for (int t = 0; t < 4; ++t) std::copy_n(acc[t], B, orow + (ox + t) * C);
   }
-  // the last columns one by one; written out rather than one template over the column
-  // count: that version ran 1.0-1.5x oneDNN's time on the AVX2 copy against 0.6-1.0x here
-  for (; ox < s.Wo; ++ox) {
-    float acc[B];
-    std::copy_n(b, B, acc);
-    const int64_t col = ox - s.pad_left;
-    const int64_t j_lo = std::max<int64_t>(0, -col), j_hi = std::min(s.kw, s.W - col);
-    for (int64_t i = i_lo; i < i_hi; ++i) {
-      const float* xrow = x + ((n * s.H + oy + i - s.pad_top) * s.W) * C + c0;
-      const float* krow = k + (i * s.kw) * C + c0;
-      for (int64_t j = j_lo; j < j_hi; ++j) {
-        const float* kv = krow + j * C;
-        const float* xp = xrow + (col + j) * C;
-#pragma GCC ivdep
-        for (int64_t c = 0; c < B; ++c) acc[c] += kv[c] * xp[c];
-      }
-    }
-    std::copy_n(acc, B, orow + ox * C);
-  }
+  float* orow = out + ((n * s.Ho + oy) * s.Wo + ox0) * C + c0;
+#pragma GCC unroll 8
+  for (int t = 0; t < TO; ++t)
+#pragma GCC unroll 4
+    for (int p = 0; p < L::P; ++p) store<V>(orow + t * C + p * L::kWidth, acc[t][p]);
 }
-DCLS_MM_ISA_VARIANTS(conv_row,
-                     (const float* __restrict x, const float* __restrict k,
-                      const float* __restrict bias, float* __restrict out, const Geometry& s,
-                      int64_t n, int64_t c0, int64_t oy),
-                     (x, k, bias, out, s, n, c0, oy))
+
+// Output row oy of channels [c0, c0 + 16) of image n: tiles of as many columns as the
+// level keeps sums in registers, the last Wo % TO columns in tiles of 4, 2, 1.
+template <int level>
+DCLS_MM_INLINE void conv_row_impl(const float* __restrict x, const float* __restrict k,
+                                  const float* __restrict bias, float* __restrict out,
+                                  const Geometry& s, int64_t n, int64_t c0, int64_t oy) {
+  constexpr int TO = dcls_mm_isa::kSumRegisters<level>;
+  int64_t ox = 0;
+  for (; ox + TO <= s.Wo; ox += TO) conv_tile<level, TO>(x, k, bias, out, s, n, c0, oy, ox);
+  if constexpr (TO > 4) {
+    if (s.Wo - ox >= 4) { conv_tile<level, 4>(x, k, bias, out, s, n, c0, oy, ox); ox += 4; }
+  }
+  if constexpr (TO > 2) {
+    if (s.Wo - ox >= 2) { conv_tile<level, 2>(x, k, bias, out, s, n, c0, oy, ox); ox += 2; }
+  }
+  if (ox < s.Wo) conv_tile<level, 1>(x, k, bias, out, s, n, c0, oy, ox);
+}
+DCLS_MM_ISA_LEVEL_VARIANTS(conv_row,
+                           (const float* __restrict x, const float* __restrict k,
+                            const float* __restrict bias, float* __restrict out,
+                            const Geometry& s, int64_t n, int64_t c0, int64_t oy),
+                           (x, k, bias, out, s, n, c0, oy))
 
 at::Tensor depthwise_conv(const at::Tensor& x, const at::Tensor& kernel,
                           const c10::optional<at::Tensor>& bias, int64_t pad_top,

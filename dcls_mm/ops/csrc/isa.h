@@ -10,6 +10,7 @@
 #pragma once
 
 #include <atomic>
+#include <cstring>
 #include <string>
 
 namespace dcls_mm_isa {
@@ -67,8 +68,67 @@ inline std::string set_level_for_capability(const std::string& capability) {
       default: name##_v1 args;                                                          \
     }                                                                                   \
   }
+// The same with `name##_impl<level>(args)`, for loops whose tile sizes depend on the
+// register file of the level (see kSumRegisters).
+#define DCLS_MM_ISA_LEVEL_VARIANTS(name, params, args)                                    \
+  __attribute__((target("arch=x86-64-v4"))) void name##_v4 params {                      \
+    name##_impl<dcls_mm_isa::kV4> args;                                                  \
+  }                                                                                      \
+  __attribute__((target("arch=x86-64-v3"))) void name##_v3 params {                      \
+    name##_impl<dcls_mm_isa::kV3> args;                                                  \
+  }                                                                                      \
+  void name##_v1 params { name##_impl<dcls_mm_isa::kBaseline> args; }                    \
+  void name params {                                                                     \
+    switch (dcls_mm_isa::level()) {                                                      \
+      case dcls_mm_isa::kV4: name##_v4 args; break;                                      \
+      case dcls_mm_isa::kV3: name##_v3 args; break;                                      \
+      default: name##_v1 args;                                                           \
+    }                                                                                    \
+  }
 #else
 #define DCLS_MM_INLINE inline
 #define DCLS_MM_ISA_VARIANTS(name, params, args) \
   void name params { name##_impl args; }
+#define DCLS_MM_ISA_LEVEL_VARIANTS(name, params, args) \
+  void name params { name##_impl<dcls_mm_isa::kBaseline> args; }
 #endif
+
+namespace dcls_mm_isa {
+
+// The level's native float vector, a GCC/Clang vector type: 16 floats with AVX-512, 8
+// with AVX2, 4 with SSE2 (a wider type than the level has is split by GCC through
+// general registers and the stack). GCC kept running sums declared as float arrays on the
+// stack, a store and a reload around every multiply-add (a ~5-cycle chain each); sums of
+// these types stay in registers.
+template <int level>
+struct Simd {
+  typedef float V __attribute__((vector_size(16)));
+};
+template <>
+struct Simd<kV3> {
+  typedef float V __attribute__((vector_size(32)));
+};
+template <>
+struct Simd<kV4> {
+  typedef float V __attribute__((vector_size(64)));
+};
+
+template <typename V>
+DCLS_MM_INLINE V load(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <typename V>
+DCLS_MM_INLINE void store(float* p, V v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+// How many running sums of 16 floats a tiled loop keeps in registers at each level (one
+// zmm, two ymm or four xmm each): about half the register file (32 zmm, 16 ymm, 16 xmm),
+// the rest holds the operands.
+template <int level>
+constexpr int kSumRegisters = level == kV4 ? 8 : (level == kV3 ? 4 : 2);
+
+}  // namespace dcls_mm_isa
