@@ -205,21 +205,60 @@ def test_backward_with_kept_profiles_equals_backward_that_evaluates_them(interpo
         backward(grad, w, P, SIG, kept[:2], 23, 23, code, *window)
 
 
+def gaussian_cut_reference(weight, P, SIG, sizes):
+    """The cut of GAUSSIAN_CUT for float32, from the float64 profiles, element by element:
+    2^-32 * sum_k |w_k / (S0 S1 + eps)| max_i a0[k, i] max_j a1[k, j] (at least tiny)."""
+    out = torch.zeros(weight.shape[:-1], dtype=torch.float64)
+    for idx in torch.cartesian_prod(*[torch.arange(n) for n in weight.shape[:-1]]).view(
+            -1, weight.dim() - 1):
+        idx = tuple(idx.tolist())
+        total = 0.0
+        for k in range(weight.shape[-1]):
+            profiles = []
+            for d, L in enumerate(sizes):
+                width = abs(float(SIG[(d, *idx, k)])) + 0.27
+                pos = float(P[(d, *idx, k)]) + L // 2
+                profiles.append([torch.tensor(-0.5 * ((i - pos) / width) ** 2).exp().item()
+                                 for i in range(L)])
+            scale = float(weight[(*idx, k)]) / (sum(profiles[0]) * sum(profiles[1]) + 1e-7)
+            total += abs(scale) * max(profiles[0]) * max(profiles[1])
+        out[idx] = max(total * 2.0 ** -32, torch.finfo(torch.float32).tiny)
+    return out
+
+
 @pytest.mark.parametrize('forced', ['', 'construct=torch'])
-def test_gaussian_kernel_has_no_subnormal_values(monkeypatch, forced):
-    """Gaussian tails multiply into subnormal floats (a convolution with them ran ~3x
-    slower on the CPU); both constructions flush values below finfo.tiny to zero and
-    keep every other value."""
+def test_gaussian_tails_below_the_cut_are_zero_and_pass_no_gradient(monkeypatch, forced):
+    """Gaussian tails (1e-20..1e-38 at the initial width) multiply with small activations
+    or gradients into subnormal floats, which made the convolution 4-6x slower; both
+    constructions set the taps below GAUSSIAN_CUT of the channel's bound to 0, keep every
+    other value, and give the cut taps no gradient."""
     monkeypatch.setenv('DCLS_MM_ROUTES', forced)
     torch.manual_seed(0)
-    m = Dcls2d(32, 32, 26, dilated_kernel_size=23, padding='same', groups=32,
+    m = Dcls2d(20, 20, 26, dilated_kernel_size=23, padding='same', groups=20,
                interpolation='gaussian')  # initial width 0.5: tails of 1e-20 per dim
-    kernel = m.construct_kernel().detach()
-    tiny = torch.finfo(torch.float32).tiny
-    exact = dense_formula(m.weight.double(), m.P.double(), m.SIG.double(), (23, 23),
-                          'gaussian')
-    assert ((exact != 0) & (exact.abs() < tiny)).sum() > 1000  # the tails are there
-    assert not ((kernel != 0) & (kernel.abs() < tiny)).any()
-    kept = exact.abs() >= 2 * tiny
-    torch.testing.assert_close(kernel.double()[kept], exact[kept], rtol=1e-4, atol=1e-6)
-    assert (kernel[exact.abs() < tiny / 2] == 0).all()
+    kernel = m.construct_kernel()
+    w64, P64, S64 = (t.detach().double() for t in (m.weight, m.P, m.SIG))
+    exact = dense_formula(w64, P64, S64, (23, 23), 'gaussian')
+    cut = gaussian_cut_reference(w64, P64, S64, (23, 23))[..., None, None]
+    below = exact.abs() < cut
+    assert ((exact != 0) & below).sum() > 5000  # most of the initial kernel is tail
+    value = kernel.detach().double()
+    assert (value[exact.abs() < 0.99 * cut] == 0).all()
+    assert ((value == 0) | (value.abs() >= 0.99 * cut)).all()
+    kept = exact.abs() >= 1.01 * cut
+    torch.testing.assert_close(value[kept], exact[kept], rtol=1e-4, atol=1e-7)
+    # gradient: the float64 formula with the same taps cut (the borderline ones aside)
+    grad = torch.randn(kernel.shape, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(kernel, [m.weight, m.P, m.SIG], grad)
+    ref_in = [t.clone().requires_grad_() for t in (w64, P64, S64)]
+    ref = dense_formula(*ref_in, (23, 23), 'gaussian').masked_fill(below, 0.0)
+    want = torch.autograd.grad(ref, ref_in, grad.double())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-5)
+    # a gradient on the cut taps only reaches nothing (the uncut formula passes some on)
+    on_cut = grad.masked_fill(~(exact.abs() < 0.99 * cut), 0.0)
+    got = torch.autograd.grad(m.construct_kernel(), [m.weight, m.P, m.SIG], on_cut)
+    assert all((g == 0).all() for g in got)
+    uncut = torch.autograd.grad(dense_formula(*ref_in, (23, 23), 'gaussian'), ref_in,
+                                on_cut.double())
+    assert all(g.abs().max() > 0 for g in uncut)

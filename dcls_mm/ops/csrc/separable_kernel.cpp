@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -38,6 +39,8 @@ namespace {
 
 constexpr int64_t kBlock = 16;
 constexpr float kNormEps = 1e-7f;  // dcls_mm.ops.kernel.NORM_EPS
+// dcls_mm.ops.kernel.GAUSSIAN_CUT * float32 eps (2^-9 * 2^-23)
+constexpr float kGaussianCut = 0x1p-32f;
 
 enum Interp : int64_t { kTriangle = 0, kGaussian = 1 };
 
@@ -324,6 +327,23 @@ void load_geometry(const Shape& s, const float* w, const float* P, const float* 
     t.scale[e] = t.w[e] / (a.s0[e] * a.s1[e] + kNormEps);
 }
 
+// Gaussian taps below cut[c] are set to 0 (kernel.py, GAUSSIAN_CUT):
+//   cut = max(kGaussianCut * sum_k |scale[k]| max_i a0[k][i] max_j a1[k][j], FLT_MIN)
+void gaussian_cut(const Shape& s, const Profiles& a, const float* scale, float* cut) {
+  float bound[kBlock] = {};
+  for (int64_t k = 0; k < s.K; ++k) {
+    float m0[kBlock] = {}, m1[kBlock] = {};
+    for (int64_t i = 0; i < s.L0; ++i)
+      for (int64_t c = 0; c < kBlock; ++c) m0[c] = std::max(m0[c], a.a0[(k * s.L0 + i) * kBlock + c]);
+    for (int64_t j = 0; j < s.L1; ++j)
+      for (int64_t c = 0; c < kBlock; ++c) m1[c] = std::max(m1[c], a.a1[(k * s.L1 + j) * kBlock + c]);
+    for (int64_t c = 0; c < kBlock; ++c)
+      bound[c] += std::fabs(scale[k * kBlock + c]) * m0[c] * m1[c];
+  }
+  for (int64_t c = 0; c < kBlock; ++c)
+    cut[c] = std::max(bound[c] * kGaussianCut, std::numeric_limits<float>::min());
+}
+
 std::tuple<at::Tensor, at::Tensor> separable_kernel(
     const at::Tensor& weight, const at::Tensor& P, const at::Tensor& SIG, int64_t L0,
     int64_t L1, int64_t interp, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
@@ -349,9 +369,14 @@ std::tuple<at::Tensor, at::Tensor> separable_kernel(
           profiles_at(keep_profiles ? kp + blk * profile_floats(s) : t.own.data(), s);
       load_geometry(s, wp, pp, sp, b0, nb, t, a, false);
       contract(a.a0, a.a1, t.scale.data(), s.K, L0, L1, r0, nr, c0, nc, kern.data());
+      float cut[kBlock] = {};  // 0: nothing is cut (triangle)
+      if (interp == kGaussian) gaussian_cut(s, a, t.scale.data(), cut);
       for (int64_t c = 0; c < nb; ++c) {
         float* dst = op + (b0 + c) * nr * nc;
-        for (int64_t e = 0; e < nr * nc; ++e) dst[e] = kern[e * kBlock + c];
+        for (int64_t e = 0; e < nr * nc; ++e) {
+          const float v = kern[e * kBlock + c];
+          dst[e] = std::fabs(v) < cut[c] ? 0.0f : v;
+        }
       }
     }
   });
