@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import extension, routes
+from .double_backward import formula_gradients
 
 def _smooth_size(n: int) -> int:
     """Smallest integer >= n whose prime factors are 2, 3 and 5 (fast FFT sizes)."""
@@ -193,12 +194,9 @@ class _DepthwiseConv2d(torch.autograd.Function):
             # backward(create_graph=True): the C++ kernel gradient has no derivative, so
             # take the gradients of the same convolution through PyTorch's own
             # (twice differentiable) ops instead
-            inputs = (x, kernel, bias)
-            needed = [t for t, need in zip(inputs, ctx.needs_input_grad[:3]) if need]
             y = _conv_channels_last(x, kernel, bias, stride, padding)
-            grads = iter(torch.autograd.grad(y, needed, grad_out, create_graph=True))
-            return (*(next(grads) if need else None for need in ctx.needs_input_grad[:3]),
-                    None, None)
+            return (*formula_gradients(y, (x, kernel, bias), ctx.needs_input_grad[:3],
+                                       grad_out), None, None)
         x = x.contiguous(memory_format=torch.channels_last)
         (pt, pb), (pl, pr) = padding
         g = grad_out.contiguous(memory_format=torch.channels_last)

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from . import extension, routes
+from .double_backward import formula_gradients
 
 #: Canonical interpolation names and the reference package's names for them (its
 #: ``version=`` argument: ``'v0'``, ``'v1'``, ``'max'``, ``'gauss'``).
@@ -215,9 +216,7 @@ class _CompiledSeparableKernel2d(torch.autograd.Function):
             # differentiate the same formula through PyTorch's ops instead
             grids = [torch.arange(L, dtype=P.dtype) for L in sizes]
             out = _separable_kernel_torch(weight, P, SIG, sizes, interpolation, grids, window)
-            needed = [t for t, need in zip((weight, P, SIG), ctx.needs_input_grad[:3]) if need]
-            grads = iter(torch.autograd.grad(out, needed, grad, create_graph=True))
-            return (*(next(grads) if need else None for need in ctx.needs_input_grad[:3]),
+            return (*formula_gradients(out, (weight, P, SIG), ctx.needs_input_grad[:3], grad),
                     None, None, None)
         if interpolation == 'gaussian':
             # a cut tap (GAUSSIAN_CUT) passes no gradient; below the cut every value is 0
@@ -250,9 +249,7 @@ class _CompiledBilinearKernel2d(torch.autograd.Function):
             # backward(create_graph=True): differentiate the scatter formula instead
             out = _slice_window(_bilinear_kernel(weight, P, ctx.sizes, normalize=False),
                                 ctx.window)
-            needed = [t for t, need in zip((weight, P), ctx.needs_input_grad[:2]) if need]
-            grads = iter(torch.autograd.grad(out, needed, grad, create_graph=True))
-            return (*(next(grads) if need else None for need in ctx.needs_input_grad[:2]),
+            return (*formula_gradients(out, (weight, P), ctx.needs_input_grad[:2], grad),
                     None, None)
         K = weight.shape[-1]
         dw, dP = torch.ops.dcls_mm.bilinear_kernel_backward(
