@@ -329,16 +329,18 @@ void load_geometry(const Shape& s, const float* w, const float* P, const float* 
 
 // Gaussian taps below cut[c] are set to 0 (kernel.py, GAUSSIAN_CUT):
 //   cut = max(kGaussianCut * sum_k |scale[k]| max_i a0[k][i] max_j a1[k][j], FLT_MIN)
-void gaussian_cut(const Shape& s, const Profiles& a, const float* scale, float* cut) {
+// A gaussian profile falls off on both sides of its centre, so its largest value is the
+// one at the grid point nearest to the centre (clamped to the grid): read, not searched.
+void gaussian_cut(const Shape& s, const Profiles& a, const Scratch& t, float* cut) {
   float bound[kBlock] = {};
   for (int64_t k = 0; k < s.K; ++k) {
-    float m0[kBlock] = {}, m1[kBlock] = {};
-    for (int64_t i = 0; i < s.L0; ++i)
-      for (int64_t c = 0; c < kBlock; ++c) m0[c] = std::max(m0[c], a.a0[(k * s.L0 + i) * kBlock + c]);
-    for (int64_t j = 0; j < s.L1; ++j)
-      for (int64_t c = 0; c < kBlock; ++c) m1[c] = std::max(m1[c], a.a1[(k * s.L1 + j) * kBlock + c]);
-    for (int64_t c = 0; c < kBlock; ++c)
-      bound[c] += std::fabs(scale[k * kBlock + c]) * m0[c] * m1[c];
+    for (int64_t c = 0; c < kBlock; ++c) {
+      const int64_t e = k * kBlock + c;
+      const int64_t i = std::clamp<int64_t>(std::lround(t.pos0[e]), 0, s.L0 - 1);
+      const int64_t j = std::clamp<int64_t>(std::lround(t.pos1[e]), 0, s.L1 - 1);
+      bound[c] += std::fabs(t.scale[e]) * a.a0[(k * s.L0 + i) * kBlock + c] *
+                  a.a1[(k * s.L1 + j) * kBlock + c];
+    }
   }
   for (int64_t c = 0; c < kBlock; ++c)
     cut[c] = std::max(bound[c] * kGaussianCut, std::numeric_limits<float>::min());
@@ -370,7 +372,7 @@ std::tuple<at::Tensor, at::Tensor> separable_kernel(
       load_geometry(s, wp, pp, sp, b0, nb, t, a, false);
       contract(a.a0, a.a1, t.scale.data(), s.K, L0, L1, r0, nr, c0, nc, kern.data());
       float cut[kBlock] = {};  // 0: nothing is cut (triangle)
-      if (interp == kGaussian) gaussian_cut(s, a, t.scale.data(), cut);
+      if (interp == kGaussian) gaussian_cut(s, a, t, cut);
       for (int64_t c = 0; c < nb; ++c) {
         float* dst = op + (b0 + c) * nr * nc;
         for (int64_t e = 0; e < nr * nc; ++e) {
