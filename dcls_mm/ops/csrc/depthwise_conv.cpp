@@ -23,6 +23,7 @@
 
 namespace {
 
+using dcls_mm_isa::Block16;
 using dcls_mm_isa::load;
 using dcls_mm_isa::store;
 
@@ -32,14 +33,6 @@ struct Geometry {
   int64_t N, C, H, W, Ho, Wo, kh, kw, pad_top, pad_left;
 };
 
-// A block of 16 channels is P vectors of the level's width (Simd<level>).
-template <int level>
-struct Lanes {
-  using V = typename dcls_mm_isa::Simd<level>::V;
-  static constexpr int kWidth = sizeof(V) / sizeof(float);
-  static constexpr int P = kBlock / kWidth;
-};
-
 // Output columns [ox0, ox0 + TO) of row oy, channels [c0, c0 + 16) of image n, their sums
 // in registers over all taps. k is (kh * kw, C), bias (C,) or null.
 template <int level, int TO>
@@ -47,7 +40,7 @@ DCLS_MM_INLINE void conv_tile(const float* __restrict x, const float* __restrict
                               const float* __restrict bias, float* __restrict out,
                               const Geometry& s, int64_t n, int64_t c0, int64_t oy,
                               int64_t ox0) {
-  using L = Lanes<level>;
+  using L = Block16<level>;
   using V = typename L::V;
   const int64_t C = s.C;
   V acc[TO][L::P];

@@ -26,6 +26,7 @@
 
 namespace {
 
+using dcls_mm_isa::Block16;
 using dcls_mm_isa::load;
 using dcls_mm_isa::store;
 
@@ -37,21 +38,13 @@ struct Geometry {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// A block of 16 channels is P vectors of the level's width (Simd<level>).
-template <int level>
-struct Lanes {
-  using V = typename dcls_mm_isa::Simd<level>::V;
-  static constexpr int kWidth = sizeof(V) / sizeof(float);
-  static constexpr int P = kChannelBlock / kWidth;
-};
-
 // acc[t] += g[ox] * x[ox * s_w + first + t] for the taps t < TJ whose column lies in
 // the map.
 template <int level, int TJ>
-DCLS_MM_INLINE void edge_column(typename Lanes<level>::V (&acc)[TJ][Lanes<level>::P],
-                                const float* __restrict grow, const float* __restrict xrow,
-                                const Geometry& s, int64_t first, int64_t ox) {
-  using L = Lanes<level>;
+DCLS_MM_INLINE void edge_column(
+    typename Block16<level>::V (&acc)[TJ][Block16<level>::P], const float* __restrict grow,
+    const float* __restrict xrow, const Geometry& s, int64_t first, int64_t ox) {
+  using L = Block16<level>;
   using V = typename L::V;
   V gv[L::P];
 #pragma GCC unroll 4
@@ -72,7 +65,7 @@ DCLS_MM_INLINE void edge_column(typename Lanes<level>::V (&acc)[TJ][Lanes<level>
 template <int level, int TJ>
 DCLS_MM_INLINE void row_taps(const float* __restrict grow, const float* __restrict xrow,
                              const Geometry& s, int64_t j0, float* __restrict sums) {
-  using L = Lanes<level>;
+  using L = Block16<level>;
   using V = typename L::V;
   constexpr int64_t B = kChannelBlock;
   V acc[TJ][L::P];

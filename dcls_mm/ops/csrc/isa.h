@@ -56,35 +56,27 @@ inline std::string set_level_for_capability(const std::string& capability) {
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define DCLS_MM_INLINE inline __attribute__((always_inline))
-// Defines `name(params)` dispatching to three copies of `name##_impl(args)`.
-#define DCLS_MM_ISA_VARIANTS(name, params, args)                                       \
-  __attribute__((target("arch=x86-64-v4"))) void name##_v4 params { name##_impl args; } \
-  __attribute__((target("arch=x86-64-v3"))) void name##_v3 params { name##_impl args; } \
-  void name##_v1 params { name##_impl args; }                                           \
-  void name params {                                                                    \
-    switch (dcls_mm_isa::level()) {                                                     \
-      case dcls_mm_isa::kV4: name##_v4 args; break;                                     \
-      case dcls_mm_isa::kV3: name##_v3 args; break;                                     \
-      default: name##_v1 args;                                                          \
-    }                                                                                   \
+// Defines `name(params)` dispatching to three copies, `impl_v4 args` compiled for
+// x86-64-v4, `impl_v3 args` for x86-64-v3 and `impl_v1 args` for the baseline.
+#define DCLS_MM_ISA_COPIES(name, params, args, impl_v4, impl_v3, impl_v1)                 \
+  __attribute__((target("arch=x86-64-v4"))) void name##_v4 params { impl_v4 args; }       \
+  __attribute__((target("arch=x86-64-v3"))) void name##_v3 params { impl_v3 args; }       \
+  void name##_v1 params { impl_v1 args; }                                                 \
+  void name params {                                                                      \
+    switch (dcls_mm_isa::level()) {                                                       \
+      case dcls_mm_isa::kV4: name##_v4 args; break;                                       \
+      case dcls_mm_isa::kV3: name##_v3 args; break;                                       \
+      default: name##_v1 args;                                                            \
+    }                                                                                     \
   }
-// The same with `name##_impl<level>(args)`, for loops whose tile sizes depend on the
+// Three copies of the same `name##_impl(args)`.
+#define DCLS_MM_ISA_VARIANTS(name, params, args) \
+  DCLS_MM_ISA_COPIES(name, params, args, name##_impl, name##_impl, name##_impl)
+// Three copies of `name##_impl<level>(args)`, for loops whose tile sizes depend on the
 // register file of the level (see kSumRegisters).
-#define DCLS_MM_ISA_LEVEL_VARIANTS(name, params, args)                                    \
-  __attribute__((target("arch=x86-64-v4"))) void name##_v4 params {                      \
-    name##_impl<dcls_mm_isa::kV4> args;                                                  \
-  }                                                                                      \
-  __attribute__((target("arch=x86-64-v3"))) void name##_v3 params {                      \
-    name##_impl<dcls_mm_isa::kV3> args;                                                  \
-  }                                                                                      \
-  void name##_v1 params { name##_impl<dcls_mm_isa::kBaseline> args; }                    \
-  void name params {                                                                     \
-    switch (dcls_mm_isa::level()) {                                                      \
-      case dcls_mm_isa::kV4: name##_v4 args; break;                                      \
-      case dcls_mm_isa::kV3: name##_v3 args; break;                                      \
-      default: name##_v1 args;                                                           \
-    }                                                                                    \
-  }
+#define DCLS_MM_ISA_LEVEL_VARIANTS(name, params, args)                                  \
+  DCLS_MM_ISA_COPIES(name, params, args, name##_impl<dcls_mm_isa::kV4>,                 \
+                     name##_impl<dcls_mm_isa::kV3>, name##_impl<dcls_mm_isa::kBaseline>)
 #else
 #define DCLS_MM_INLINE inline
 #define DCLS_MM_ISA_VARIANTS(name, params, args) \
@@ -124,6 +116,14 @@ template <typename V>
 DCLS_MM_INLINE void store(float* p, V v) {
   std::memcpy(p, &v, sizeof v);
 }
+
+// A block of 16 floats (16 channels) as P vectors of the level's width.
+template <int level>
+struct Block16 {
+  using V = typename Simd<level>::V;
+  static constexpr int kWidth = sizeof(V) / sizeof(float);
+  static constexpr int P = 16 / kWidth;
+};
 
 // How many running sums of 16 floats a tiled loop keeps in registers at each level (one
 // zmm, two ymm or four xmm each): about half the register file (32 zmm, 16 ymm, 16 xmm),
