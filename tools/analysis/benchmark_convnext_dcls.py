@@ -8,7 +8,8 @@ repeats after warm-up, interleaved), because machines are noisy:
   depthwise on the same input, for each interpolation (bilinear: dks 17, K 34; gaussian
   and triangle: dks 23, K 26, the published gaussian model's setting); with the
   convolution alone (the kernel as a leaf tensor) and the kernel construction alone
-  (forward+backward), whose share of the convolution is printed (target < 10%);
+  (forward+backward), whose share of the convolution is printed (target < 10%); the
+  output gradient is random at the 1e-6 scale a ConvNeXt block's layer scale gives it;
 - model: ConvNeXt-T-dcls (timm ``convnext_dcls_tiny``) of each interpolation, training
   step (forward + backward) and inference against timm ``convnext_tiny``, and the peak
   memory of the training step; on CUDA, throughput in images/s with AMP (batch 64).
@@ -73,16 +74,18 @@ def layer_rows(args, device):
                 window = dcls.kernel_window(x)
                 leaf = dcls.construct_kernel(window).detach().requires_grad_(True)
                 kernel_grad = torch.randn_like(leaf)
+                # an output gradient of the size a ConvNeXt block passes its depthwise conv
+                # (layer scale 1e-6): products with it go subnormal where a kernel has
+                # tiny taps, which a gradient of ones would hide
+                grad_y = (1e-6 * torch.randn_like(x)).detach()
 
                 def step(m):
                     def run():
-                        y = m(x)
-                        y.backward(torch.ones_like(y))
+                        m(x).backward(grad_y)
                     return run
 
                 def conv_alone():
-                    y = dcls.conv(x, leaf, window)
-                    y.backward(torch.ones_like(y))
+                    dcls.conv(x, leaf, window).backward(grad_y)
 
                 def construct_alone():
                     dcls.construct_kernel(window).backward(kernel_grad)
