@@ -24,8 +24,9 @@
 namespace {
 
 using dcls_mm_isa::Block16;
-using dcls_mm_isa::load;
-using dcls_mm_isa::store;
+using dcls_mm_isa::fma16;
+using dcls_mm_isa::load16;
+using dcls_mm_isa::store16;
 
 constexpr int64_t kBlock = 16;
 
@@ -40,16 +41,16 @@ DCLS_MM_INLINE void conv_tile(const float* __restrict x, const float* __restrict
                               const float* __restrict bias, float* __restrict out,
                               const Geometry& s, int64_t n, int64_t c0, int64_t oy,
                               int64_t ox0) {
-  using L = Block16<level>;
-  using V = typename L::V;
+  using V = typename Block16<level>::V;
+  constexpr int P = Block16<level>::P;
   const int64_t C = s.C;
-  V acc[TO][L::P];
-#pragma GCC unroll 4
-  for (int p = 0; p < L::P; ++p) {
-    const V b = bias ? load<V>(bias + c0 + p * L::kWidth) : V{};
+  V acc[TO][P];
+  V b[P] = {};
+  if (bias) load16<level>(b, bias + c0);
 #pragma GCC unroll 8
-    for (int t = 0; t < TO; ++t) acc[t][p] = b;
-  }
+  for (int t = 0; t < TO; ++t)
+#pragma GCC unroll 4
+    for (int p = 0; p < P; ++p) acc[t][p] = b[p];
   // kernel rows whose input row lies inside the map
   const int64_t i_lo = std::max<int64_t>(0, s.pad_top - oy);
   const int64_t i_hi = std::min(s.kh, s.H + s.pad_top - oy);
@@ -57,34 +58,25 @@ DCLS_MM_INLINE void conv_tile(const float* __restrict x, const float* __restrict
     const float* xrow = x + ((n * s.H + oy + i - s.pad_top) * s.W) * C + c0;
     const float* krow = k + (i * s.kw) * C + c0;
     for (int64_t j = 0; j < s.kw; ++j) {
-      V kv[L::P];
-#pragma GCC unroll 4
-      for (int p = 0; p < L::P; ++p) kv[p] = load<V>(krow + j * C + p * L::kWidth);
+      V kv[P];
+      load16<level>(kv, krow + j * C);
       const int64_t first = ox0 + j - s.pad_left;  // input column of output ox0
       if (first >= 0 && first + TO <= s.W) {
         const float* xp = xrow + first * C;
 #pragma GCC unroll 8
-        for (int t = 0; t < TO; ++t)
-#pragma GCC unroll 4
-          for (int p = 0; p < L::P; ++p)
-            acc[t][p] += kv[p] * load<V>(xp + t * C + p * L::kWidth);
+        for (int t = 0; t < TO; ++t) fma16<level>(acc[t], kv, xp + t * C);
       } else {  // near the left or right edge: only the columns inside the map
 #pragma GCC unroll 8
         for (int t = 0; t < TO; ++t) {
           const int64_t col = first + t;
-          if (col < 0 || col >= s.W) continue;
-#pragma GCC unroll 4
-          for (int p = 0; p < L::P; ++p)
-            acc[t][p] += kv[p] * load<V>(xrow + col * C + p * L::kWidth);
+          if (col >= 0 && col < s.W) fma16<level>(acc[t], kv, xrow + col * C);
         }
       }
     }
   }
   float* orow = out + ((n * s.Ho + oy) * s.Wo + ox0) * C + c0;
 #pragma GCC unroll 8
-  for (int t = 0; t < TO; ++t)
-#pragma GCC unroll 4
-    for (int p = 0; p < L::P; ++p) store<V>(orow + t * C + p * L::kWidth, acc[t][p]);
+  for (int t = 0; t < TO; ++t) store16<level>(orow + t * C, acc[t]);
 }
 
 // Output row oy of channels [c0, c0 + 16) of image n: tiles of as many columns as the

@@ -27,8 +27,9 @@
 namespace {
 
 using dcls_mm_isa::Block16;
-using dcls_mm_isa::load;
-using dcls_mm_isa::store;
+using dcls_mm_isa::fma16;
+using dcls_mm_isa::load16;
+using dcls_mm_isa::store16;
 
 constexpr int64_t kChannelBlock = 16;
 
@@ -44,19 +45,13 @@ template <int level, int TJ>
 DCLS_MM_INLINE void edge_column(
     typename Block16<level>::V (&acc)[TJ][Block16<level>::P], const float* __restrict grow,
     const float* __restrict xrow, const Geometry& s, int64_t first, int64_t ox) {
-  using L = Block16<level>;
-  using V = typename L::V;
-  V gv[L::P];
-#pragma GCC unroll 4
-  for (int p = 0; p < L::P; ++p) gv[p] = load<V>(grow + ox * s.C + p * L::kWidth);
+  typename Block16<level>::V gv[Block16<level>::P];
+  load16<level>(gv, grow + ox * s.C);
   const int64_t col0 = ox * s.stride_w + first;
 #pragma GCC unroll 8
   for (int t = 0; t < TJ; ++t) {
     const int64_t col = col0 + t;
-    if (col < 0 || col >= s.W) continue;
-    const float* xp = xrow + col * s.C;
-#pragma GCC unroll 4
-    for (int p = 0; p < L::P; ++p) acc[t][p] += gv[p] * load<V>(xp + p * L::kWidth);
+    if (col >= 0 && col < s.W) fma16<level>(acc[t], gv, xrow + col * s.C);
   }
 }
 
@@ -65,14 +60,12 @@ DCLS_MM_INLINE void edge_column(
 template <int level, int TJ>
 DCLS_MM_INLINE void row_taps(const float* __restrict grow, const float* __restrict xrow,
                              const Geometry& s, int64_t j0, float* __restrict sums) {
-  using L = Block16<level>;
-  using V = typename L::V;
+  using V = typename Block16<level>::V;
+  constexpr int P = Block16<level>::P;
   constexpr int64_t B = kChannelBlock;
-  V acc[TJ][L::P];
+  V acc[TJ][P];
 #pragma GCC unroll 8
-  for (int t = 0; t < TJ; ++t)
-#pragma GCC unroll 4
-    for (int p = 0; p < L::P; ++p) acc[t][p] = load<V>(sums + t * B + p * L::kWidth);
+  for (int t = 0; t < TJ; ++t) load16<level>(acc[t], sums + t * B);
   const int64_t first = j0 - s.pad_left;  // input column of tap j0 at ox = 0
   // [lo, hi): the output columns at which every tap of the tile meets the input
   const int64_t lo = std::min(s.Wo, first >= 0 ? 0 : ceil_div(-first, s.stride_w));
@@ -80,21 +73,15 @@ DCLS_MM_INLINE void row_taps(const float* __restrict grow, const float* __restri
   const int64_t hi = std::max(lo, room < 0 ? 0 : std::min(s.Wo, room / s.stride_w + 1));
   for (int64_t ox = 0; ox < lo; ++ox) edge_column<level, TJ>(acc, grow, xrow, s, first, ox);
   for (int64_t ox = lo; ox < hi; ++ox) {
-    V gv[L::P];
-#pragma GCC unroll 4
-    for (int p = 0; p < L::P; ++p) gv[p] = load<V>(grow + ox * s.C + p * L::kWidth);
+    V gv[P];
+    load16<level>(gv, grow + ox * s.C);
     const float* xp = xrow + (ox * s.stride_w + first) * s.C;
 #pragma GCC unroll 8
-    for (int t = 0; t < TJ; ++t)
-#pragma GCC unroll 4
-      for (int p = 0; p < L::P; ++p)
-        acc[t][p] += gv[p] * load<V>(xp + t * s.C + p * L::kWidth);
+    for (int t = 0; t < TJ; ++t) fma16<level>(acc[t], gv, xp + t * s.C);
   }
   for (int64_t ox = hi; ox < s.Wo; ++ox) edge_column<level, TJ>(acc, grow, xrow, s, first, ox);
 #pragma GCC unroll 8
-  for (int t = 0; t < TJ; ++t)
-#pragma GCC unroll 4
-    for (int p = 0; p < L::P; ++p) store<V>(sums + t * B + p * L::kWidth, acc[t][p]);
+  for (int t = 0; t < TJ; ++t) store16<level>(sums + t * B, acc[t]);
 }
 
 // Kernel rows [ky0, ky1) of the full channel block [c0, c0 + 16) into sums

@@ -125,6 +125,33 @@ struct Block16 {
   static constexpr int P = 16 / kWidth;
 };
 
+// v = the 16 floats at ptr, as Block16<level>::P vectors
+template <int level>
+DCLS_MM_INLINE void load16(typename Block16<level>::V (&v)[Block16<level>::P],
+                           const float* ptr) {
+  using B = Block16<level>;
+#pragma GCC unroll 4
+  for (int p = 0; p < B::P; ++p) v[p] = load<typename B::V>(ptr + p * B::kWidth);
+}
+
+template <int level>
+DCLS_MM_INLINE void store16(float* ptr,
+                            const typename Block16<level>::V (&v)[Block16<level>::P]) {
+  using B = Block16<level>;
+#pragma GCC unroll 4
+  for (int p = 0; p < B::P; ++p) store<typename B::V>(ptr + p * B::kWidth, v[p]);
+}
+
+// sum += a * (the 16 floats at ptr), lane by lane
+template <int level>
+DCLS_MM_INLINE void fma16(typename Block16<level>::V (&sum)[Block16<level>::P],
+                          const typename Block16<level>::V (&a)[Block16<level>::P],
+                          const float* ptr) {
+  using B = Block16<level>;
+#pragma GCC unroll 4
+  for (int p = 0; p < B::P; ++p) sum[p] += a[p] * load<typename B::V>(ptr + p * B::kWidth);
+}
+
 // How many running sums of 16 floats a tiled loop keeps in registers at each level (one
 // zmm, two ymm or four xmm each): about half the register file (32 zmm, 16 ymm, 16 xmm),
 // the rest holds the operands.
