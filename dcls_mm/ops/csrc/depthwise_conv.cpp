@@ -5,9 +5,9 @@
 // An exact alternative to oneDNN's depthwise kernel for large kernels (17x17, 23x23):
 // every output visits only the taps that meet the input (no padded buffer), the innermost
 // dimension is a block of 16 contiguous channels, and a tile of output columns keeps its
-// sums in registers over all taps (8 columns with AVX-512, 4 with AVX2). Against oneDNN
-// with the same ISA (batch 8, ConvNeXt shapes, one run each): AVX2 0.72-1.0x its time,
-// AVX-512 0.8-2.1x; so it is one candidate of the measured route `conv`
+// sums in registers over all taps (8 columns with AVX-512, 6 with AVX2). Against oneDNN
+// with the same ISA (batch 8, ConvNeXt shapes, 17x17 and 23x23, one run each): AVX2
+// 0.46-0.91x its time, AVX-512 0.6-2.2x; so it is one candidate of the measured route `conv`
 // (dcls_mm.ops.depthwise), never a default.
 //
 // Work items are (image, block of 16 channels, output row). Channel counts that are not
