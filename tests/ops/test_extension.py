@@ -80,6 +80,25 @@ def test_op_rejects_bad_input(op):
         op(x[0], x[0], 3, 3, 1, 1, 1, 1)
 
 
+def test_op_result_does_not_depend_on_the_thread_count(op):
+    """With few channel blocks the kernel rows are split over more work items when more
+    threads run; every tap's sum is still computed whole by one item, in the same order."""
+    torch.manual_seed(0)
+    x, g = torch.randn(2, 32, 12, 12), torch.randn(2, 32, 12, 12)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 3, 8):  # 1, 3 and 8 groups of kernel rows for the 2 channel blocks
+            torch.set_num_threads(n)
+            results.append(op(x, g, 9, 9, 4, 4, 1, 1))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+    torch.testing.assert_close(results[0].double(),
+                               dense_kernel_grad(x, g, 9, 9, ((4, 4), (4, 4)), (1, 1)),
+                               rtol=1e-5, atol=1e-4)
+
+
 def test_kernel_grad_routes_measured_once_and_both_exact(monkeypatch, tmp_path):
     """Both routes are exact; with nothing forced the route is measured on the first
     call of a shape, then reused (no second measurement) and written to the cache."""
