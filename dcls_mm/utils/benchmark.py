@@ -204,11 +204,17 @@ class DclsRouteRecorder:
         """
         groups: dict = {}
         for layer, info in routes_by_layer.items():
-            key = (tuple(info['input']), info['conv'], info['kernel_grad'], info['construct'])
+            key = (tuple(info['input']), routes_text(info))
             groups.setdefault(key, []).append(layer)
-        return '; '.join(f'{len(layers)} x {"x".join(map(str, shape[1:]))}: conv {conv}, '
-                         f'kernel_grad {kg}, construct {cons}'
-                         for (shape, conv, kg, cons), layers in groups.items())
+        return '; '.join(f'{len(layers)} x {"x".join(map(str, shape[1:]))}: {text}'
+                         for (shape, text), layers in groups.items())
+
+
+def routes_text(routes: dict) -> str:
+    """``'conv ..., kernel_grad ..., construct ...'`` for what :func:`dcls_layer_routes`
+    returned."""
+    return (f'conv {routes["conv"]}, kernel_grad {routes["kernel_grad"]}, '
+            f'construct {routes["construct"]}')
 
 
 def write_json(results: dict, path: str) -> None:

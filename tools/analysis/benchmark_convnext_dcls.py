@@ -44,7 +44,7 @@ import torch.nn as nn
 import dcls_mm.models  # noqa: F401  (registers convnext_dcls_* in timm)
 from dcls_mm.ops import Dcls2d, set_impl
 from dcls_mm.utils import (DclsRouteRecorder, dcls_layer_routes, machine_info, machine_line,
-                           peak_memory_mib, time_fn, time_fns, write_json)
+                           peak_memory_mib, routes_text, time_fn, time_fns, write_json)
 
 STAGES = ((96, 56), (192, 28), (384, 14), (768, 7))
 #: interpolation -> (dilated kernel size, kernel count) of the benchmarked models
@@ -108,10 +108,8 @@ def layer_rows(args, device):
                 print(f'{interp:9} {dks:3d} {K:3d} {C:4d} {H:3d}x{H:<3d}{layout:>13} '
                       f'{row["dense7_ms"]:7.1f} {row["dcls_ms"]:7.1f} {row["ratio"]:5.2f}x '
                       f'{row["conv_ms"]:7.1f} {row["construct_ms"]:7.2f} '
-                      f'{100 * row["construct_share"]:5.1f}% {plain}  conv '
-                      f'{row["routes"]["conv"]}, kernel_grad {row["routes"]["kernel_grad"]}, '
-                      f'construct {row["routes"]["construct"]}',
-                      flush=True)
+                      f'{100 * row["construct_share"]:5.1f}% {plain}  '
+                      f'{routes_text(row["routes"])}', flush=True)
     return rows
 
 
