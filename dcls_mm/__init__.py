@@ -3,8 +3,9 @@
 Layers live in :mod:`dcls_mm.ops` (pure PyTorch: ``import dcls_mm`` and
 ``import dcls_mm.ops`` need only torch); backbones, checkpoint loading and the timm
 models in :mod:`dcls_mm.models`; optimizer constructors and hooks in
-:mod:`dcls_mm.engine`; :mod:`dcls_mm.evaluation` is the place for the robustness
-datasets and metrics (not written yet). Configs reach everything through the ``dcls_mm``
+:mod:`dcls_mm.engine`; robustness runners and metrics in
+:mod:`dcls_mm.evaluation`, corruptions and demo data in :mod:`dcls_mm.datasets`,
+analysis in :mod:`dcls_mm.analysis`. Configs reach everything through the ``dcls_mm``
 registry scope (:mod:`dcls_mm.registry`), e.g. ``type='dcls_mm.ConvNeXtDCLS'``, which
 imports the implementation on first use; ``import dcls_mm.models`` registers the timm
 models (``timm.create_model('convnext_dcls_tiny')``).

@@ -5,14 +5,18 @@ ConvNeXt-dcls spends its time in depthwise convolutions with a large dilated ker
 gradient is slow in every layout (tens of times the 7x7 cost). This module computes the
 same convolution exactly, with three cheaper pieces:
 
-- forward: ``F.conv2d`` on a channels_last input (oneDNN's fast depthwise path);
-- input gradient: ``F.conv_transpose2d`` with the same kernel, also channels_last;
+- forward: ``F.conv2d`` on a channels_last input (oneDNN's fast depthwise path; cuDNN
+  on GPUs), the compiled direct sum over the taps (CPU) or a Triton kernel (GPU,
+  :mod:`dcls_mm.ops.triton_conv`), whichever was measured faster for the shape;
+- input gradient: for stride 1 the same forward with the flipped kernel, else
+  ``F.conv_transpose2d`` with the same kernel, also channels_last;
 - kernel gradient: a cross-correlation of the (padded) input with the output gradient,
-  summed over the batch. Two exact ways: a direct sum over the taps that meet the input
-  (compiled C++, :mod:`dcls_mm.ops.extension`; usually wins on small maps), or real FFTs
+  summed over the batch, exactly by a direct sum over the taps that meet the input
+  (compiled C++, :mod:`dcls_mm.ops.extension`; usually wins on small maps), real FFTs
   of a 2-3-5-smooth size (cost independent of the kernel size; wins on large maps and
-  kernels, and the fallback when the C++ kernels are not built). Which one is faster
-  depends on the machine, so it is measured once per shape (:mod:`dcls_mm.ops.routes`).
+  kernels, on GPUs, and the fallback when the C++ kernels are not built), or on GPUs
+  PyTorch's own weight gradient. Which one is faster depends on the machine, so it is
+  measured once per shape (:mod:`dcls_mm.ops.routes`).
 
 Before any of this the kernel is cropped to the rows/columns that can touch the input
 (for a 7x7 feature map only 13 of 17 rows can): exact, and it saves work in the last
@@ -26,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import extension, routes
+from . import extension, routes, triton_conv
 from .double_backward import formula_gradients
 
 def _smooth_size(n: int) -> int:
@@ -77,27 +81,53 @@ def _kernel_grad_fft(x: Tensor, grad_out: Tensor, kernel_hw: Tuple[int, int],
         up[:, :, ::stride[0], ::stride[1]] = g
         g = up
     size = _fft_shape(tuple(x.shape[-2:]), tuple(grad_out.shape[-2:]), padding, stride)
-    spec = torch.einsum('nchw,nchw->chw', torch.fft.rfft2(x, s=size),
-                        torch.fft.rfft2(g, s=size).conj())
+    # product summed over the batch, in place: an einsum makes it a batched product of
+    # one-column matrices (a slow matrix-vector kernel on GPUs)
+    spec = torch.fft.rfft2(x, s=size).mul_(torch.fft.rfft2(g, s=size).conj()).sum(0)
     corr = torch.fft.irfft2(spec, s=size)
     rows = (torch.arange(kernel_hw[0], device=x.device) - pt) % size[0]
     cols = (torch.arange(kernel_hw[1], device=x.device) - pl) % size[1]
     return corr.index_select(1, rows).index_select(2, cols).unsqueeze(1)
 
 
+def _kernel_grad_aten(x: Tensor, grad_out: Tensor, kernel_hw: Tuple[int, int],
+                      padding: Tuple[Tuple[int, int], Tuple[int, int]],
+                      stride: Tuple[int, int]) -> Tensor:
+    """The same kernel gradient by PyTorch's own convolution weight gradient (cuDNN on
+    NVIDIA GPUs), in float32 (float64 for float64 inputs) without TF32, so that it
+    rounds like the other routes."""
+    (pt, pb), (pl, pr) = padding
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x, g = x.to(dtype), grad_out.to(dtype)
+    if pt != pb or pl != pr:
+        x, pad = F.pad(x, (pl, pr, pt, pb)), (0, 0)
+    else:
+        pad = (pt, pl)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        return torch.nn.grad.conv2d_weight(x, (x.shape[1], 1, *kernel_hw), g, stride, pad,
+                                           groups=x.shape[1])
+
+
 def _kernel_grad(x: Tensor, grad_out: Tensor, kernel_hw: Tuple[int, int],
                  padding: Tuple[Tuple[int, int], Tuple[int, int]],
                  stride: Tuple[int, int]) -> Tensor:
-    """Kernel gradient ``(C, 1, kh, kw)`` (float32, float64 for float64 inputs), by the
-    direct C++ sum or by FFT, whichever was measured faster for this shape on this
-    machine (route ``kernel_grad``, see :mod:`dcls_mm.ops.routes`)."""
+    """Kernel gradient ``(C, 1, kh, kw)`` (float32, float64 for float64 inputs), by FFT,
+    by the direct C++ sum (CPU) or by PyTorch's convolution weight gradient (other
+    devices), whichever was measured faster for this shape on this machine (route
+    ``kernel_grad``, see :mod:`dcls_mm.ops.routes`)."""
     (pt, _), (pl, _) = padding
     candidates = {'fft': lambda: _kernel_grad_fft(x, grad_out, kernel_hw, padding, stride)}
-    if x.device.type == 'cpu' and x.dtype != torch.float64 and extension.available():
-        candidates['direct'] = lambda: torch.ops.dcls_mm.depthwise_kernel_grad(
-            x.float(), grad_out.float(), kernel_hw[0], kernel_hw[1], pt, pl, *stride)
+    if x.device.type == 'cpu':
+        if x.dtype != torch.float64 and extension.available():
+            candidates['direct'] = lambda: torch.ops.dcls_mm.depthwise_kernel_grad(
+                x.float(), grad_out.float(), kernel_hw[0], kernel_hw[1], pt, pl, *stride)
+    else:
+        # not a CPU candidate: PyTorch's CPU depthwise weight gradient with a large kernel
+        # takes tens of times the others, and measuring it would cost seconds per shape
+        candidates['aten'] = lambda: _kernel_grad_aten(x, grad_out, kernel_hw, padding, stride)
     return routes.run('kernel_grad', kernel_grad_key(x.shape, grad_out.shape, kernel_hw,
-                                                     padding, stride, x.dtype), candidates)
+                                                     padding, stride, x.dtype), candidates,
+                      x.device)
 
 
 def kernel_grad_key(x_shape: Sequence[int], out_shape: Sequence[int], kernel_hw: Sequence[int],
@@ -134,43 +164,55 @@ def _conv_channels_last(x: Tensor, kernel: Tensor, bias: Optional[Tensor],
 
 
 def conv_key(x_shape: Sequence[int], kernel_hw: Sequence[int],
-             padding: Sequence[Sequence[int]]) -> str:
-    """Route-cache key of one stride-1 float32 forward shape (route ``conv``).
+             padding: Sequence[Sequence[int]], dtype: torch.dtype = torch.float32) -> str:
+    """Route-cache key of one stride-1 forward shape (route ``conv``).
 
     Args:
         x_shape: input ``(N, C, H, W)``.
         kernel_hw: (cropped) kernel ``(kh, kw)``.
         padding: ``((top, bottom), (left, right))`` after cropping.
+        dtype: input dtype.
     """
     n, c, h, w = x_shape
     return (f'N{n} C{c} in{h}x{w} k{kernel_hw[0]}x{kernel_hw[1]} '
-            f'pad{tuple(map(tuple, padding))} float32')
+            f'pad{tuple(map(tuple, padding))} {str(dtype).replace("torch.", "")}')
 
 
-def _direct_conv_available(channels: int, stride: Sequence[int],
-                           padding: Sequence[Sequence[int]], dtype: torch.dtype) -> bool:
-    """Whether the compiled direct forward (``dcls_mm::depthwise_conv``: stride 1, float32,
-    channels in blocks of 16, no negative padding) can compute this shape."""
-    return (tuple(stride) == (1, 1) and min(p for pair in padding for p in pair) >= 0
-            and dtype == torch.float32 and channels % 16 == 0 and extension.available())
+def _conv_routes(channels: int, stride: Sequence[int], padding: Sequence[Sequence[int]],
+                 dtype: torch.dtype, device: torch.device) -> Tuple[str, ...]:
+    """Forward routes available for a call, PyTorch's own convolution first: ``onednn``
+    (CPU) or ``aten`` (other devices: cuDNN on NVIDIA GPUs); ``direct``, the compiled sum
+    (CPU, stride 1, float32, channels in blocks of 16, no negative padding); ``triton``
+    (GPU, stride 1, :mod:`dcls_mm.ops.triton_conv`)."""
+    stride1 = tuple(stride) == (1, 1)
+    names = ['onednn' if device.type == 'cpu' else 'aten']
+    if (device.type == 'cpu' and stride1 and min(p for pair in padding for p in pair) >= 0
+            and dtype == torch.float32 and channels % 16 == 0 and extension.available()):
+        names.append('direct')
+    if stride1 and triton_conv.available(device, dtype):
+        names.append('triton')
+    return tuple(names)
 
 
 def _conv(x: Tensor, kernel: Tensor, bias: Optional[Tensor], stride: Tuple[int, int],
           padding: Tuple[Tuple[int, int], Tuple[int, int]]) -> Tensor:
-    """Forward depthwise conv (no autograd), channels_last output: oneDNN, or for stride 1
-    in float32 on the CPU the compiled direct sum over the taps that meet the input
-    (``csrc/depthwise_conv.cpp``), whichever was measured faster for this shape on this
-    machine (route ``conv``; AVX2 and AVX-512 machines choose differently)."""
-    candidates = {'onednn': lambda: _conv_channels_last(x, kernel, bias, stride, padding)}
+    """Forward depthwise conv (no autograd), channels_last output, by whichever of the
+    available routes (:func:`_conv_routes`) was measured fastest for this shape on this
+    machine (route ``conv``; AVX2 and AVX-512 CPUs, and GPUs, choose differently)."""
     (pt, pb), (pl, pr) = padding
-    if (_direct_conv_available(x.shape[1], stride, padding, x.dtype) and x.device.type == 'cpu'
-            and kernel.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
-            and not torch.compiler.is_compiling()):
-        candidates['direct'] = lambda: torch.ops.dcls_mm.depthwise_conv(
-            x, kernel, bias, pt, pb, pl, pr)
-    if len(candidates) == 1:
-        return candidates['onednn']()
-    return routes.run('conv', conv_key(x.shape, kernel.shape[-2:], padding), candidates)
+    names = _conv_routes(x.shape[1], stride, padding, x.dtype, x.device)
+    if torch.compiler.is_compiling() or ('direct' in names and (
+            kernel.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32))):
+        names = names[:1]
+    builders = {
+        'onednn': lambda: _conv_channels_last(x, kernel, bias, stride, padding),
+        'aten': lambda: _conv_channels_last(x, kernel, bias, stride, padding),
+        'direct': lambda: torch.ops.dcls_mm.depthwise_conv(x, kernel, bias, pt, pb, pl, pr),
+        'triton': lambda: triton_conv.depthwise_conv(x, kernel, bias, padding)}
+    if len(names) == 1:
+        return builders[names[0]]()
+    return routes.run('conv', conv_key(x.shape, kernel.shape[-2:], padding, x.dtype),
+                      {name: builders[name] for name in names}, x.device)
 
 
 class _DepthwiseConv2d(torch.autograd.Function):
@@ -281,15 +323,17 @@ def kernel_grad_route(x_shape: Sequence[int], kernel_hw: Sequence[int], stride: 
 
 
 def conv_route(x_shape: Sequence[int], kernel_hw: Sequence[int], stride: Sequence[int],
-               padding: Sequence[Sequence[int]], dtype: torch.dtype = torch.float32) -> str:
+               padding: Sequence[Sequence[int]], dtype: torch.dtype = torch.float32,
+               device: torch.device = torch.device('cpu')) -> str:
     """Forward route this process uses for a :func:`depthwise_conv2d` call (for reports):
-    ``'direct'``, ``'onednn'``, ``'... (forced)'``, ``'onednn (only one available)'`` or
-    ``'not measured yet'``. Same arguments as :func:`kernel_grad_route`."""
+    a route of :func:`_conv_routes`, ``'... (forced)'``, ``'... (only one available)'`` or
+    ``'not measured yet'``. Same arguments as :func:`kernel_grad_route`, and the device."""
     stride = tuple(stride)
     (r0, r1, c0, c1), padding = used_taps(tuple(x_shape[-2:]), tuple(kernel_hw), stride, padding)
-    if not _direct_conv_available(x_shape[1], stride, padding, dtype):
-        return 'onednn (only one available)'
-    return routes.chosen('conv', conv_key(x_shape, (r1 - r0, c1 - c0), padding)) or \
+    names = _conv_routes(x_shape[1], stride, padding, dtype, torch.device(device))
+    if len(names) == 1:
+        return f'{names[0]} (only one available)'
+    return routes.chosen('conv', conv_key(x_shape, (r1 - r0, c1 - c0), padding, dtype)) or \
         'not measured yet'
 
 

@@ -46,7 +46,8 @@ TIMED_RUNS = 5
 _lock = threading.Lock()
 _memory: Dict[str, Dict[str, dict]] = {}  # machine key -> {op|shape: entry}
 _loaded_from: Dict[str, bool] = {}       # cache path -> loaded
-_used: Dict[str, str] = {}               # op|shape -> route, decided in this process
+_used: Dict[str, str] = {}               # op|shape -> route as reported (forced, only one...)
+_decided: Dict[tuple, str] = {}          # (op|shape, device) -> route measured or read from the cache
 
 
 def forced(op: str) -> Optional[str]:
@@ -92,9 +93,17 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_key() -> str:
-    """What a measurement depends on besides the shape: CPU model, ATen's CPU capability,
-    the compiled kernels' instruction-set copy, oneDNN's ISA cap, threads, torch."""
+def machine_key(device: Optional[torch.device] = None) -> str:
+    """What a measurement depends on besides the shape: on the CPU the CPU model, ATen's
+    CPU capability, the compiled kernels' instruction-set copy, oneDNN's ISA cap, threads
+    and torch; on a GPU its name, CUDA, cuDNN and torch versions.
+
+    Args:
+        device: where the measured operation runs (``None``: the CPU).
+    """
+    if device is not None and device.type == 'cuda':
+        return ' | '.join((torch.cuda.get_device_name(device), f'cuda {torch.version.cuda}',
+                           f'cudnn {torch.backends.cudnn.version()}', f'torch {torch.__version__}'))
     from . import extension  # the copy in use is known once the library is loaded
     return ' | '.join((
         cpu_model(), f'capability {torch.backends.cpu.get_cpu_capability()}',
@@ -148,27 +157,37 @@ def _known(machine: str, key: str) -> Optional[dict]:
     return _memory.get(machine, {}).get(key)
 
 
-def measure(candidates: Mapping[str, Callable[[], object]]) -> Tuple[str, Dict[str, float], object]:
+def measure(candidates: Mapping[str, Callable[[], object]],
+            device: Optional[torch.device] = None) -> Tuple[str, Dict[str, float], object]:
     """Run every candidate once to warm up, then ``TIMED_RUNS`` times interleaved.
 
     Args:
         candidates: route name -> zero-argument function computing the result.
+        device: where they run; on CUDA each timing waits for the GPU (kernels are
+            asynchronous, the wall clock alone would time their launches).
 
     Returns:
         ``(fastest route, {route: best seconds}, the fastest route's result)``.
     """
+    def sync():
+        if device is not None and device.type == 'cuda':
+            torch.cuda.synchronize(device)
+
     results = {name: fn() for name, fn in candidates.items()}
     best = {name: float('inf') for name in candidates}
     for _ in range(TIMED_RUNS):
         for name, fn in candidates.items():
+            sync()
             t0 = time.perf_counter()
             results[name] = fn()
+            sync()
             best[name] = min(best[name], time.perf_counter() - t0)
     route = min(best, key=best.get)
     return route, best, results[route]
 
 
-def run(op: str, shape_key: str, candidates: Mapping[str, Callable[[], object]]):
+def run(op: str, shape_key: str, candidates: Mapping[str, Callable[[], object]],
+        device: Optional[torch.device] = None):
     """Compute ``op`` by the route chosen for this shape on this machine.
 
     Args:
@@ -177,26 +196,33 @@ def run(op: str, shape_key: str, candidates: Mapping[str, Callable[[], object]])
             geometry), as a string.
         candidates: available routes, name -> zero-argument function computing the
             result; only the available ones may be passed.
+        device: where the inputs are (``None``: the CPU); a GPU's choices are keyed and
+            timed as that GPU's.
 
     Returns:
         The chosen route's result.
     """
-    force = forced(op)
     key = f'{op} {shape_key}'
+    route = _decided.get((key, device))
+    if route is not None and route in candidates and ENV_FORCE not in os.environ:
+        # decided earlier in this process: this runs once per layer call, so it must not
+        # read the cache file, /proc/cpuinfo or the GPU's properties again
+        return candidates[route]()
+    force = forced(op)
     if force in candidates:
         _used[key] = f'{force} (forced)'
         return candidates[force]()
     if len(candidates) == 1:
         _used[key] = f'{next(iter(candidates))} (only one available)'
         return next(iter(candidates.values()))()
-    machine = machine_key()
+    machine = machine_key(device)
     with _lock:
         entry = _known(machine, key)
     if entry is not None and entry['route'] in candidates:
-        _used[key] = entry['route']
+        _used[key] = _decided[key, device] = entry['route']
         return candidates[entry['route']]()
-    route, times, result = measure(candidates)
-    _used[key] = route
+    route, times, result = measure(candidates, device)
+    _used[key] = _decided[key, device] = route
     entry = dict(route=route, seconds={k: round(v, 6) for k, v in times.items()})
     with _lock:
         _memory.setdefault(machine, {})[key] = entry

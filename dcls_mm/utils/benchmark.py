@@ -148,28 +148,35 @@ def machine_line(info: dict) -> str:
             f'threads={info["threads"]} dcls kernels: {kernels}')
 
 
-def dcls_layer_routes(module, x_shape) -> dict:
+def dcls_layer_routes(module, x_shape, dtype: torch.dtype = torch.float32,
+                      device: torch.device = torch.device('cpu')) -> dict:
     """Routes a ``Dcls2d`` layer used for inputs of ``x_shape`` (after it ran): ``conv``
-    (the forward, measured ``direct``/``onednn``) and ``kernel_grad`` (measured
-    ``direct``/``fft``, see :mod:`dcls_mm.ops.routes`), and ``construct``
+    (the forward, measured ``direct``/``onednn`` on the CPU, ``triton``/``aten`` on a
+    GPU; ``plain`` for a layer on the plain path) and ``kernel_grad`` (measured ``direct``/``fft`` on the CPU, ``fft``/``aten`` on
+    a GPU, see :mod:`dcls_mm.ops.routes`), and ``construct``
     (``scatter``/``compiled``/``torch``).
 
     Args:
         module: the ``Dcls2d`` layer.
         x_shape: its input shape ``(N, C, H, W)``.
+        dtype: the dtype its convolution ran in (the autocast dtype under autocast).
+        device: where it ran.
     """
     from dcls_mm.ops.depthwise import conv_route, kernel_grad_route
     from dcls_mm.ops.kernel import construction_route
+    if not module.uses_fast_path:
+        return dict(conv='plain', kernel_grad='plain',
+                    construct=construction_route(module.interpolation, 2, module.P, module.SIG))
     return dict(conv=conv_route(x_shape, module.dilated_kernel_size, module.stride,
-                                module.padding),
+                                module.padding, dtype, device),
                 kernel_grad=kernel_grad_route(x_shape, module.dilated_kernel_size, module.stride,
-                                              module.padding),
+                                              module.padding, dtype),
                 construct=construction_route(module.interpolation, 2, module.P, module.SIG))
 
 
 class DclsRouteRecorder:
-    """Records each ``Dcls2d`` layer's first input shape while a model runs, then reports
-    the routes each layer used (:func:`dcls_layer_routes`).
+    """Records each ``Dcls2d`` layer's first input (shape, dtype after autocast, device)
+    while a model runs, then reports the routes each layer used (:func:`dcls_layer_routes`).
 
     Args:
         model: any module containing ``Dcls2d`` layers.
@@ -178,22 +185,26 @@ class DclsRouteRecorder:
     def __init__(self, model: torch.nn.Module) -> None:
         from dcls_mm.ops import Dcls2d
         self.model = model
-        self.shapes: dict = {}
+        self.inputs: dict = {}
         self._handles = []
         for name, m in model.named_modules():
             if isinstance(m, Dcls2d):
                 def hook(mod, inputs, name=name):
-                    self.shapes.setdefault(name, tuple(inputs[0].shape))
+                    x = inputs[0]
+                    dtype = (torch.get_autocast_dtype(x.device.type)
+                             if torch.is_autocast_enabled(x.device.type) else x.dtype)
+                    self.inputs.setdefault(name, (tuple(x.shape), dtype, x.device))
                 self._handles.append(m.register_forward_pre_hook(hook))
 
     def report(self) -> dict:
-        """``{layer name: {'input': shape, 'kernel_grad': ..., 'construct': ...}}``; removes
-        the hooks."""
+        """``{layer name: {'input': shape, 'conv': ..., 'kernel_grad': ..., 'construct':
+        ...}}``; removes the hooks."""
         for handle in self._handles:
             handle.remove()
         modules = dict(self.model.named_modules())
-        return {name: dict(input=list(shape), **dcls_layer_routes(modules[name], shape))
-                for name, shape in self.shapes.items()}
+        return {name: dict(input=list(shape), **dcls_layer_routes(modules[name], shape, dtype,
+                                                                  device))
+                for name, (shape, dtype, device) in self.inputs.items()}
 
     @staticmethod
     def summary(routes_by_layer: dict) -> str:

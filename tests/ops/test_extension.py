@@ -64,8 +64,10 @@ def test_op_matches_dense_formula(op, shape, k, pads, stride):
                  k[0], k[1], pt, pl, *stride)
         assert got.shape == (shape[1], 1, *k) and got.dtype == torch.float32
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
-    fft = dw._kernel_grad_fft(x, g, k, pads, stride)
-    torch.testing.assert_close(fft.double(), want, rtol=1e-5, atol=1e-4)
+    for route in (dw._kernel_grad_fft, dw._kernel_grad_aten):  # the other devices' routes
+        got = route(x, g, k, pads, stride)
+        assert got.shape == (shape[1], 1, *k) and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
 def test_op_rejects_bad_input(op):
@@ -106,6 +108,7 @@ def test_kernel_grad_routes_measured_once_and_both_exact(monkeypatch, tmp_path):
     monkeypatch.setenv('DCLS_MM_ROUTE_CACHE', str(tmp_path / 'routes.json'))
     monkeypatch.setattr(routes, '_memory', {})
     monkeypatch.setattr(routes, '_loaded_from', {})
+    monkeypatch.setattr(routes, '_decided', {})
     monkeypatch.setattr(routes, '_used', {})
     calls = []
     real_fft = dw._kernel_grad_fft

@@ -16,6 +16,7 @@ def fresh(monkeypatch, tmp_path):
     monkeypatch.setenv('DCLS_MM_ROUTE_CACHE', str(path))
     monkeypatch.setattr(routes, '_memory', {})
     monkeypatch.setattr(routes, '_loaded_from', {})
+    monkeypatch.setattr(routes, '_decided', {})
     monkeypatch.setattr(routes, '_used', {})
     return path
 
@@ -48,6 +49,7 @@ def test_fastest_route_is_measured_once_and_kept_on_disk(fresh, monkeypatch):
     # a new process (empty memory) reads the decision instead of measuring
     monkeypatch.setattr(routes, '_memory', {})
     monkeypatch.setattr(routes, '_loaded_from', {})
+    monkeypatch.setattr(routes, '_decided', {})
     calls.clear()
     assert routes.chosen('op', 'shape B') is None
     assert routes.run('op', 'shape A', _candidates(calls)) == 'fast'
@@ -102,3 +104,23 @@ def test_single_candidate_is_not_measured(fresh):
     assert routes.run('op', 'shape A', only) == 'fast'
     assert calls == ['fast'] and not fresh.exists()
     assert routes.chosen('op', 'shape A') == 'fast (only one available)'
+
+
+def test_later_calls_skip_the_lookup_but_not_a_forced_route(fresh, monkeypatch):
+    """Once decided, a shape's route is taken without the machine key (which reads
+    /proc/cpuinfo, or the GPU's properties) or the cache file: this runs on every layer
+    call. Forcing still wins, and a decision for one device is not taken for another."""
+    calls = []
+    assert routes.run('op', 'shape A', _candidates(calls), torch.device('cpu')) == 'fast'
+
+    def no_lookup(*args):
+        raise AssertionError('machine key computed again')
+    monkeypatch.setattr(routes, 'machine_key', no_lookup)
+    calls.clear()
+    assert routes.run('op', 'shape A', _candidates(calls), torch.device('cpu')) == 'fast'
+    assert calls == ['fast']
+    monkeypatch.setenv('DCLS_MM_ROUTES', 'op=slow')
+    assert routes.run('op', 'shape A', _candidates(calls), torch.device('cpu')) == 'slow'
+    monkeypatch.delenv('DCLS_MM_ROUTES')
+    with pytest.raises(AssertionError, match='machine key computed again'):
+        routes.run('op', 'shape A', _candidates(calls), torch.device('meta'))

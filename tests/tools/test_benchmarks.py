@@ -70,13 +70,15 @@ def test_layer_part_writes_json(bench, compiled, tmp_path, capsys):
 
 @pytest.mark.slow  # full-size ConvNeXt-T models, dense and dcls
 def test_throughput_runs_on_any_device(bench):
-    result = bench.throughput('cpu', batch=1, repeats=1, plain=True)
+    result = bench.throughput('cpu', ('bilinear', 'gaussian'), batch=1, repeats=1, plain=True)
     assert result['batch'] == 1
-    assert set(result['images_per_s']) == {'convnext_tiny', 'convnext_dcls_tiny',
-                                           'convnext_dcls_tiny_plain'}
     ips = result['images_per_s']
-    assert result['ratio'] == pytest.approx(ips['convnext_dcls_tiny'] / ips['convnext_tiny'])
+    assert list(ips) == ['convnext_tiny', 'convnext_dcls_tiny_bilinear',
+                         'convnext_dcls_tiny_bilinear_plain', 'convnext_dcls_tiny_gaussian',
+                         'convnext_dcls_tiny_gaussian_plain']
     assert all(v > 0 for v in ips.values())
+    for name, ratio in result['ratios'].items():
+        assert ratio == pytest.approx(ips[name] / ips['convnext_tiny'])
 
 
 @pytest.fixture(scope='module')

@@ -97,7 +97,7 @@ def layer_rows(args, device):
                     row[name] = 1e3 * t
                 row['ratio'] = row['dcls_ms'] / row['dense7_ms']
                 row['construct_share'] = row['construct_ms'] / row['conv_ms']
-                row['routes'] = dcls_layer_routes(dcls, x.shape)
+                row['routes'] = dcls_layer_routes(dcls, x.shape, x.dtype, x.device)
                 if not args.skip_plain:
                     dcls.impl = 'plain'
                     row['plain_ms'] = 1e3 * time_fn(step(dcls), device,
@@ -177,21 +177,28 @@ def model_rows(args, device):
     return dict(models=result, ratios=ratios)
 
 
-def throughput(device: str, batch: int = 64, repeats: int = 5, plain: bool = False) -> dict:
-    """images/s of an AdamW training step with AMP (bf16 autocast) at ``batch``; run on
-    CUDA by :func:`main` (batch 64), callable on any device. ``plain`` adds ConvNeXt-T-dcls
-    on the plain path, to see what the fast path gains on that device."""
-    out = {}
-    variants = [('convnext_tiny', 'auto'), ('convnext_dcls_tiny', 'auto')]
-    if plain:
-        variants.append(('convnext_dcls_tiny', 'plain'))
-    for name, impl in variants:
-        model = timm.create_model(name).to(device).to(memory_format=torch.channels_last)
-        set_impl(model, impl)
+def throughput(device: str, interpolations=('bilinear',), batch: int = 64, repeats: int = 5,
+               plain: bool = False) -> dict:
+    """images/s of an AdamW training step with AMP (bf16 autocast) at ``batch``, models
+    timed interleaved; run on CUDA by :func:`main` (batch 64), callable on any device.
+    ``plain`` adds each ConvNeXt-T-dcls on the plain path, to see what the fast path
+    gains on that device."""
+    torch.manual_seed(0)
+    models = OrderedDict(convnext_tiny=timm.create_model('convnext_tiny'))
+    for interp in interpolations:
+        dks, K = VARIANTS[interp]
+        for impl in ('auto', 'plain') if plain else ('auto',):
+            model = timm.create_model('convnext_dcls_tiny', interpolation=interp,
+                                      dilated_kernel_size=dks, kernel_count=K)
+            models[f'convnext_dcls_tiny_{interp}' + ('_plain' if impl == 'plain' else '')] = \
+                set_impl(model, impl)
+    x = torch.randn(batch, 3, 224, 224, device=device).contiguous(
+        memory_format=torch.channels_last)
+    target = torch.randint(0, 1000, (batch,), device=device)
+
+    def train_step(model):
+        model = model.to(device).to(memory_format=torch.channels_last)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        x = torch.randn(batch, 3, 224, 224, device=device).contiguous(
-            memory_format=torch.channels_last)
-        target = torch.randint(0, 1000, (batch,), device=device)
 
         def step():
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
@@ -199,12 +206,21 @@ def throughput(device: str, batch: int = 64, repeats: int = 5, plain: bool = Fal
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        out[name if impl == 'auto' else f'{name}_plain'] = batch / time_fn(step, device, repeats, 3)
-    ratio = out['convnext_dcls_tiny'] / out['convnext_tiny']
-    print(f'\n[throughput] training, AMP bf16, batch {batch} (img/s): '
-          + ', '.join(f'{k} {v:.1f}' for k, v in out.items())
-          + f'; ratio dcls/dense {ratio:.3f} (target on GPU >= 0.95)')
-    return dict(batch=batch, images_per_s=out, ratio=ratio)
+        return step
+    recorders = {name: DclsRouteRecorder(m) for name, m in models.items()
+                 if name != 'convnext_tiny'}
+    seconds = time_fns([train_step(m) for m in models.values()], device, repeats, 3)
+    out = OrderedDict((name, batch / s) for name, s in zip(models, seconds))
+    routes = {name: r.report() for name, r in recorders.items()}
+    ratios = OrderedDict((name, v / out['convnext_tiny']) for name, v in out.items()
+                         if name != 'convnext_tiny')
+    print(f'\n[throughput] training, AMP bf16, batch {batch} (img/s; ratio vs convnext_tiny, '
+          'target on GPU >= 0.95)')
+    for name, v in out.items():
+        print(f'{name:34} {v:9.1f}' + (f'  {ratios[name]:.3f}' if name in ratios else ''))
+    for name, layer_routes in routes.items():
+        print(f'routes {name}: {DclsRouteRecorder.summary(layer_routes)}')
+    return dict(batch=batch, images_per_s=out, ratios=ratios, routes=routes)
 
 
 def main(argv=None) -> dict:
@@ -230,7 +246,8 @@ def main(argv=None) -> dict:
     if args.only in (None, 'model'):
         results['model'] = model_rows(args, device)
     if device.startswith('cuda'):
-        results['gpu'] = throughput(device, 64, args.repeats, plain=not args.skip_plain)
+        results['gpu'] = throughput(device, args.interpolations, 64, args.repeats,
+                                    plain=not args.skip_plain)
     if args.out:
         write_json(results, args.out)
     return results

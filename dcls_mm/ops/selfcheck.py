@@ -1,0 +1,95 @@
+"""Check the DCLS layers on a device against a float64 CPU reference.
+
+The test suite runs on the CPU; this is what to run on a new machine, GPU or CPU
+(``tools/analysis/check_device.py``), before trusting it with a training run: for every
+interpolation, stride 1 and 2, depthwise (the fast path and the plain path) and grouped,
+it compares the output and every gradient (input, weight, ``P``, ``SIG``, bias) of
+:class:`~dcls_mm.ops.Dcls2d` on the device with the same layer in float64 on the CPU
+(plain path), in float32 and under bfloat16 autocast.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Dict, List, Sequence
+
+import torch
+from torch import Tensor
+
+from .kernel import INTERPOLATIONS
+from .modules import Dcls2d
+
+#: largest error allowed, relative to the reference's largest magnitude (per tensor):
+#: float32 rounding over sums of a few thousand terms, bfloat16's 8-bit mantissa
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+
+
+def _layer(interpolation: str, channels: int, groups: int, stride: int) -> Dcls2d:
+    dks = 9
+    padding = 'same' if stride == 1 else dks // 2
+    layer = Dcls2d(channels, channels, kernel_count=6, stride=stride, padding=padding,
+                   dilated_kernel_size=dks, groups=groups, bias=True, interpolation=interpolation)
+    with torch.no_grad():  # spread the positions over the whole kernel, as after training
+        layer.P.uniform_(-dks / 2 + 0.5, dks / 2 - 0.5)
+        layer.bias.normal_()
+    return layer
+
+
+def _run(layer: Dcls2d, x: Tensor, grad: Tensor, autocast_dtype=None) -> Dict[str, Tensor]:
+    """Output and every gradient of one forward/backward, as float64 CPU tensors."""
+    x = x.clone().requires_grad_(True)
+    with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16,
+                        enabled=autocast_dtype is not None):
+        y = layer(x)
+    y.backward(grad.to(y.dtype))
+    out = {'output': y, 'grad_input': x.grad}
+    out.update({f'grad_{name}': p.grad for name, p in layer.named_parameters()})
+    return {k: v.detach().double().cpu() for k, v in out.items()}
+
+
+def check_device(device: str = 'cuda', interpolations: Sequence[str] = INTERPOLATIONS,
+                 seed: int = 0) -> List[dict]:
+    """Compare :class:`Dcls2d` on ``device`` with float64 on the CPU.
+
+    Args:
+        device: the device to check (``'cuda'``, ``'cuda:1'``, ``'cpu'``...).
+        interpolations: which interpolations to check.
+        seed: seed of the random layers and inputs.
+
+    Returns:
+        One record per (interpolation, stride, path, dtype, tensor): ``error`` (largest
+        absolute difference over the reference's largest magnitude), ``tolerance`` and
+        ``ok``.
+    """
+    dev = torch.device(device)
+    records = []
+    generator = torch.Generator().manual_seed(seed)
+    channels = 32
+    for interpolation in interpolations:
+        for stride in (1, 2):
+            for path, groups in (('depthwise', channels), ('plain', channels), ('grouped', 4)):
+                torch.manual_seed(int(torch.randint(2 ** 31, (1,), generator=generator)))
+                ref_layer = _layer(interpolation, channels, groups, stride).double()
+                ref_layer.impl = 'plain'
+                x = torch.randn(2, channels, 15, 14, generator=generator, dtype=torch.float64)
+                ho, wo = ref_layer(x).shape[-2:]
+                grad = torch.randn(2, channels, ho, wo, generator=generator, dtype=torch.float64)
+                want = _run(ref_layer, x, grad)
+                layer = copy.deepcopy(ref_layer).float().to(dev)
+                layer.impl = 'plain' if path == 'plain' else 'auto'
+                xd = x.float().to(dev).contiguous(memory_format=torch.channels_last)
+                for dtype in (torch.float32, torch.bfloat16):
+                    layer.zero_grad(set_to_none=True)
+                    # float32 is checked as float32: PyTorch lets cuDNN convolutions use
+                    # TF32 (10-bit mantissa) unless told otherwise
+                    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+                        got = _run(layer, xd, grad.float().to(dev),
+                                   None if dtype == torch.float32 else dtype)
+                    for name, ref in want.items():
+                        scale = ref.abs().max().item() or 1.0
+                        error = (got[name] - ref).abs().max().item() / scale
+                        records.append(dict(
+                            interpolation=interpolation, stride=stride, path=path,
+                            fast_path=layer.uses_fast_path, dtype=str(dtype).replace('torch.', ''),
+                            tensor=name, error=error, tolerance=TOLERANCE[dtype],
+                            ok=bool(error <= TOLERANCE[dtype])))
+    return records

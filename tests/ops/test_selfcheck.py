@@ -1,0 +1,36 @@
+"""The device self-check: passes on a correct device, names the tensor that is wrong."""
+import torch
+
+from dcls_mm.ops import depthwise as dw
+from dcls_mm.ops.selfcheck import TOLERANCE, check_device
+from tests._helpers import load_tool
+
+tool = load_tool('tools/analysis/check_device.py')
+
+
+def test_cpu_passes_every_comparison():
+    records = check_device('cpu', interpolations=['bilinear', 'gaussian'])
+    # 2 strides x 3 paths x 2 dtypes x (output + gradients of input, weight, P, bias;
+    # gaussian also SIG)
+    assert len(records) == 2 * 3 * 2 * (5 + 6)
+    assert all(r['ok'] for r in records), [r for r in records if not r['ok']]
+    assert {r['fast_path'] for r in records if r['path'] == 'depthwise'} == {True}
+    assert {r['fast_path'] for r in records if r['path'] != 'depthwise'} == {False}
+
+
+def test_a_wrong_fast_path_output_is_reported(monkeypatch, capsys):
+    real = dw._conv
+
+    def off_by_a_little(x, kernel, *args):
+        y = real(x, kernel, *args)
+        return y + 10 * TOLERANCE[torch.bfloat16] * y.abs().max()
+
+    monkeypatch.setattr(dw, '_conv', off_by_a_little)
+    records = check_device('cpu', interpolations=['triangle'])
+    failed = {(r['path'], r['tensor']) for r in records if not r['ok']}
+    # the forward of the fast path is wrong (its stride-1 input gradient runs _conv too);
+    # the plain and grouped paths never call it
+    assert ('depthwise', 'output') in failed
+    assert all(path == 'depthwise' for path, _ in failed)
+    assert tool.main(['--device', 'cpu']) == 1
+    assert 'FAIL triangle stride 1 depthwise float32 output' in capsys.readouterr().out

@@ -1,0 +1,109 @@
+"""The Triton depthwise forward (GPU route ``conv=triton``), run by Triton's CPU
+interpreter (``TRITON_INTERPRET=1``, in a subprocess: the flag is read when the kernel is
+defined) against a float64 formula, and its place among the routes."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from dcls_mm.ops import depthwise as dw
+from dcls_mm.ops import triton_conv
+from tests._helpers import ROOT
+
+pytestmark = pytest.mark.skipif(triton_conv.triton is None, reason='triton is not installed')
+
+
+def run_interpreted(code: str) -> str:
+    env = dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_kernel_matches_the_dense_formula():
+    out = run_interpreted('''
+        import torch, torch.nn.functional as F
+        from dcls_mm.ops import triton_conv
+
+        def formula(x, k, b, pads):
+            """y[n,c,h,w] = b[c] + sum_ij k[c,i,j] x_pad[n,c,h+i,w+j], one tap at a time"""
+            (pt, pb), (pl, pr) = pads
+            xp = F.pad(x.double(), (pl, pr, pt, pb))  # negative pads crop
+            kh, kw = k.shape[-2:]
+            ho, wo = xp.shape[-2] - kh + 1, xp.shape[-1] - kw + 1
+            y = b.double().view(1, -1, 1, 1).expand(x.shape[0], -1, ho, wo).clone()
+            for i in range(kh):
+                for j in range(kw):
+                    y += k[:, 0, i, j].double().view(1, -1, 1, 1) * xp[:, :, i:i + ho, j:j + wo]
+            return y
+
+        torch.manual_seed(0)
+        cases = [  # (N, C, H, W), (kh, kw), ((top, bottom), (left, right))
+            ((2, 20, 9, 10), (5, 7), ((2, 2), (3, 3))),     # partial channel block
+            ((1, 70, 6, 37), (9, 9), ((4, 4), (4, 4))),     # 2 channel blocks, 2 column strips
+            ((2, 16, 7, 7), (3, 5), ((0, 3), (2, -1))),     # asymmetric and negative padding
+            ((1, 16, 3, 4), (9, 9), ((4, 4), (4, 4))),      # map smaller than the kernel
+        ]
+        for shape, k_hw, pads in cases:
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(shape).to(dtype)
+                k = torch.randn(shape[1], 1, *k_hw)
+                for bias in (None, torch.randn(shape[1])):
+                    y = triton_conv.depthwise_conv(x, k, bias, pads)
+                    zero = torch.zeros(shape[1])
+                    # the kernel and bias are used in x's dtype, as F.conv2d uses them
+                    want = formula(x, k.to(dtype), (zero if bias is None else bias).to(dtype), pads)
+                    assert y.shape == want.shape and y.dtype == dtype, (y.shape, want.shape)
+                    assert y.is_contiguous(memory_format=torch.channels_last)
+                    if dtype == torch.float32:
+                        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+                    else:  # one rounding of a float32 sum to bfloat16: within one bf16 ulp
+                        ulp = 2.0 ** (torch.floor(torch.log2(want.abs().clamp_min(1e-30))) - 7)
+                        assert ((y.double() - want).abs() <= ulp).all()
+        print('ok', len(cases))
+    ''')
+    assert out.split() == ['ok', '4']
+
+
+def test_dcls_layer_through_the_triton_route_equals_the_plain_path():
+    """Forward and the stride-1 input gradient (a forward with the flipped kernel) run the
+    Triton kernel; every gradient equals the plain path's."""
+    out = run_interpreted('''
+        import copy, os, torch
+        from dcls_mm.ops import Dcls2d, routes
+        os.environ['DCLS_MM_ROUTES'] = 'conv=triton'
+        torch.manual_seed(0)
+        layer = Dcls2d(24, 24, 5, padding='same', dilated_kernel_size=9, groups=24,
+                       interpolation='gaussian')
+        plain = copy.deepcopy(layer)
+        plain.impl = 'plain'
+        x = torch.randn(2, 24, 10, 11)
+        grad = torch.randn(2, 24, 10, 11)
+        outs = []
+        for m in (layer, plain):
+            xi = x.clone().requires_grad_(True)
+            y = m(xi)
+            y.backward(grad)
+            outs.append([y, xi.grad] + [p.grad for p in m.parameters()])
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        print(sorted(route for key, route in routes.decisions().items() if key.startswith('conv')))
+    ''')
+    assert "['triton (forced)']" in out  # one shape: the forward's and the input gradient's
+
+
+def test_not_a_cpu_route_without_the_interpreter(monkeypatch):
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+    pads = ((2, 2), (2, 2))
+    assert dw._conv_routes(32, (1, 1), pads, torch.float32, torch.device('cpu'))[0] == 'onednn'
+    assert 'triton' not in dw._conv_routes(32, (1, 1), pads, torch.float32, torch.device('cpu'))
+    assert triton_conv.available(torch.device('cuda'), torch.bfloat16)
+    assert not triton_conv.available(torch.device('cuda'), torch.float64)
+    monkeypatch.setenv('TRITON_INTERPRET', '1')
+    assert dw._conv_routes(32, (1, 1), pads, torch.bfloat16, torch.device('cpu')) == (
+        'onednn', 'triton')
+    assert dw._conv_routes(32, (2, 2), pads, torch.float32, torch.device('cpu'))[-1] != 'triton'
