@@ -143,7 +143,7 @@ def _separable_kernel_fake(weight, P, SIG, L0, L1, interp, r0, nr, c0, nc, keep_
 
 
 def _separable_kernel_backward_fake(grad, weight, P, SIG, kept, L0, L1, interp, r0, nr, c0,
-                                    nc):
+                                    nc, out):
     return weight.new_empty(weight.shape), P.new_empty(P.shape), SIG.new_empty(SIG.shape)
 
 

@@ -218,15 +218,15 @@ class _CompiledSeparableKernel2d(torch.autograd.Function):
             out = _separable_kernel_torch(weight, P, SIG, sizes, interpolation, grids, window)
             return (*formula_gradients(out, (weight, P, SIG), ctx.needs_input_grad[:3], grad),
                     None, None, None)
-        if interpolation == 'gaussian':
-            # a cut tap (GAUSSIAN_CUT) passes no gradient; below the cut every value is 0
-            # and none above it is, so the zeros are the cut taps
-            grad = grad.masked_fill(out == 0, 0.0)
         K = weight.shape[-1]
+        # a cut tap (GAUSSIAN_CUT) passes no gradient: given the kernel, the op ignores
+        # the gradient where it is 0 (the cut taps, and only they)
+        mask = out.reshape(-1, *out.shape[-2:]) if interpolation == 'gaussian' else \
+            out.new_empty(0)
         dw, dP, dSIG = torch.ops.dcls_mm.separable_kernel_backward(
             grad.reshape(-1, *grad.shape[-2:]).float(), weight.reshape(-1, K),
             P.reshape(2, -1, K), SIG.reshape(2, -1, K), kept, *sizes,
-            _COMPILED_INTERP[interpolation], *_window_args(window))
+            _COMPILED_INTERP[interpolation], *_window_args(window), mask)
         return dw.view(weight.shape), dP.view(P.shape), dSIG.view(SIG.shape), None, None, None
 
 

@@ -58,7 +58,7 @@ def test_compiled_op_rejects_window_outside_kernel():
         torch.ops.dcls_mm.separable_kernel(w, P, S, 5, 5, 1, 3, 5, 0, 5)
     with pytest.raises(RuntimeError, match=r'grad must be float32 \(B, nr, nc\)'):
         torch.ops.dcls_mm.separable_kernel_backward(torch.randn(4, 5, 4), w, P, S, torch.empty(0), 5, 5, 1,
-                                                    0, 5, 0, 5)
+                                                    0, 5, 0, 5, torch.empty(0))
 
 
 @pytest.mark.parametrize('interpolation', ['gaussian', 'triangle', 'bilinear'])

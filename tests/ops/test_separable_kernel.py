@@ -114,7 +114,7 @@ def test_op_rejects_bad_input():
         op(w, P, S, 5, 5, 7, 0, 5, 0, 5)
     with pytest.raises(RuntimeError, match=r'grad must be float32 \(B, nr, nc\)'):
         torch.ops.dcls_mm.separable_kernel_backward(torch.randn(4, 5, 4), w, P, S, torch.empty(0), 5, 5, 1,
-                                                    0, 5, 0, 5)
+                                                    0, 5, 0, 5, torch.empty(0))
 
 
 ISA_SCRIPT = '''
@@ -196,13 +196,22 @@ def test_backward_with_kept_profiles_equals_backward_that_evaluates_them(interpo
     assert kept.shape == (3, (26 * 46 + 2 * 26) * 16)  # 37 channels: 3 blocks of 16
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
     backward = torch.ops.dcls_mm.separable_kernel_backward
-    with_kept = backward(grad, w, P, SIG, kept, 23, 23, code, *window)
-    evaluated = backward(grad, w, P, SIG, torch.empty(0), 23, 23, code, *window)
+    with_kept = backward(grad, w, P, SIG, kept, 23, 23, code, *window, torch.empty(0))
+    evaluated = backward(grad, w, P, SIG, torch.empty(0), 23, 23, code, *window, torch.empty(0))
     for a, b in zip(with_kept, evaluated):
+        assert torch.equal(a, b)
+    # given the kernel, the gradient is ignored where it is 0 (the gaussian cut; triangle
+    # zeros in these layers too)
+    masked = backward(grad, w, P, SIG, kept, 23, 23, code, *window, out)
+    by_hand = backward(grad.masked_fill(out == 0, 0.0), w, P, SIG, kept, 23, 23, code, *window,
+                       torch.empty(0))
+    for a, b in zip(masked, by_hand):
         assert torch.equal(a, b)
     with pytest.raises(RuntimeError, match='kept profiles must be what separable_kernel '
                                            r'returned for these inputs \(float32 \(3, 19968\)\)'):
-        backward(grad, w, P, SIG, kept[:2], 23, 23, code, *window)
+        backward(grad, w, P, SIG, kept[:2], 23, 23, code, *window, torch.empty(0))
+    with pytest.raises(RuntimeError, match="out must be the forward's float32 kernel"):
+        backward(grad, w, P, SIG, kept, 23, 23, code, *window, out[:, :1])
 
 
 def gaussian_cut_reference(weight, P, SIG, sizes):

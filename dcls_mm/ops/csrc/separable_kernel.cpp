@@ -371,14 +371,21 @@ std::tuple<at::Tensor, at::Tensor> separable_kernel(
           profiles_at(keep_profiles ? kp + blk * profile_floats(s) : t.own.data(), s);
       load_geometry(s, wp, pp, sp, b0, nb, t, a, false);
       contract(a.a0, a.a1, t.scale.data(), s.K, L0, L1, r0, nr, c0, nc, kern.data());
-      float cut[kBlock] = {};  // 0: nothing is cut (triangle)
-      if (interp == kGaussian) gaussian_cut(s, a, t, cut);
+      if (interp == kGaussian) {
+        float cut[kBlock];
+        gaussian_cut(s, a, t, cut);
+        // in the block layout, lanes = channels: branch-free and vectorised (applied per
+        // element in the transposing loop below, the branch on irregular cut patterns
+        // mispredicted often enough to take most of the loop's time)
+        for (int64_t e = 0; e < nr * nc; ++e) {
+          float* v = kern.data() + e * kBlock;
+#pragma omp simd
+          for (int64_t c = 0; c < kBlock; ++c) v[c] = std::fabs(v[c]) < cut[c] ? 0.0f : v[c];
+        }
+      }
       for (int64_t c = 0; c < nb; ++c) {
         float* dst = op + (b0 + c) * nr * nc;
-        for (int64_t e = 0; e < nr * nc; ++e) {
-          const float v = kern[e * kBlock + c];
-          dst[e] = std::fabs(v) < cut[c] ? 0.0f : v;
-        }
+        for (int64_t e = 0; e < nr * nc; ++e) dst[e] = kern[e * kBlock + c];
       }
     }
   });
@@ -480,18 +487,25 @@ DCLS_MM_ISA_VARIANTS(profile_backward,
                      (K, L, interp, pos, wid, a, da, sig_raw, dpos, dsig))
 
 // `kept`: the profiles the forward kept (keep_profiles), or an empty tensor to evaluate
-// them again.
+// them again. `out`: the forward's kernel, or an empty tensor; where it is 0 the gradient
+// is taken as 0 (gaussian: a cut tap passes no gradient, and every tap below the cut is
+// 0 while none above it is), read in the same pass that loads the gradient.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_kernel_backward(
     const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& P,
     const at::Tensor& SIG, const at::Tensor& kept, int64_t L0, int64_t L1, int64_t interp,
-    int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
+    int64_t r0, int64_t nr, int64_t c0, int64_t nc, const at::Tensor& out) {
   check_inputs(weight, P, SIG, L0, L1, interp, r0, nr, c0, nc);
   TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.device().is_cpu() && grad.dim() == 3 &&
                   grad.size(0) == weight.size(0) && grad.size(1) == nr && grad.size(2) == nc,
               "dcls_mm::separable_kernel_backward: grad must be float32 (B, nr, nc) for the "
               "window, got ", grad.sizes());
+  const bool masked = out.numel() > 0;
+  TORCH_CHECK(!masked || (out.scalar_type() == at::kFloat && out.device().is_cpu() &&
+                          out.sizes() == grad.sizes()),
+              "dcls_mm::separable_kernel_backward: out must be the forward's float32 kernel ",
+              grad.sizes(), " or empty, got ", out.sizes());
   const at::Tensor gc = grad.contiguous(), wc = weight.contiguous(), pc = P.contiguous(),
-                   sc = SIG.contiguous();
+                   sc = SIG.contiguous(), oc = out.contiguous();
   const Shape s{weight.size(0), weight.size(1), L0, L1, interp};
   const int64_t K = s.K, plane = s.nb * K, blocks = (s.nb + kBlock - 1) / kBlock;
   const bool have = kept.numel() > 0;
@@ -503,6 +517,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_kernel_backward(
               profile_floats(s), ")), got ", kept.sizes());
   at::Tensor dw = at::empty_like(wc), dP = at::empty_like(pc), dSIG = at::empty_like(sc);
   const float* gp = gc.const_data_ptr<float>();
+  const float* op = masked ? oc.const_data_ptr<float>() : nullptr;
   const float* wp = wc.const_data_ptr<float>();
   const float* pp = pc.const_data_ptr<float>();
   const float* sp = sc.const_data_ptr<float>();
@@ -528,7 +543,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_kernel_backward(
       std::fill(g.begin(), g.end(), 0.0f);
       for (int64_t c = 0; c < nb; ++c) {
         const float* src = gp + (b0 + c) * nr * nc;
-        for (int64_t e = 0; e < nr * nc; ++e) g[e * kBlock + c] = src[e];
+        if (masked) {
+          const float* kernel = op + (b0 + c) * nr * nc;
+          for (int64_t e = 0; e < nr * nc; ++e)
+            g[e * kBlock + c] = kernel[e] == 0.0f ? 0.0f : src[e];
+        } else {
+          for (int64_t e = 0; e < nr * nc; ++e) g[e * kBlock + c] = src[e];
+        }
       }
       contract_backward(g.data(), a.a0, a.a1, K, L0, L1, r0, nr, c0, nc, m0.data(),
                         m1.data(), dscale.data());
@@ -559,8 +580,8 @@ TORCH_LIBRARY_FRAGMENT(dcls_mm, m) {
   m.def("separable_kernel(Tensor weight, Tensor P, Tensor SIG, int L0, int L1, int interp, "
         "int r0, int nr, int c0, int nc, bool keep_profiles=False) -> (Tensor, Tensor)");
   m.def("separable_kernel_backward(Tensor grad, Tensor weight, Tensor P, Tensor SIG, "
-        "Tensor kept, int L0, int L1, int interp, int r0, int nr, int c0, int nc) -> "
-        "(Tensor, Tensor, Tensor)");
+        "Tensor kept, int L0, int L1, int interp, int r0, int nr, int c0, int nc, "
+        "Tensor out) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dcls_mm, CPU, m) {
