@@ -38,3 +38,18 @@ def load_tool(relpath: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_interpreted(code: str, **env: str) -> str:
+    """Run ``code`` in a fresh Python with ``TRITON_INTERPRET=1`` (Triton kernels on the
+    CPU; the flag is read when a kernel is defined, hence the new process) and return its
+    standard output; fails the test with the error's end when the process fails."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    env = dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=str(ROOT), **env)
+    proc = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout

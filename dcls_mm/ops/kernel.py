@@ -28,13 +28,14 @@ d-th *learned* kernel dim, in the order of the kernel tensor's trailing dims (fo
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from . import extension, routes
+from . import extension, routes, triton_construct
 from .double_backward import formula_gradients
 
 #: Canonical interpolation names and the reference package's names for them (its
@@ -110,6 +111,12 @@ def profile_1d(pos: Tensor, sig: Tensor, grid: Tensor, interpolation: str) -> Te
     raise ValueError(f'unknown interpolation {interpolation!r}')
 
 
+@functools.lru_cache(maxsize=64)
+def _offsets_tensor(offsets: Tuple[int, ...], device: torch.device) -> Tensor:
+    # made once per device: torch.tensor(list, device=gpu) is a blocking host-to-device copy
+    return torch.tensor(offsets, device=device)
+
+
 def _bilinear_kernel(weight: Tensor, P: Tensor, sizes: Sequence[int], normalize: bool) -> Tensor:
     """Scatter the ``2^D`` bilinear taps of every element into the kernel.
 
@@ -147,7 +154,7 @@ def _bilinear_kernel(weight: Tensor, P: Tensor, sizes: Sequence[int], normalize:
     for d in range(D):
         taps_w = [w * f for w in taps_w for f in fracs[d]]
         offsets = [o + bit * strides[d] for o in offsets for bit in (0, 1)]
-    index = low.unsqueeze(-2) + torch.tensor(offsets, device=P.device).view(-1, 1)
+    index = low.unsqueeze(-2) + _offsets_tensor(tuple(offsets), P.device).view(-1, 1)
     flat = weight.new_zeros(*lead, math.prod(padded)).scatter_add(
         -1, index.flatten(-2), torch.cat(taps_w, -1))
     kernel = flat.view(*lead, *padded)
@@ -230,16 +237,25 @@ class _CompiledSeparableKernel2d(torch.autograd.Function):
         return dw.view(weight.shape), dP.view(P.shape), dSIG.view(SIG.shape), None, None, None
 
 
-class _CompiledBilinearKernel2d(torch.autograd.Function):
-    """The bilinear construction for 2 learned dims by the compiled CPU op."""
+class _BilinearKernel2d(torch.autograd.Function):
+    """The bilinear construction for 2 learned dims by one pair of ops: the compiled CPU
+    ops (``backend='compiled'``) or the Triton kernels for GPUs (``'triton'``, same
+    signatures, :mod:`dcls_mm.ops.triton_construct`)."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, P: Tensor, sizes: Tuple[int, int], window: Window) -> Tensor:
+    def _ops(backend: str):
+        if backend == 'triton':
+            return triton_construct.bilinear_kernel, triton_construct.bilinear_kernel_backward
+        return torch.ops.dcls_mm.bilinear_kernel, torch.ops.dcls_mm.bilinear_kernel_backward
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, P: Tensor, sizes: Tuple[int, int], window: Window,
+                backend: str) -> Tensor:
         lead, K = weight.shape[:-1], weight.shape[-1]
-        out = torch.ops.dcls_mm.bilinear_kernel(weight.reshape(-1, K), P.reshape(2, -1, K),
-                                                *sizes, *_window_args(window))
+        out = _BilinearKernel2d._ops(backend)[0](weight.reshape(-1, K), P.reshape(2, -1, K),
+                                                 *sizes, *_window_args(window))
         ctx.save_for_backward(weight, P)
-        ctx.sizes, ctx.window = sizes, window
+        ctx.sizes, ctx.window, ctx.backend = sizes, window, backend
         return out.view(*lead, *(hi - lo for lo, hi in window))
 
     @staticmethod
@@ -250,12 +266,12 @@ class _CompiledBilinearKernel2d(torch.autograd.Function):
             out = _slice_window(_bilinear_kernel(weight, P, ctx.sizes, normalize=False),
                                 ctx.window)
             return (*formula_gradients(out, (weight, P), ctx.needs_input_grad[:2], grad),
-                    None, None)
+                    None, None, None)
         K = weight.shape[-1]
-        dw, dP = torch.ops.dcls_mm.bilinear_kernel_backward(
+        dw, dP = _BilinearKernel2d._ops(ctx.backend)[1](
             grad.reshape(-1, *grad.shape[-2:]).float(), weight.reshape(-1, K),
             P.reshape(2, -1, K), *ctx.sizes, *_window_args(ctx.window))
-        return dw.view(weight.shape), dP.view(P.shape), None, None
+        return dw.view(weight.shape), dP.view(P.shape), None, None, None
 
 
 def _slice_window(kernel: Tensor, window: Window) -> Tensor:
@@ -308,8 +324,8 @@ def construct_kernel(weight: Tensor, P: Tensor, SIG: Optional[Tensor],
         raise ValueError(f'window must be {D} (start, stop) pairs inside the dilated kernel '
                          f'{sizes}, got {window}')
     route = construction_route(interpolation, D, P, SIG)
-    if route == 'compiled' and interpolation == 'bilinear':
-        return _CompiledBilinearKernel2d.apply(weight, P, sizes, window)
+    if route in ('compiled', 'triton') and interpolation == 'bilinear':
+        return _BilinearKernel2d.apply(weight, P, sizes, window, route)
     if interpolation in ('bilinear', 'bilinear_normalized'):
         # the scatter costs O(C K 2^D) whatever the window: build all, slice
         return _slice_window(_bilinear_kernel(weight, P, sizes,
@@ -326,9 +342,11 @@ def construction_route(interpolation: str, learned_dims: int, P: Tensor,
                        SIG: Optional[Tensor]) -> str:
     """How :func:`construct_kernel` builds a kernel (route ``construct``): ``'compiled'``
     (bilinear, triangle or gaussian with 2 learned dims, float32 on the CPU, compiled
-    kernels built, not forced off by ``DCLS_MM_ROUTES=construct=torch``), else the
-    PyTorch ops: ``'scatter'`` (bilinear, and always for ``'bilinear_normalized'``) or
-    ``'torch'`` (the triangle/gaussian ``einsum``).
+    kernels built, not forced off by ``DCLS_MM_ROUTES=construct=torch``), ``'triton'``
+    (bilinear with 2 learned dims, float32 on a GPU with Triton), else the PyTorch ops:
+    ``'scatter'`` (bilinear, and always for ``'bilinear_normalized'``) or ``'torch'``
+    (the triangle/gaussian ``einsum``). Not measured: each compiled route replaces
+    dozens of small PyTorch ops by one call.
 
     Args:
         interpolation: canonical name.
@@ -337,11 +355,15 @@ def construction_route(interpolation: str, learned_dims: int, P: Tensor,
         SIG: widths (``None`` for bilinear).
     """
     fallback = 'torch' if interpolation in WITH_SIGMA else 'scatter'
-    if interpolation == 'bilinear_normalized':
+    forced = routes.forced('construct')
+    if (interpolation == 'bilinear_normalized' or learned_dims != 2 or forced == 'torch'
+            or torch.compiler.is_compiling()):
         return fallback
-    if (learned_dims == 2 and P.device.type == 'cpu' and P.dtype == torch.float32
-            and (SIG is None or SIG.dtype == torch.float32)
-            and routes.forced('construct') != 'torch' and not torch.compiler.is_compiling()
-            and extension.available()):
+    # on the CPU only when forced (tests, through Triton's interpreter)
+    if (interpolation == 'bilinear' and triton_construct.available(P)
+            and (P.device.type != 'cpu' or forced == 'triton')):
+        return 'triton'
+    if (P.device.type == 'cpu' and P.dtype == torch.float32
+            and (SIG is None or SIG.dtype == torch.float32) and extension.available()):
         return 'compiled'
     return fallback

@@ -16,6 +16,7 @@ Without Triton or a GPU nothing here is used. ``TRITON_INTERPRET=1`` runs it on 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional, Tuple
 
@@ -118,6 +119,8 @@ def depthwise_conv(x: Tensor, kernel: Tensor, bias: Optional[Tensor],
 
     def grid(meta):
         return (n * ho * triton.cdiv(wo, meta['BLOCK_W']), triton.cdiv(c, meta['BLOCK_C']))
-    _depthwise_forward[grid](x, taps, b, y, h, w, c, ho, wo, kh, kw, pt, pl,
-                             HAS_BIAS=bias is not None)
+    # Triton launches on the current device, which need not be the tensors' one
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _depthwise_forward[grid](x, taps, b, y, h, w, c, ho, wo, kh, kw, pt, pl,
+                                 HAS_BIAS=bias is not None)
     return y

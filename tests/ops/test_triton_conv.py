@@ -1,27 +1,14 @@
 """The Triton depthwise forward (GPU route ``conv=triton``), run by Triton's CPU
-interpreter (``TRITON_INTERPRET=1``, in a subprocess: the flag is read when the kernel is
-defined) against a float64 formula, and its place among the routes."""
-import os
-import subprocess
-import sys
-import textwrap
-
+interpreter (``TRITON_INTERPRET=1``, in a subprocess) against a float64 formula, and its
+place among the routes."""
 import pytest
 import torch
 
 from dcls_mm.ops import depthwise as dw
 from dcls_mm.ops import triton_conv
-from tests._helpers import ROOT
+from tests._helpers import run_interpreted
 
 pytestmark = pytest.mark.skipif(triton_conv.triton is None, reason='triton is not installed')
-
-
-def run_interpreted(code: str) -> str:
-    env = dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
 
 
 def test_kernel_matches_the_dense_formula():
