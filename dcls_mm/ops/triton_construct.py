@@ -25,28 +25,32 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
+    def _axis(raw, L, start, count):
+        # one learned dim of a position: its fraction, the window index of the tap before
+        # it, whether that tap and the one after lie in the window, whether the clamp
+        # passes a gradient
+        # clamped to [-1 - L // 2, L - L // 2]: a tap there has no weight on the grid
+        lo = -1.0 - (L // 2)
+        hi = (L - (L // 2)) * 1.0
+        pos = tl.minimum(tl.maximum(raw, lo), hi)
+        floor = tl.floor(pos)
+        index = floor.to(tl.int32) + (L // 2) - start
+        # torch.clamp passes the gradient inside its bounds, bounds included
+        return (pos - floor, index, (index >= 0) & (index < count),
+                (index + 1 >= 0) & (index + 1 < count), (raw >= lo) & (raw <= hi))
+
+    @triton.jit
     def _bilinear_forward(w_ptr, p_ptr, out_ptr, n, K, L0, L1, r0, nr, c0, nc,
                           BLOCK: tl.constexpr):
         # w: (B, K), p: (2, B, K) with n = B * K, out: (B, nr, nc) zeroed
         e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = e < n
         w = tl.load(w_ptr + e, mask=ok, other=0.0)
-        # clamped to [-1 - L // 2, L - L // 2]: a tap there has no weight on the grid
-        p0 = tl.minimum(tl.maximum(tl.load(p_ptr + e, mask=ok, other=0.0),
-                                   -1.0 - (L0 // 2)), L0 - (L0 // 2))
-        p1 = tl.minimum(tl.maximum(tl.load(p_ptr + n + e, mask=ok, other=0.0),
-                                   -1.0 - (L1 // 2)), L1 - (L1 // 2))
-        b0 = tl.floor(p0)
-        b1 = tl.floor(p1)
-        f0 = p0 - b0
-        f1 = p1 - b1
-        i = b0.to(tl.int32) + (L0 // 2) - r0  # window row of the tap before the position
-        j = b1.to(tl.int32) + (L1 // 2) - c0
+        f0, i, r_ok0, r_ok1, _ = _axis(tl.load(p_ptr + e, mask=ok, other=0.0), L0, r0, nr)
+        f1, j, c_ok0, c_ok1, _ = _axis(tl.load(p_ptr + n + e, mask=ok, other=0.0), L1, c0, nc)
+        r_ok0 = ok & r_ok0
+        r_ok1 = ok & r_ok1
         base = out_ptr + (e // K).to(tl.int64) * nr * nc
-        r_ok0 = ok & (i >= 0) & (i < nr)
-        r_ok1 = ok & (i + 1 >= 0) & (i + 1 < nr)
-        c_ok0 = (j >= 0) & (j < nc)
-        c_ok1 = (j + 1 >= 0) & (j + 1 < nc)
         # tap (a, c) = (w * f0_a) * f1_c, f_0 = 1 - frac, f_1 = frac (the scatter's order)
         w0 = w * (1.0 - f0)
         w1 = w * f0
@@ -61,23 +65,12 @@ if triton is not None:
         e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = e < n
         w = tl.load(w_ptr + e, mask=ok, other=0.0)
-        raw0 = tl.load(p_ptr + e, mask=ok, other=0.0)
-        raw1 = tl.load(p_ptr + n + e, mask=ok, other=0.0)
-        lo0, hi0 = -1.0 - (L0 // 2), (L0 - (L0 // 2)) * 1.0
-        lo1, hi1 = -1.0 - (L1 // 2), (L1 - (L1 // 2)) * 1.0
-        p0 = tl.minimum(tl.maximum(raw0, lo0), hi0)
-        p1 = tl.minimum(tl.maximum(raw1, lo1), hi1)
-        b0 = tl.floor(p0)
-        b1 = tl.floor(p1)
-        f0 = p0 - b0
-        f1 = p1 - b1
-        i = b0.to(tl.int32) + (L0 // 2) - r0
-        j = b1.to(tl.int32) + (L1 // 2) - c0
+        f0, i, r_ok0, r_ok1, pass0 = _axis(tl.load(p_ptr + e, mask=ok, other=0.0), L0, r0, nr)
+        f1, j, c_ok0, c_ok1, pass1 = _axis(tl.load(p_ptr + n + e, mask=ok, other=0.0), L1, c0,
+                                           nc)
+        r_ok0 = ok & r_ok0
+        r_ok1 = ok & r_ok1
         base = g_ptr + (e // K).to(tl.int64) * nr * nc
-        r_ok0 = ok & (i >= 0) & (i < nr)
-        r_ok1 = ok & (i + 1 >= 0) & (i + 1 < nr)
-        c_ok0 = (j >= 0) & (j < nc)
-        c_ok1 = (j + 1 >= 0) & (j + 1 < nc)
         g00 = tl.load(base + i * nc + j, mask=r_ok0 & c_ok0, other=0.0)
         g01 = tl.load(base + i * nc + j + 1, mask=r_ok0 & c_ok1, other=0.0)
         g10 = tl.load(base + (i + 1) * nc + j, mask=r_ok1 & c_ok0, other=0.0)
@@ -85,15 +78,11 @@ if triton is not None:
         # tap (a, c) = w * f0_a * f1_c, f_0 = 1 - frac, f_1 = frac; floor() is constant
         row0 = g00 * (1.0 - f1) + g01 * f1
         row1 = g10 * (1.0 - f1) + g11 * f1
-        dw = row0 * (1.0 - f0) + row1 * f0
-        d0 = w * (row1 - row0)
-        d1 = w * ((g01 - g00) * (1.0 - f0) + (g11 - g10) * f0)
-        # the clamp passes the gradient inside its bounds, bounds included (torch.clamp)
-        d0 = tl.where((raw0 >= lo0) & (raw0 <= hi0), d0, 0.0)
-        d1 = tl.where((raw1 >= lo1) & (raw1 <= hi1), d1, 0.0)
-        tl.store(dw_ptr + e, dw, mask=ok)
-        tl.store(dp_ptr + e, d0, mask=ok)
-        tl.store(dp_ptr + n + e, d1, mask=ok)
+        tl.store(dw_ptr + e, row0 * (1.0 - f0) + row1 * f0, mask=ok)
+        tl.store(dp_ptr + e, tl.where(pass0, w * (row1 - row0), 0.0), mask=ok)
+        tl.store(dp_ptr + n + e,
+                 tl.where(pass1, w * ((g01 - g00) * (1.0 - f0) + (g11 - g10) * f0), 0.0),
+                 mask=ok)
 
 
 BLOCK = 256
