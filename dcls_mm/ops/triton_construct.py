@@ -19,7 +19,8 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from .triton_conv import interpreted, triton
+from . import triton_conv
+from .triton_conv import triton
 
 if triton is not None:
     import triton.language as tl
@@ -90,9 +91,8 @@ BLOCK = 256
 
 def available(P: Tensor) -> bool:
     """Whether the Triton construction can build a kernel from positions ``P`` (float32,
-    on a GPU, or on the CPU under ``TRITON_INTERPRET=1``)."""
-    return (triton is not None and P.dtype == torch.float32
-            and (P.device.type == 'cuda' or (P.device.type == 'cpu' and interpreted())))
+    on a GPU Triton supports, or on the CPU under ``TRITON_INTERPRET=1``)."""
+    return P.dtype == torch.float32 and triton_conv.available(P.device, P.dtype)
 
 
 def _device(t: Tensor):

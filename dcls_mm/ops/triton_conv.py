@@ -17,6 +17,7 @@ Without Triton or a GPU nothing here is used. ``TRITON_INTERPRET=1`` runs it on 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Optional, Tuple
 
@@ -38,8 +39,16 @@ def interpreted() -> bool:
     return os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')
 
 
+@functools.lru_cache(maxsize=None)
+def _gpu_supported(device: torch.device) -> bool:
+    # Triton compiles for NVIDIA GPUs of compute capability 7.0 (Volta) and later, and
+    # for the AMD GPUs of ROCm builds
+    return torch.version.hip is not None or torch.cuda.get_device_capability(device) >= (7, 0)
+
+
 def available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether :func:`depthwise_conv` can run for tensors of ``dtype`` on ``device``.
+    """Whether Triton kernels can run for tensors of ``dtype`` on ``device`` (this
+    module's: float32, bfloat16, float16).
 
     Args:
         device: where the tensors are.
@@ -47,7 +56,9 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
     """
     if triton is None or dtype not in DTYPES:
         return False
-    return device.type == 'cuda' or (device.type == 'cpu' and interpreted())
+    if device.type == 'cpu':
+        return interpreted()
+    return device.type == 'cuda' and _gpu_supported(device)
 
 
 if triton is not None:

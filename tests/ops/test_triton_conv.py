@@ -88,9 +88,23 @@ def test_not_a_cpu_route_without_the_interpreter(monkeypatch):
     pads = ((2, 2), (2, 2))
     assert dw._conv_routes(32, (1, 1), pads, torch.float32, torch.device('cpu'))[0] == 'onednn'
     assert 'triton' not in dw._conv_routes(32, (1, 1), pads, torch.float32, torch.device('cpu'))
-    assert triton_conv.available(torch.device('cuda'), torch.bfloat16)
-    assert not triton_conv.available(torch.device('cuda'), torch.float64)
     monkeypatch.setenv('TRITON_INTERPRET', '1')
     assert dw._conv_routes(32, (1, 1), pads, torch.bfloat16, torch.device('cpu')) == (
         'onednn', 'triton')
     assert dw._conv_routes(32, (2, 2), pads, torch.float32, torch.device('cpu'))[-1] != 'triton'
+
+
+def test_not_offered_on_gpus_triton_cannot_compile_for(monkeypatch):
+    """Triton needs compute capability 7.0: an older NVIDIA GPU keeps PyTorch's routes."""
+    gpu = torch.device('cuda', 0)
+    triton_conv._gpu_supported.cache_clear()
+    monkeypatch.setattr(torch.version, 'hip', None)
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (6, 1))
+    assert not triton_conv.available(gpu, torch.float32)
+    assert dw._conv_routes(32, (1, 1), ((2, 2), (2, 2)), torch.float32, gpu) == ('aten',)
+    triton_conv._gpu_supported.cache_clear()
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (9, 0))
+    assert triton_conv.available(gpu, torch.bfloat16)
+    assert not triton_conv.available(gpu, torch.float64)
+    assert dw._conv_routes(32, (1, 1), ((2, 2), (2, 2)), torch.float32, gpu) == ('aten', 'triton')
+    triton_conv._gpu_supported.cache_clear()
