@@ -196,22 +196,29 @@ def _separable_kernel_torch(weight: Tensor, P: Tensor, SIG: Tensor, sizes: Seque
 _COMPILED_INTERP = {'triangle': 0, 'gaussian': 1}
 
 
-class _CompiledSeparableKernel2d(torch.autograd.Function):
-    """The triangle/gaussian construction for 2 learned dims by the compiled CPU op."""
+class _SeparableKernel2d(torch.autograd.Function):
+    """The triangle/gaussian construction for 2 learned dims by the compiled CPU ops
+    (``backend='compiled'``) or the Triton kernels for GPUs (``'triton'``,
+    :mod:`dcls_mm.ops.triton_construct`)."""
 
     @staticmethod
     def forward(ctx, weight: Tensor, P: Tensor, SIG: Tensor, sizes: Tuple[int, int],
-                interpolation: str, window: Window) -> Tensor:
+                interpolation: str, window: Window, backend: str) -> Tensor:
         lead, K = weight.shape[:-1], weight.shape[-1]
-        # the profiles (exponentials: most of the work) are kept for the backward when
-        # one will come: C * K * (L_0 + L_1) floats, a few MiB at ConvNeXt sizes
-        out, kept = torch.ops.dcls_mm.separable_kernel(
-            weight.reshape(-1, K), P.reshape(2, -1, K), SIG.reshape(2, -1, K), *sizes,
-            _COMPILED_INTERP[interpolation], *_window_args(window),
-            keep_profiles=any(ctx.needs_input_grad[:3]))
+        args = (weight.reshape(-1, K), P.reshape(2, -1, K), SIG.reshape(2, -1, K), *sizes)
+        if backend == 'triton':
+            out = triton_construct.separable_kernel(*args, interpolation, *_window_args(window))
+            kept = out.new_empty(0)
+        else:
+            # the profiles (exponentials: most of the work) are kept for the backward when
+            # one will come: C * K * (L_0 + L_1) floats, a few MiB at ConvNeXt sizes
+            out, kept = torch.ops.dcls_mm.separable_kernel(
+                *args, _COMPILED_INTERP[interpolation], *_window_args(window),
+                keep_profiles=any(ctx.needs_input_grad[:3]))
         out = out.view(*lead, *(hi - lo for lo, hi in window))
         ctx.save_for_backward(weight, P, SIG, kept, out)
         ctx.sizes, ctx.interpolation, ctx.window = sizes, interpolation, window
+        ctx.backend = backend
         return out
 
     @staticmethod
@@ -221,20 +228,27 @@ class _CompiledSeparableKernel2d(torch.autograd.Function):
         if torch.is_grad_enabled():
             # backward(create_graph=True): the compiled backward has no derivative, so
             # differentiate the same formula through PyTorch's ops instead
-            grids = [torch.arange(L, dtype=P.dtype) for L in sizes]
+            grids = [torch.arange(L, dtype=P.dtype, device=P.device) for L in sizes]
             out = _separable_kernel_torch(weight, P, SIG, sizes, interpolation, grids, window)
             return (*formula_gradients(out, (weight, P, SIG), ctx.needs_input_grad[:3], grad),
-                    None, None, None)
+                    None, None, None, None)
         K = weight.shape[-1]
-        # a cut tap (GAUSSIAN_CUT) passes no gradient: given the kernel, the op ignores
+        args = (grad.reshape(-1, *grad.shape[-2:]).float(), weight.reshape(-1, K),
+                P.reshape(2, -1, K), SIG.reshape(2, -1, K))
+        # a cut tap (GAUSSIAN_CUT) passes no gradient: given the kernel, the ops ignore
         # the gradient where it is 0 (the cut taps, and only they)
-        mask = out.reshape(-1, *out.shape[-2:]) if interpolation == 'gaussian' else \
-            out.new_empty(0)
-        dw, dP, dSIG = torch.ops.dcls_mm.separable_kernel_backward(
-            grad.reshape(-1, *grad.shape[-2:]).float(), weight.reshape(-1, K),
-            P.reshape(2, -1, K), SIG.reshape(2, -1, K), kept, *sizes,
-            _COMPILED_INTERP[interpolation], *_window_args(window), mask)
-        return dw.view(weight.shape), dP.view(P.shape), dSIG.view(SIG.shape), None, None, None
+        if ctx.backend == 'triton':
+            dw, dP, dSIG = triton_construct.separable_kernel_backward(
+                *args, *sizes, interpolation, *_window_args(window),
+                out.reshape(-1, *out.shape[-2:]))
+        else:
+            mask = out.reshape(-1, *out.shape[-2:]) if interpolation == 'gaussian' else \
+                out.new_empty(0)
+            dw, dP, dSIG = torch.ops.dcls_mm.separable_kernel_backward(
+                *args, kept, *sizes, _COMPILED_INTERP[interpolation], *_window_args(window),
+                mask)
+        return (dw.view(weight.shape), dP.view(P.shape), dSIG.view(SIG.shape),
+                None, None, None, None)
 
 
 class _BilinearKernel2d(torch.autograd.Function):
@@ -333,8 +347,8 @@ def construct_kernel(weight: Tensor, P: Tensor, SIG: Optional[Tensor],
                              window)
     if grids is None:
         grids = [torch.arange(L, device=P.device, dtype=P.dtype) for L in sizes]
-    if route == 'compiled':
-        return _CompiledSeparableKernel2d.apply(weight, P, SIG, sizes, interpolation, window)
+    if route in ('compiled', 'triton'):
+        return _SeparableKernel2d.apply(weight, P, SIG, sizes, interpolation, window, route)
     return _separable_kernel_torch(weight, P, SIG, sizes, interpolation, grids, window)
 
 
@@ -343,7 +357,8 @@ def construction_route(interpolation: str, learned_dims: int, P: Tensor,
     """How :func:`construct_kernel` builds a kernel (route ``construct``): ``'compiled'``
     (bilinear, triangle or gaussian with 2 learned dims, float32 on the CPU, compiled
     kernels built, not forced off by ``DCLS_MM_ROUTES=construct=torch``), ``'triton'``
-    (bilinear with 2 learned dims, float32 on a GPU with Triton), else the PyTorch ops:
+    (bilinear with 2 learned dims, float32 on a GPU with Triton; triangle and gaussian
+    too with ``DCLS_MM_ROUTES=construct=triton``), else the PyTorch ops:
     ``'scatter'`` (bilinear, and always for ``'bilinear_normalized'``) or ``'torch'``
     (the triangle/gaussian ``einsum``). Not measured: each compiled route replaces
     dozens of small PyTorch ops by one call.
@@ -359,9 +374,12 @@ def construction_route(interpolation: str, learned_dims: int, P: Tensor,
     if (interpolation == 'bilinear_normalized' or learned_dims != 2 or forced == 'torch'
             or torch.compiler.is_compiling()):
         return fallback
-    # on the CPU only when forced (tests, through Triton's interpreter)
-    if (interpolation == 'bilinear' and triton_construct.available(P)
-            and (P.device.type != 'cpu' or forced == 'triton')):
+    # bilinear: by default on GPUs (measured there, README); triangle/gaussian: not yet
+    # measured on a GPU, so only when forced; on the CPU only when forced (tests, through
+    # Triton's interpreter)
+    if (triton_construct.available(P) and (SIG is None or SIG.dtype == torch.float32)
+            and (forced == 'triton' or (interpolation == 'bilinear'
+                                        and P.device.type != 'cpu'))):
         return 'triton'
     if (P.device.type == 'cpu' and P.dtype == torch.float32
             and (SIG is None or SIG.dtype == torch.float32) and extension.available()):

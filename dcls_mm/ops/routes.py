@@ -47,7 +47,7 @@ _lock = threading.Lock()
 _memory: Dict[str, Dict[str, dict]] = {}  # machine key -> {op|shape: entry}
 _loaded_from: Dict[str, bool] = {}       # cache path -> loaded
 _used: Dict[str, str] = {}               # op|shape -> route as reported (forced, only one...)
-_decided: Dict[tuple, str] = {}          # (op|shape, device) -> route measured or read from the cache
+_decided: Dict[tuple, str] = {}          # (op|shape, device) -> route measured or cached
 
 
 def forced(op: str) -> Optional[str]:
