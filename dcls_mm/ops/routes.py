@@ -4,9 +4,11 @@ Some operations of :mod:`dcls_mm.ops` have several exact implementations whose r
 speed depends on the shape *and* on the machine (instruction set, cache sizes, thread
 count); a cost-model constant tuned on one machine picks the wrong one on another. So
 the first time a shape is met, every candidate runs on the real inputs and the fastest
-wins; the choice is kept for the process and on disk, keyed by the CPU model, ATen's CPU
-capability, the compiled kernels' instruction-set copy, the thread count and the torch
-version, so later processes on the same machine skip the measurement. The candidates
+wins; the choice is kept for the process (a shape keeps its first decision there, even if
+the thread count changes) and on disk, keyed by the CPU model, ATen's CPU capability,
+the compiled kernels' instruction-set copy, the thread count and the torch version (on a
+GPU: its name, the CUDA, cuDNN and torch versions; timings wait for the GPU), so later
+processes on the same machine skip the measurement. The candidates
 compute the same values (up to float rounding), so the choice never changes results
 beyond that.
 
