@@ -50,7 +50,8 @@ def test_dcls_layer_through_the_triton_construction_equals_the_compiled_one():
         grad = torch.randn(2, 24, 10, 11)
         results = {}
         for route in ('triton', 'compiled'):
-            os.environ['DCLS_MM_ROUTES'] = f'construct={route}'
+            # conv=onednn: the interpreted Triton forward would be measured too (slow)
+            os.environ['DCLS_MM_ROUTES'] = f'construct={route},conv=onednn'
             assert construction_route('bilinear', 2, layer.P, None) == route
             layer.zero_grad()
             xi = x.clone().requires_grad_(True)
@@ -125,7 +126,8 @@ def test_separable_route_is_opt_in(monkeypatch):
         x, grad = torch.randn(2, 16, 9, 9), torch.randn(2, 16, 9, 9)
         results = {}
         for route in ('triton', 'compiled'):
-            os.environ['DCLS_MM_ROUTES'] = f'construct={route}'
+            # conv=onednn: the interpreted Triton forward would be measured too (slow)
+            os.environ['DCLS_MM_ROUTES'] = f'construct={route},conv=onednn'
             layer.zero_grad()
             xi = x.clone().requires_grad_(True)
             layer(xi).backward(grad)
