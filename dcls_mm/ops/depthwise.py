@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import extension, routes, triton_conv
+from .triton_conv import no_tf32 as _no_tf32
 from .double_backward import formula_gradients
 
 def _smooth_size(n: int) -> int:
@@ -103,7 +104,7 @@ def _kernel_grad_aten(x: Tensor, grad_out: Tensor, kernel_hw: Tuple[int, int],
         x, pad = F.pad(x, (pl, pr, pt, pb)), (0, 0)
     else:
         pad = (pt, pl)
-    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+    with _no_tf32():
         return torch.nn.grad.conv2d_weight(x, (x.shape[1], 1, *kernel_hw), g, stride, pad,
                                            groups=x.shape[1])
 

@@ -154,7 +154,9 @@ def _bilinear_kernel(weight: Tensor, P: Tensor, sizes: Sequence[int], normalize:
     for d in range(D):
         taps_w = [w * f for w in taps_w for f in fracs[d]]
         offsets = [o + bit * strides[d] for o in offsets for bit in (0, 1)]
-    index = low.unsqueeze(-2) + _offsets_tensor(tuple(offsets), P.device).view(-1, 1)
+    corners = (torch.tensor(offsets, device=P.device) if torch.compiler.is_compiling()
+               else _offsets_tensor(tuple(offsets), P.device))  # never cache a traced tensor
+    index = low.unsqueeze(-2) + corners.view(-1, 1)
     flat = weight.new_zeros(*lead, math.prod(padded)).scatter_add(
         -1, index.flatten(-2), torch.cat(taps_w, -1))
     kernel = flat.view(*lead, *padded)
@@ -378,8 +380,9 @@ def construction_route(interpolation: str, learned_dims: int, P: Tensor,
     # measured on a GPU, so only when forced; on the CPU only when forced (tests, through
     # Triton's interpreter)
     if (triton_construct.available(P) and (SIG is None or SIG.dtype == torch.float32)
-            and (forced == 'triton' or (interpolation == 'bilinear'
-                                        and P.device.type != 'cpu'))):
+            and (forced == 'triton' or (interpolation == 'bilinear' and P.device.type != 'cpu'
+                                        # its taps are summed with atomics
+                                        and not torch.are_deterministic_algorithms_enabled()))):
         return 'triton'
     if (P.device.type == 'cpu' and P.dtype == torch.float32
             and (SIG is None or SIG.dtype == torch.float32) and extension.available()):

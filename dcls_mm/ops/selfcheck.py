@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .kernel import INTERPOLATIONS
 from .modules import Dcls2d
+from .triton_conv import no_tf32 as _no_tf32
 
 #: largest error allowed, relative to the reference's largest magnitude (per tensor):
 #: float32 rounding over sums of a few thousand terms, bfloat16's 8-bit mantissa
@@ -81,7 +82,7 @@ def check_device(device: str = 'cuda', interpolations: Sequence[str] = INTERPOLA
                     layer.zero_grad(set_to_none=True)
                     # float32 is checked as float32: PyTorch lets cuDNN convolutions use
                     # TF32 (10-bit mantissa) unless told otherwise
-                    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+                    with _no_tf32():
                         got = _run(layer, xd, grad.float().to(dev),
                                    None if dtype == torch.float32 else dtype)
                     for name, ref in want.items():

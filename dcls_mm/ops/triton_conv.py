@@ -27,11 +27,19 @@ from torch import Tensor
 try:
     import triton
     import triton.language as tl
-except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch on Linux
+except Exception:  # pragma: no cover - missing, or an install that fails to import
     triton = None
 
 #: dtypes the kernel reads and writes (sums in float32 whatever the input dtype)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def no_tf32():
+    """cuDNN without TF32, its other settings (enabled, benchmark, deterministic) as the
+    user set them."""
+    cudnn = torch.backends.cudnn
+    return cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
+                       deterministic=cudnn.deterministic, allow_tf32=False)
 
 
 def interpreted() -> bool:

@@ -137,3 +137,18 @@ def test_separable_route_is_opt_in(monkeypatch):
         print('ok')
     ''')
     assert out.strip() == 'ok'
+
+
+def test_deterministic_mode_keeps_the_scatter_on_gpus(monkeypatch):
+    """The Triton bilinear forward sums taps with atomics: not taken when PyTorch is
+    asked for deterministic algorithms (its scatter_add then is deterministic)."""
+    from dcls_mm.ops import triton_construct
+    monkeypatch.delenv('DCLS_MM_ROUTES', raising=False)
+    monkeypatch.setattr(triton_construct, 'available', lambda P: True)
+    P = torch.zeros(2, 4, 1, 3, device='meta')  # stands in for a GPU tensor
+    assert construction_route('bilinear', 2, P, None) == 'triton'
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert construction_route('bilinear', 2, P, None) == 'scatter'
+    finally:
+        torch.use_deterministic_algorithms(False)
