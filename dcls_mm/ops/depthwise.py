@@ -304,7 +304,8 @@ def used_taps(x_hw: Sequence[int], kernel_hw: Sequence[int], stride: Sequence[in
 def kernel_grad_route(x_shape: Sequence[int], kernel_hw: Sequence[int], stride: Sequence[int],
                       padding: Sequence[Sequence[int]], dtype: torch.dtype = torch.float32) -> str:
     """Kernel-gradient route this process uses for a :func:`depthwise_conv2d` call (for
-    reports): ``'direct'``, ``'fft'``, ``'... (forced)'`` or ``'not measured yet'``.
+    reports): ``'direct'``, ``'fft'``, ``'aten'`` (GPUs), ``'... (forced)'``,
+    ``'... (only one available)'`` or ``'not measured yet'``.
 
     Args:
         x_shape: input ``(N, C, H, W)``.

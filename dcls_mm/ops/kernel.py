@@ -18,8 +18,9 @@ normalisation, which gives two exact constructions:
   calls, more time than the convolution), so for 2 learned dims in float32 the compiled
   kernels (:mod:`dcls_mm.ops.extension`, ``csrc/separable_kernel.cpp``) compute the same
   formula, forward and backward, 16 channels per vector; the ``einsum`` stays the
-  fallback (route ``construct``: ``compiled``, else ``torch``, or ``scatter`` for
-  bilinear; :mod:`dcls_mm.ops.routes`).
+  fallback (route ``construct``: ``compiled`` on the CPU, ``triton`` on GPUs
+  (:mod:`dcls_mm.ops.triton_construct`), else ``torch``, or ``scatter`` for bilinear;
+  see :func:`construction_route`).
 
 Axis convention (one for every interpolation): ``P[d]`` is the position along the
 d-th *learned* kernel dim, in the order of the kernel tensor's trailing dims (for 2-D:
