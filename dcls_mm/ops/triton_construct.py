@@ -20,7 +20,6 @@ ops (:mod:`dcls_mm.ops.kernel` picks by the tensors' device):
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Tuple
 
 import torch
@@ -201,11 +200,6 @@ def available(P: Tensor) -> bool:
     return P.dtype == torch.float32 and triton_conv.available(P.device, P.dtype)
 
 
-def _device(t: Tensor):
-    # Triton launches on the current device, which need not be the tensors' one
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def bilinear_kernel(weight: Tensor, P: Tensor, L0: int, L1: int, r0: int, nr: int, c0: int,
                     nc: int) -> Tensor:
     """Window ``[r0, r0 + nr) x [c0, c0 + nc)`` of the bilinear kernels of ``weight``
@@ -213,7 +207,7 @@ def bilinear_kernel(weight: Tensor, P: Tensor, L0: int, L1: int, r0: int, nr: in
     w, p = weight.float().contiguous(), P.float().contiguous()
     out = torch.zeros(w.shape[0], nr, nc, device=w.device, dtype=torch.float32)
     n = w.numel()
-    with _device(w):
+    with triton_conv.on_device(w):
         _bilinear_forward[(triton.cdiv(n, BLOCK),)](w, p, out, n, w.shape[1], L0, L1, r0, nr,
                                                     c0, nc, BLOCK=BLOCK)
     return out
@@ -226,7 +220,7 @@ def bilinear_kernel_backward(grad: Tensor, weight: Tensor, P: Tensor, L0: int, L
     g, w, p = grad.float().contiguous(), weight.float().contiguous(), P.float().contiguous()
     dw, dp = torch.empty_like(w), torch.empty_like(p)
     n = w.numel()
-    with _device(w):
+    with triton_conv.on_device(w):
         _bilinear_backward[(triton.cdiv(n, BLOCK),)](g, w, p, dw, dp, n, w.shape[1], L0, L1, r0,
                                                      nr, c0, nc, BLOCK=BLOCK)
     return dw, dp
@@ -255,7 +249,7 @@ def separable_kernel(weight: Tensor, P: Tensor, SIG: Tensor, L0: int, L1: int,
     from .kernel import GAUSSIAN_CUT
     w, p, sig = (t.float().contiguous() for t in (weight, P, SIG))
     out = torch.empty(w.shape[0], nr, nc, device=w.device, dtype=torch.float32)
-    with _device(w):
+    with triton_conv.on_device(w):
         _separable_forward[(w.shape[0],)](
             w, p, sig, out, w.numel(), w.shape[1], L0, L1, r0, nr, c0, nc,
             CUT=GAUSSIAN_CUT * torch.finfo(torch.float32).eps,
@@ -271,7 +265,7 @@ def separable_kernel_backward(grad: Tensor, weight: Tensor, P: Tensor, SIG: Tens
     gaussian tap cut to 0 there passes no gradient)."""
     g, o, w, p, sig = (t.float().contiguous() for t in (grad, out, weight, P, SIG))
     dw, dp, dsig = torch.empty_like(w), torch.empty_like(p), torch.empty_like(sig)
-    with _device(w):
+    with triton_conv.on_device(w):
         _separable_backward[(w.shape[0],)](
             g, o, w, p, sig, dw, dp, dsig, w.numel(), w.shape[1], L0, L1, r0, nr, c0, nc,
             **_separable_args(w, p, sig, L0, L1, interpolation))

@@ -42,6 +42,12 @@ def no_tf32():
                        deterministic=cudnn.deterministic, allow_tf32=False)
 
 
+def on_device(t: Tensor):
+    """Context for a launch: Triton launches on the current device, which need not be
+    the tensors' one."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def interpreted() -> bool:
     """Whether Triton runs kernels on the CPU (``TRITON_INTERPRET=1``, for tests)."""
     return os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')
@@ -138,8 +144,7 @@ def depthwise_conv(x: Tensor, kernel: Tensor, bias: Optional[Tensor],
 
     def grid(meta):
         return (n * ho * triton.cdiv(wo, meta['BLOCK_W']), triton.cdiv(c, meta['BLOCK_C']))
-    # Triton launches on the current device, which need not be the tensors' one
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with on_device(x):
         _depthwise_forward[grid](x, taps, b, y, h, w, c, ho, wo, kh, kw, pt, pl,
                                  HAS_BIAS=bias is not None)
     return y
