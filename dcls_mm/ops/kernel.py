@@ -355,6 +355,67 @@ def construct_kernel(weight: Tensor, P: Tensor, SIG: Optional[Tensor],
     return _separable_kernel_torch(weight, P, SIG, sizes, interpolation, grids, window)
 
 
+def support_radius(P: Tensor, SIG: Optional[Tensor], dilated_kernel_size: Sequence[int],
+                   interpolation: str) -> int:
+    """Distance from the kernel's centre tap beyond which no tap of the constructed
+    kernel can be non-zero or pass a gradient to ``weight``/``P``/``SIG``, along every
+    learned dim: the taps ``[L_d // 2 - r, L_d // 2 + r]`` hold the whole kernel and its
+    whole derivative, so building and convolving only those is exact.
+
+    Per element (centred position ``p``, width ``w = |SIG| + offset``):
+
+    - bilinear (both kinds): the taps ``floor(p)`` and ``floor(p) + 1``, nothing else
+      (whatever the weights: a zero weight or an integer position still reads the
+      gradient of both taps);
+    - triangle: ``relu(w - |i - p|)`` is 0, and so is its derivative, for ``|i - p| >= w``,
+      so ``|i| <= ceil(|p| + w) - 1``;
+    - gaussian: a tap is cut to 0 (:data:`GAUSSIAN_CUT`, and then passes no gradient)
+      when ``|T| < eps' B`` with ``T = sum_e s_e a_0e(i) a_1e(j)`` and
+      ``B = sum_e |s_e| max a_0e max a_1e``, ``eps' = GAUSSIAN_CUT * eps``. Each term is at
+      most ``B * a_0e(i) / max a_0e``, so a row ``i`` where every element has
+      ``a_0e(i) / max a_0e < eps' / (2K)`` is cut (the 2 covers float rounding of the
+      sum). With ``i*`` the grid point nearest ``p``, that ratio is
+      ``exp(-((i - p)^2 - (i* - p)^2) / (2 w^2))``, so only ``|i - p| <= w G + |i* - p|``
+      with ``G = sqrt(2 ln(2K / eps'))`` (7.2 for K 26 in float32) can be non-zero.
+
+    At the published initialisation (positions from N(0, 0.5)) this is a few taps: e.g.
+    r = 3 of 8 for a bilinear dks-17 layer, so a layer convolves with a 7x7 kernel
+    until its positions spread; trained kernels usually span the whole grid (r = L // 2).
+
+    Args:
+        P: positions ``(D, ..., K)``, centred.
+        SIG: widths like ``P`` (triangle/gaussian), else ``None``.
+        dilated_kernel_size: ``(L_0, ..., L_{D-1})``.
+        interpolation: canonical name.
+
+    Returns:
+        ``r`` (a Python int, at most ``max(L_d) // 2``; reading it synchronises the
+        device of ``P``).
+    """
+    # few ops: this runs before every forward of a cropping layer
+    P = P.detach()
+    if interpolation in ('bilinear', 'bilinear_normalized'):
+        low, high = (v.item() for v in torch.aminmax(P))
+        reach = max(-math.floor(low), math.floor(high) + 1)
+    elif interpolation == 'triangle':
+        # the farthest tap with |i - p| < w
+        reach = ((P.abs() + SIG.detach().abs()).amax().item()
+                 + SIGMA_OFFSET['triangle'] - 1)
+    elif interpolation == 'gaussian':
+        eps = GAUSSIAN_CUT * torch.finfo(P.dtype if P.dtype == torch.float64
+                                         else torch.float32).eps
+        spread = math.sqrt(2 * math.log(2 * P.shape[-1] / eps))
+        dist = P.abs()
+        far = (dist + spread * SIG.detach().abs()).amax().item()
+        # |i* - p|: 1/2 inside the grid, more for a position outside it (bounded with the
+        # largest |p| and the smallest grid)
+        nearest = 0.5 + max(0.0, dist.amax().item() - (min(dilated_kernel_size) // 2 - 1))
+        reach = far + spread * SIGMA_OFFSET['gaussian'] + nearest
+    else:
+        raise ValueError(f'unknown interpolation {interpolation!r}')
+    return int(min(math.ceil(reach), max(dilated_kernel_size) // 2))
+
+
 def construction_route(interpolation: str, learned_dims: int, P: Tensor,
                        SIG: Optional[Tensor]) -> str:
     """How :func:`construct_kernel` builds a kernel (route ``construct``): ``'compiled'``

@@ -26,7 +26,8 @@ from torch.nn import init
 
 from .depthwise import depthwise_conv2d, used_taps
 from .introspect import dcls_layers
-from .kernel import (SIGMA_INIT, WITH_SIGMA, Window, canonical_interpolation, construct_kernel)
+from .kernel import (SIGMA_INIT, WITH_SIGMA, Window, canonical_interpolation, construct_kernel,
+                     support_radius)
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 PADDING_MODES = ('zeros', 'reflect', 'replicate', 'circular')
@@ -504,22 +505,50 @@ class Dcls2d(_DclsEveryDim):
                 and self.groups == self.in_channels == self.out_channels)
 
     def kernel_window(self, x: Tensor) -> Optional[Window]:
+        """The taps of the kernel that input ``x`` meets and that can be non-zero, when
+        that is fewer than all of them, as ``((start, stop), (start, stop))``; ``None``:
+        all taps.
+
+        Only the depthwise fast path builds partial kernels. Two exact crops: on maps
+        smaller than the kernel, the taps that meet the map
+        (:func:`dcls_mm.ops.depthwise.used_taps`); on the CPU, the square around the centre
+        outside which the kernel and its gradient are 0
+        (:func:`dcls_mm.ops.kernel.support_radius`: at initialisation, positions near the
+        centre, a few taps; trained kernels usually span the grid), kept within the
+        padding so that the convolution's padding stays non-negative. The second reads
+        the positions, so it is skipped on GPUs (a device synchronisation per layer) and
+        while tracing or compiling (the window would be frozen into the graph).
+        """
         if not self.uses_fast_path:
             return None
         (r0, r1, c0, c1), _ = used_taps(x.shape[-2:], self.kernel_size, self.stride, self.padding)
-        if (r0, r1, c0, c1) == (0, self.kernel_size[0], 0, self.kernel_size[1]):
+        window = [(r0, r1), (c0, c1)]
+        if (self.P.device.type == 'cpu' and not torch.compiler.is_compiling()
+                and not torch.jit.is_tracing()):
+            r = support_radius(self.P, self.SIG, self.dilated_kernel_size, self.interpolation)
+            for d, ((lo, hi), L, (pad_lo, pad_hi)) in enumerate(
+                    zip(window, self.kernel_size, self.padding)):
+                start = max(lo, min(L // 2 - r, pad_lo))
+                stop = min(hi, max(L // 2 + r + 1, L - pad_hi))
+                start = min(start, hi - 1)  # support and map apart: one (zero) tap
+                window[d] = (start, max(stop, start + 1))
+        if window == [(0, self.kernel_size[0]), (0, self.kernel_size[1])]:
             return None
-        return (r0, r1), (c0, c1)
+        return tuple(window)
+
+    def window_padding(self, window: Optional[Window]) -> Tuple[Tuple[int, int], ...]:
+        """The padding that gives a convolution with the ``window`` of the kernel the same
+        output as one with the whole kernel and this layer's padding."""
+        if window is None:
+            return self.padding
+        # each tap cut off before/after the window takes one padding row/column with it
+        return tuple((lo - start, hi - (size - stop)) for (lo, hi), (start, stop), size
+                     in zip(self.padding, window, self.kernel_size))
 
     def conv(self, x: Tensor, kernel: Tensor, window: Optional[Window] = None) -> Tensor:
         if not self.uses_fast_path:
             return super().conv(x, kernel, window)
-        padding = self.padding
-        if window is not None:
-            # each tap cut off before/after the window takes one padding row/column with it:
-            # same output size, same values
-            padding = tuple((lo - start, hi - (size - stop)) for (lo, hi), (start, stop), size
-                            in zip(self.padding, window, self.kernel_size))
+        padding = self.window_padding(window)
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)

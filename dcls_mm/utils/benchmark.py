@@ -167,10 +167,14 @@ def dcls_layer_routes(module, x_shape, dtype: torch.dtype = torch.float32,
     if not module.uses_fast_path:
         return dict(conv='plain', kernel_grad='plain',
                     construct=construction_route(module.interpolation, 2, module.P, module.SIG))
-    return dict(conv=conv_route(x_shape, module.dilated_kernel_size, module.stride,
-                                module.padding, dtype, device),
-                kernel_grad=kernel_grad_route(x_shape, module.dilated_kernel_size, module.stride,
-                                              module.padding, dtype),
+    # the taps the layer convolves with (a window on small maps and while its positions
+    # are near the centre); only the input's shape is read
+    window = module.kernel_window(torch.empty(x_shape, device='meta'))
+    kernel_hw = (module.dilated_kernel_size if window is None
+                 else tuple(stop - start for start, stop in window))
+    padding = module.window_padding(window)
+    return dict(conv=conv_route(x_shape, kernel_hw, module.stride, padding, dtype, device),
+                kernel_grad=kernel_grad_route(x_shape, kernel_hw, module.stride, padding, dtype),
                 construct=construction_route(module.interpolation, 2, module.P, module.SIG))
 
 

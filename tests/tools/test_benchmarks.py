@@ -42,9 +42,21 @@ def test_layer_part_writes_json(bench, compiled, tmp_path, capsys):
     assert written['compiled_isa'] == (extension.isa() if compiled else 'not built')
     assert written['cpu_capability'] == torch.backends.cpu.get_cpu_capability()
     rows = written['layer']
-    assert [(r['interpolation'], r['dks'], r['K'], r['C'], r['H'], r['layout']) for r in rows] == [
-        (interp, *bench.VARIANTS[interp], c, h, 'channels_last')
-        for interp in ('bilinear', 'gaussian') for c, h in bench.STAGES]
+    assert [(r['interpolation'], r['positions'], r['dks'], r['K'], r['C'], r['H'], r['layout'])
+            for r in rows] == [
+        (interp, positions, *bench.VARIANTS[interp], c, h, 'channels_last')
+        for interp in ('bilinear', 'gaussian') for positions in ('spread', 'init')
+        for c, h in bench.STAGES]
+    for row in rows:
+        # spread positions reach the whole kernel (on the 7x7 map: the 13x13 taps that
+        # meet it, dks 17: 2 * 7 - 1 = 13); initial ones (N(0, 0.5)) a square near the
+        # centre, smaller than the kernel on the maps larger than it
+        side = min(row['dks'], 2 * row['H'] - 1)
+        if row['positions'] == 'spread':
+            assert row['kernel'] == [side, side]
+        else:
+            assert row['kernel'][0] == row['kernel'][1] <= side
+            assert row['kernel'][0] < side or row['H'] == 7
     # without the C++ kernels FFT is the only kernel-gradient route and the gaussian
     # kernel is built by the einsum
     grad_routes = ('direct', 'fft') if compiled else ('fft (only one available)', )

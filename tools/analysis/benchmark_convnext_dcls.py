@@ -14,6 +14,11 @@ repeats after warm-up, interleaved), because machines are noisy:
   step (forward + backward) and inference against timm ``convnext_tiny``, and the peak
   memory of the training step; on CUDA, throughput in images/s with AMP (batch 64).
 
+Positions (``--positions``): ``init`` as initialised (N(0, 0.5): near the centre, where
+the layers convolve with only the few taps their kernels can reach, see
+:func:`dcls_mm.ops.kernel.support_radius`), ``spread`` uniform over the whole dilated
+kernel, as in trained models (every tap reachable: the cost a trained model pays).
+
 The header prints the CPU, ATen's CPU capability (``torch.backends.cpu.get_cpu_capability()``),
 oneDNN's ISA cap and the compiled kernels' instruction-set copy; every layer row and
 every model prints the routes it ran (forward: measured ``direct``/``onednn``; kernel
@@ -42,23 +47,35 @@ import torch
 import torch.nn as nn
 
 import dcls_mm.models  # noqa: F401  (registers convnext_dcls_* in timm)
-from dcls_mm.ops import Dcls2d, set_impl
+from dcls_mm.ops import Dcls2d, dcls_layers, set_impl
 from dcls_mm.utils import (DclsRouteRecorder, dcls_layer_routes, machine_info, machine_line,
                            peak_memory_mib, routes_text, time_fn, time_fns, write_json)
 
 STAGES = ((96, 56), (192, 28), (384, 14), (768, 7))
 #: interpolation -> (dilated kernel size, kernel count) of the benchmarked models
 VARIANTS = OrderedDict(bilinear=(17, 34), gaussian=(23, 26), triangle=(23, 26))
+POSITIONS = ('spread', 'init')
+
+
+def set_positions(model: nn.Module, positions: str) -> nn.Module:
+    """``'spread'``: every DCLS layer's positions uniform over its dilated kernel (drawn
+    from the global generator); ``'init'``: left as initialised."""
+    if positions == 'spread':
+        with torch.no_grad():
+            for _, layer in dcls_layers(model):
+                for d, L in enumerate(layer.dilated_kernel_size):
+                    layer.P[d].uniform_(-(L // 2), L // 2)
+    return model
 
 
 def layer_rows(args, device):
     rows = []
     print(f'\n[layer] fwd+bwd, batch {args.batch} (ms; ratio vs 7x7 on the same input; '
           'construct share = construction / convolution alone)')
-    print(f'{"interp":9} {"dks":>3} {"K":>3} {"C":>4} {"HxW":>6} {"input":>13} {"7x7":>7} '
+    print(f'{"interp":9} {"pos":>6} {"dks":>3} {"K":>3} {"C":>4} {"HxW":>6} {"input":>13} {"7x7":>7} '
           f'{"dcls":>7} {"ratio":>6} {"conv":>7} {"constr":>7} {"share":>6} {"plain":>8} '
           f'{"ratio":>6}  routes')
-    for interp in args.interpolations:
+    for interp, positions in ((i, p) for i in args.interpolations for p in args.positions):
         dks, K = VARIANTS[interp]
         for C, H in STAGES:
             for layout in args.layouts:
@@ -69,6 +86,7 @@ def layer_rows(args, device):
                 x.requires_grad_(True)
                 dcls = Dcls2d(C, C, K, padding='same', dilated_kernel_size=dks, groups=C,
                               interpolation=interp).to(device)
+                set_positions(dcls, positions)
                 dense = nn.Conv2d(C, C, 7, padding=3, groups=C).to(device)
                 # the taps this map meets (all but on maps smaller than the kernel)
                 window = dcls.kernel_window(x)
@@ -90,7 +108,9 @@ def layer_rows(args, device):
                 def construct_alone():
                     dcls.construct_kernel(window).backward(kernel_grad)
 
-                row = dict(interpolation=interp, dks=dks, K=K, C=C, H=H, layout=layout)
+                row = dict(interpolation=interp, positions=positions, dks=dks, K=K, C=C, H=H,
+                           layout=layout,
+                           kernel=list(leaf.shape[-2:]))
                 times = time_fns([step(dense), step(dcls), conv_alone, construct_alone], device,
                                  args.repeats)
                 for name, t in zip(('dense7_ms', 'dcls_ms', 'conv_ms', 'construct_ms'), times):
@@ -105,7 +125,7 @@ def layer_rows(args, device):
                 rows.append(row)
                 plain = (f'{row["plain_ms"]:8.1f} {row["plain_ms"] / row["dense7_ms"]:5.1f}x'
                          if 'plain_ms' in row else f'{"":8} {"":6}')
-                print(f'{interp:9} {dks:3d} {K:3d} {C:4d} {H:3d}x{H:<3d}{layout:>13} '
+                print(f'{interp:9} {positions:>6} {dks:3d} {K:3d} {C:4d} {H:3d}x{H:<3d}{layout:>13} '
                       f'{row["dense7_ms"]:7.1f} {row["dcls_ms"]:7.1f} {row["ratio"]:5.2f}x '
                       f'{row["conv_ms"]:7.1f} {row["construct_ms"]:7.2f} '
                       f'{100 * row["construct_share"]:5.1f}% {plain}  '
@@ -116,11 +136,11 @@ def layer_rows(args, device):
 def model_rows(args, device):
     torch.manual_seed(0)
     models = OrderedDict(convnext_tiny=timm.create_model('convnext_tiny').to(device))
-    for interp in args.interpolations:
+    for interp, positions in ((i, p) for i in args.interpolations for p in args.positions):
         dks, K = VARIANTS[interp]
-        models[f'convnext_dcls_tiny_{interp}'] = timm.create_model(
+        models[f'convnext_dcls_tiny_{interp}_{positions}'] = set_positions(timm.create_model(
             'convnext_dcls_tiny', interpolation=interp, dilated_kernel_size=dks,
-            kernel_count=K).to(device)
+            kernel_count=K), positions).to(device)
     x = torch.randn(args.batch, 3, 224, 224, device=device)
     target = torch.randint(0, 1000, (args.batch,), device=device)
     loss_fn = nn.CrossEntropyLoss()
@@ -164,9 +184,9 @@ def model_rows(args, device):
         ratios[name] = dict(train=ours['train_ms'] / base['train_ms'],
                             infer=ours['infer_ms'] / base['infer_ms'],
                             memory=ours['train_peak_mib'] / base['train_peak_mib'])
-    print(f'{"model":34} {"train ms":>10} {"infer ms":>10} {"train peak MiB":>15}')
+    print(f'{"model":40} {"train ms":>10} {"infer ms":>10} {"train peak MiB":>15}')
     for name, e in result.items():
-        print(f'{name:34} {e["train_ms"]:10.1f} {e.get("infer_ms", float("nan")):10.1f} '
+        print(f'{name:40} {e["train_ms"]:10.1f} {e.get("infer_ms", float("nan")):10.1f} '
               f'{e.get("train_peak_mib", float("nan")):15.1f}')
     for name, r in ratios.items():
         print(f'ratios {name}/convnext_tiny: train {r["train"]:.2f}x (target <= 1.2), '
@@ -230,6 +250,9 @@ def main(argv=None) -> dict:
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--interpolations', nargs='+', default=list(VARIANTS),
                         choices=list(VARIANTS))
+    parser.add_argument('--positions', nargs='+', default=list(POSITIONS), choices=POSITIONS,
+                        help='DCLS positions: spread over the kernel (as trained) and/or as '
+                             'initialised (near the centre)')
     parser.add_argument('--layouts', nargs='+', default=['channels_last'],
                         choices=['nchw', 'channels_last'], help='input layouts of the layer part')
     parser.add_argument('--skip-plain', action='store_true',
