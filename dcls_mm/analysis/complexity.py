@@ -8,7 +8,8 @@ A DCLS layer is counted as what it computes:
 - the dense convolution it runs with its constructed kernel (``C_out x C_in/g x
   L_0 x ... `` taps per output value), traced as ``aten::_convolution`` with the full
   dilated kernel (the layers run the plain path during the count; the fast depthwise
-  path's cropping of taps that miss small inputs is an implementation detail);
+  path's crops, to the taps that meet a small input and to the square the positions
+  reach, are implementation details);
 - plus the construction of that kernel: ``weight.numel() * 2^D`` for the bilinear
   interpolations (one multiply-accumulate per tap of each element) and
   ``weight.numel() * L_0 * ... * L_{D-1}`` for triangle/gaussian (the contraction of

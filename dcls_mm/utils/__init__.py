@@ -10,7 +10,8 @@ import importlib
 
 _EXPORTS = {
     'benchmark': ('DclsRouteRecorder', 'dcls_layer_routes', 'machine_info', 'machine_line',
-                  'peak_memory_mib', 'routes_text', 'time_fn', 'time_fns', 'write_json'),
+                  'peak_memory_mib', 'routes_text', 'spread_positions', 'time_fn', 'time_fns',
+                  'write_json'),
     'checkpoint_io': ('CheckpointReadError', 'UnsafeCheckpointError', 'load_checkpoint_file',
                       'register_checkpoint_loader'),
 }

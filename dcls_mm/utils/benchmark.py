@@ -148,6 +148,24 @@ def machine_line(info: dict) -> str:
             f'threads={info["threads"]} dcls kernels: {kernels}')
 
 
+def spread_positions(model: torch.nn.Module) -> torch.nn.Module:
+    """Draw every DCLS layer's positions uniformly over its dilated kernel (from the
+    global generator), in place, as a stand-in for a trained model: freshly initialised
+    positions sit near the centre, where a depthwise layer convolves with only the few
+    taps they reach (:func:`dcls_mm.ops.kernel.support_radius`), which would make a
+    benchmark of random-initialised models measure less work than trained ones do.
+
+    Returns:
+        ``model``.
+    """
+    from dcls_mm.ops import dcls_layers
+    with torch.no_grad():
+        for _, layer in dcls_layers(model):
+            for d, L in enumerate(layer.dilated_kernel_size):
+                layer.P[d].uniform_(-(L // 2), L // 2)
+    return model
+
+
 def dcls_layer_routes(module, x_shape, dtype: torch.dtype = torch.float32,
                       device: torch.device = torch.device('cpu')) -> dict:
     """Routes a ``Dcls2d`` layer used for inputs of ``x_shape`` (after it ran): ``conv``

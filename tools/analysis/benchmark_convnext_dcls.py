@@ -47,9 +47,10 @@ import torch
 import torch.nn as nn
 
 import dcls_mm.models  # noqa: F401  (registers convnext_dcls_* in timm)
-from dcls_mm.ops import Dcls2d, dcls_layers, set_impl
+from dcls_mm.ops import Dcls2d, set_impl
 from dcls_mm.utils import (DclsRouteRecorder, dcls_layer_routes, machine_info, machine_line,
-                           peak_memory_mib, routes_text, time_fn, time_fns, write_json)
+                           peak_memory_mib, routes_text, spread_positions, time_fn, time_fns,
+                           write_json)
 
 STAGES = ((96, 56), (192, 28), (384, 14), (768, 7))
 #: interpolation -> (dilated kernel size, kernel count) of the benchmarked models
@@ -58,14 +59,8 @@ POSITIONS = ('spread', 'init')
 
 
 def set_positions(model: nn.Module, positions: str) -> nn.Module:
-    """``'spread'``: every DCLS layer's positions uniform over its dilated kernel (drawn
-    from the global generator); ``'init'``: left as initialised."""
-    if positions == 'spread':
-        with torch.no_grad():
-            for _, layer in dcls_layers(model):
-                for d, L in enumerate(layer.dilated_kernel_size):
-                    layer.P[d].uniform_(-(L // 2), L // 2)
-    return model
+    """``'spread'``: :func:`dcls_mm.utils.spread_positions`; ``'init'``: as initialised."""
+    return spread_positions(model) if positions == 'spread' else model
 
 
 def layer_rows(args, device):

@@ -2,7 +2,11 @@
 
 Both models of a task are built from the recipe config files (``configs/cascade_mask_rcnn``,
 ``configs/upernet``) through the mmdet / mmseg registries, with random initialisation (no
-checkpoint is read), SyncBN reverted to BN (one CPU process), in float32. Inputs have the
+checkpoint is read), SyncBN reverted to BN (one CPU process), in float32. The DCLS
+positions are drawn over the whole dilated kernel (:func:`dcls_mm.utils.spread_positions`):
+these recipes fine-tune an ImageNet-trained backbone, whose positions are spread, and
+freshly initialised ones (near the centre) would let the layers convolve with only a
+few taps. Inputs have the
 real sizes: detection one 800x1333 image with 10 random boxes and masks (mmdet's
 ``demo_mm_inputs``), segmentation two 512x512 images with random ADE20K labels. Each
 step goes through the model's own data preprocessor:
@@ -36,7 +40,7 @@ from pathlib import Path
 import torch
 
 from dcls_mm.utils import (DclsRouteRecorder, machine_info, machine_line, peak_memory_mib,
-                           time_fns, write_json)
+                           spread_positions, time_fns, write_json)
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = OrderedDict(
@@ -94,7 +98,7 @@ def build_model(config: str, scope: str, interpolation: str = 'bilinear', size=N
         model.init_weights()
     finally:
         logger.setLevel(level)
-    return revert_sync_batchnorm(model).train()
+    return spread_positions(revert_sync_batchnorm(model)).train()
 
 
 def make_batch(task: str, size=None, seed: int = 0) -> dict:

@@ -8,7 +8,9 @@ SPEC is ``SOURCE[@CHECKPOINT]`` (see :mod:`dcls_mm.analysis.loading`); for a con
 the backbone is measured. FLOPs (multiply-accumulates, mmengine's ``FlopAnalyzer``)
 count a DCLS layer as the dense convolution with its dilated kernel plus the kernel's
 construction. Throughput is measured in this run; the last column is its ratio to the
-first model's, and the CPU capability is printed with it.
+first model's, and the CPU capability is printed with it. A model without a checkpoint
+runs with its initial positions, near the kernel's centre, where the CPU depthwise path
+convolves with only the taps they reach: give a checkpoint for a trained model's speed.
 """
 from __future__ import annotations
 
