@@ -24,6 +24,7 @@ ConvNeXt stage.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -153,15 +154,20 @@ def _conv_channels_last(x: Tensor, kernel: Tensor, bias: Optional[Tensor],
                         stride: Tuple[int, int],
                         padding: Tuple[Tuple[int, int], Tuple[int, int]]) -> Tensor:
     """Forward depthwise conv on a channels_last copy of ``x`` by ``F.conv2d`` (oneDNN;
-    differentiable, any dtype; the bias added by the convolution itself: a separate
-    ``y + bias`` is one more pass over the output)."""
+    cuDNN on NVIDIA GPUs, in float32 without TF32 like the other routes, so that the
+    measured choice does not change float32 results; differentiable, any dtype; the bias
+    added by the convolution itself: a separate ``y + bias`` is one more pass over the
+    output)."""
     (pt, pb), (pl, pr) = padding
     xc = x.contiguous(memory_format=torch.channels_last)
     k = kernel.to(x.dtype)
     b = None if bias is None else bias.to(x.dtype)
-    if pt == pb and pl == pr:
-        return F.conv2d(xc, k, b, stride, (pt, pl), 1, x.shape[1])
-    return F.conv2d(F.pad(xc, (pl, pr, pt, pb)), k, b, stride, 0, 1, x.shape[1])
+    if pt != pb or pl != pr:
+        xc, pad = F.pad(xc, (pl, pr, pt, pb)), (0, 0)
+    else:
+        pad = (pt, pl)
+    with _no_tf32() if x.is_cuda and x.dtype == torch.float32 else contextlib.nullcontext():
+        return F.conv2d(xc, k, b, stride, pad, 1, x.shape[1])
 
 
 def conv_key(x_shape: Sequence[int], kernel_hw: Sequence[int],
@@ -302,7 +308,8 @@ def used_taps(x_hw: Sequence[int], kernel_hw: Sequence[int], stride: Sequence[in
 
 
 def kernel_grad_route(x_shape: Sequence[int], kernel_hw: Sequence[int], stride: Sequence[int],
-                      padding: Sequence[Sequence[int]], dtype: torch.dtype = torch.float32) -> str:
+                      padding: Sequence[Sequence[int]], dtype: torch.dtype = torch.float32,
+                      device: torch.device = torch.device('cpu')) -> str:
     """Kernel-gradient route this process uses for a :func:`depthwise_conv2d` call (for
     reports): ``'direct'``, ``'fft'``, ``'aten'`` (GPUs), ``'... (forced)'``,
     ``'... (only one available)'`` or ``'not measured yet'``.
@@ -313,6 +320,7 @@ def kernel_grad_route(x_shape: Sequence[int], kernel_hw: Sequence[int], stride: 
         stride: ``(sh, sw)``.
         padding: ``((top, bottom), (left, right))``.
         dtype: input dtype.
+        device: where it ran.
     """
     stride = tuple(stride)
     (r0, r1, c0, c1), padding = used_taps(tuple(x_shape[-2:]), tuple(kernel_hw), stride, padding)
@@ -321,7 +329,7 @@ def kernel_grad_route(x_shape: Sequence[int], kernel_hw: Sequence[int], stride: 
               (x_shape[-1] + pl + pr - (c1 - c0)) // stride[1] + 1)
     key = kernel_grad_key(x_shape, (*x_shape[:2], *out_hw), (r1 - r0, c1 - c0), padding, stride,
                           dtype)
-    return routes.chosen('kernel_grad', key) or 'not measured yet'
+    return routes.chosen('kernel_grad', key, device) or 'not measured yet'
 
 
 def conv_route(x_shape: Sequence[int], kernel_hw: Sequence[int], stride: Sequence[int],
@@ -335,7 +343,7 @@ def conv_route(x_shape: Sequence[int], kernel_hw: Sequence[int], stride: Sequenc
     names = _conv_routes(x_shape[1], stride, padding, dtype, torch.device(device))
     if len(names) == 1:
         return f'{names[0]} (only one available)'
-    return routes.chosen('conv', conv_key(x_shape, (r1 - r0, c1 - c0), padding, dtype)) or \
+    return routes.chosen('conv', conv_key(x_shape, (r1 - r0, c1 - c0), padding, dtype), device) or \
         'not measured yet'
 
 

@@ -48,8 +48,9 @@ TIMED_RUNS = 5
 _lock = threading.Lock()
 _memory: Dict[str, Dict[str, dict]] = {}  # machine key -> {op|shape: entry}
 _loaded_from: Dict[str, bool] = {}       # cache path -> loaded
-_used: Dict[str, str] = {}               # op|shape -> route as reported (forced, only one...)
+_used: Dict[tuple, str] = {}             # (op|shape, device) -> route as reported (forced...)
 _decided: Dict[tuple, str] = {}          # (op|shape, device) -> route measured or cached
+_CPU = torch.device('cpu')
 
 
 def forced(op: str) -> Optional[str]:
@@ -205,6 +206,7 @@ def run(op: str, shape_key: str, candidates: Mapping[str, Callable[[], object]],
         The chosen route's result.
     """
     key = f'{op} {shape_key}'
+    device = _CPU if device is None else device
     route = _decided.get((key, device))
     if route is not None and route in candidates and ENV_FORCE not in os.environ:
         # decided earlier in this process: this runs once per layer call, so it must not
@@ -212,19 +214,19 @@ def run(op: str, shape_key: str, candidates: Mapping[str, Callable[[], object]],
         return candidates[route]()
     force = forced(op)
     if force in candidates:
-        _used[key] = f'{force} (forced)'
+        _used[key, device] = f'{force} (forced)'
         return candidates[force]()
     if len(candidates) == 1:
-        _used[key] = f'{next(iter(candidates))} (only one available)'
+        _used[key, device] = f'{next(iter(candidates))} (only one available)'
         return next(iter(candidates.values()))()
     machine = machine_key(device)
     with _lock:
         entry = _known(machine, key)
     if entry is not None and entry['route'] in candidates:
-        _used[key] = _decided[key, device] = entry['route']
+        _used[key, device] = _decided[key, device] = entry['route']
         return candidates[entry['route']]()
     route, times, result = measure(candidates, device)
-    _used[key] = _decided[key, device] = route
+    _used[key, device] = _decided[key, device] = route
     entry = dict(route=route, seconds={k: round(v, 6) for k, v in times.items()})
     with _lock:
         _memory.setdefault(machine, {})[key] = entry
@@ -234,13 +236,16 @@ def run(op: str, shape_key: str, candidates: Mapping[str, Callable[[], object]],
     return result
 
 
-def chosen(op: str, shape_key: str) -> Optional[str]:
-    """The route this process used for ``op`` on ``shape_key`` (measured, read from the
-    cache, ``'... (forced)'`` or ``'... (only one available)'``), or ``None`` when that
-    shape has not run yet. For the benchmark reports."""
-    return _used.get(f'{op} {shape_key}')
+def chosen(op: str, shape_key: str, device: Optional[torch.device] = None) -> Optional[str]:
+    """The route this process used for ``op`` on ``shape_key`` on ``device`` (``None``:
+    the CPU): measured, read from the cache, ``'... (forced)'`` or
+    ``'... (only one available)'``; ``None`` when that shape has not run there yet. For the
+    benchmark reports."""
+    return _used.get((f'{op} {shape_key}', _CPU if device is None else torch.device(device)))
 
 
-def decisions() -> Dict[str, str]:
-    """``{op shape: route}`` for every shape that ran in this process."""
-    return dict(_used)
+def decisions(device: Optional[torch.device] = None) -> Dict[str, str]:
+    """``{op shape: route}`` for every shape that ran on ``device`` (``None``: the CPU)
+    in this process."""
+    device = _CPU if device is None else torch.device(device)
+    return {key: route for (key, dev), route in _used.items() if dev == device}

@@ -192,7 +192,8 @@ def dcls_layer_routes(module, x_shape, dtype: torch.dtype = torch.float32,
                  else tuple(stop - start for start, stop in window))
     padding = module.window_padding(window)
     return dict(conv=conv_route(x_shape, kernel_hw, module.stride, padding, dtype, device),
-                kernel_grad=kernel_grad_route(x_shape, kernel_hw, module.stride, padding, dtype),
+                kernel_grad=kernel_grad_route(x_shape, kernel_hw, module.stride, padding, dtype,
+                                              device),
                 construct=construction_route(module.interpolation, 2, module.P, module.SIG))
 
 

@@ -124,3 +124,19 @@ def test_later_calls_skip_the_lookup_but_not_a_forced_route(fresh, monkeypatch):
     monkeypatch.delenv('DCLS_MM_ROUTES')
     with pytest.raises(AssertionError, match='machine key computed again'):
         routes.run('op', 'shape A', _candidates(calls), torch.device('meta'))
+
+
+def test_reports_are_kept_per_device(fresh, monkeypatch):
+    """The same op and shape on two devices (the CPU and a GPU in one process) are two
+    decisions: the report for one never shows the other's route."""
+    monkeypatch.setattr(routes, 'machine_key', lambda device=None: f'machine {device}')
+    calls = []
+    other = torch.device('meta')  # stands for a GPU: only its name keys the choice here
+    assert routes.run('op', 'shape A', _candidates(calls)) == 'fast'
+    assert routes.chosen('op', 'shape A', other) is None
+    monkeypatch.setenv('DCLS_MM_ROUTES', 'op=slow')
+    assert routes.run('op', 'shape A', _candidates(calls), other) == 'slow'
+    assert routes.chosen('op', 'shape A', other) == 'slow (forced)'
+    assert routes.chosen('op', 'shape A') == 'fast'
+    assert routes.decisions() == {'op shape A': 'fast'}
+    assert routes.decisions(other) == {'op shape A': 'slow (forced)'}

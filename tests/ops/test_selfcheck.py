@@ -10,10 +10,14 @@ tool = load_tool('tools/analysis/check_device.py')
 
 def test_cpu_passes_every_comparison():
     records = check_device('cpu', interpolations=['bilinear', 'gaussian'])
-    # 2 strides x 3 paths x 2 dtypes x (output + gradients of input, weight, P, bias;
-    # gaussian also SIG)
-    assert len(records) == 2 * 3 * 2 * (5 + 6)
+    # 2 strides x (the fast path with measured routes and each of the 6 forced, plain,
+    # grouped) x 2 dtypes x (output + gradients of input, weight, P, bias; gaussian also SIG)
+    assert len(records) == 2 * (7 + 1 + 1) * 2 * (5 + 6)
     assert all(r['ok'] for r in records), [r for r in records if not r['ok']]
+    assert {r['routes'] for r in records if r['path'] == 'depthwise'} == {
+        'measured', 'conv=onednn', 'conv=direct', 'kernel_grad=direct', 'kernel_grad=fft',
+        'construct=compiled', 'construct=torch'}
+    assert {r['routes'] for r in records if r['path'] != 'depthwise'} == {'measured'}
     assert {r['fast_path'] for r in records if r['path'] == 'depthwise'} == {True}
     assert {r['fast_path'] for r in records if r['path'] != 'depthwise'} == {False}
 
@@ -33,4 +37,6 @@ def test_a_wrong_fast_path_output_is_reported(monkeypatch, capsys):
     assert ('depthwise', 'output') in failed
     assert all(path == 'depthwise' for path, _ in failed)
     assert tool.main(['--device', 'cpu']) == 1
-    assert 'FAIL triangle stride 1 depthwise float32 output' in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert 'FAIL triangle stride 1 depthwise (measured routes) float32 output' in printed
+    assert 'FAIL triangle stride 1 depthwise (conv=direct routes) float32 output' in printed

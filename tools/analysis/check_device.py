@@ -1,9 +1,9 @@
 """Check the DCLS layers on a device (a GPU, a new CPU) against float64 on the CPU.
 
 Runs :func:`dcls_mm.ops.selfcheck.check_device`: ``Dcls2d`` of every interpolation,
-stride 1 and 2, depthwise fast path, plain path and grouped, in float32 and under
-bfloat16 autocast; output and every gradient compared with the same layer in float64 on
-the CPU. Prints one line per failing comparison and a summary, writes every comparison
+stride 1 and 2, depthwise fast path (with the measured routes, then each route forced in
+turn), plain path and grouped, in float32 and under bfloat16 autocast; output and every
+gradient compared with the same layer in float64 on the CPU. Prints one line per failing comparison and a summary, writes every comparison
 as JSON with ``--out``, exits 1 when one is out of tolerance.
 
     python tools/analysis/check_device.py --device cuda --out work_dirs/check_cuda.json
@@ -31,8 +31,9 @@ def main(argv=None) -> int:
     records = check_device(args.device)
     bad = [r for r in records if not r['ok']]
     for r in bad:
-        print(f'FAIL {r["interpolation"]} stride {r["stride"]} {r["path"]} {r["dtype"]} '
-              f'{r["tensor"]}: error {r["error"]:.2e} > {r["tolerance"]:.0e}')
+        print(f'FAIL {r["interpolation"]} stride {r["stride"]} {r["path"]} ({r["routes"]} '
+              f'routes) {r["dtype"]} {r["tensor"]}: error {r["error"]:.2e} > '
+              f'{r["tolerance"]:.0e}')
     worst = {}
     for r in records:
         worst[r['dtype']] = max(worst.get(r['dtype'], 0.0), r['error'])
