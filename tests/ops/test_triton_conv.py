@@ -109,3 +109,39 @@ def test_not_offered_on_gpus_triton_cannot_compile_for(monkeypatch):
     assert not triton_conv.available(gpu, torch.float64)
     assert dw._conv_routes(32, (1, 1), ((2, 2), (2, 2)), torch.float32, gpu) == ('aten', 'triton')
     triton_conv._gpu_supported.cache_clear()
+
+
+def test_every_autotune_config_and_float16():
+    """The interpreter cannot time kernels, so the route runs the first config; a GPU may
+    pick any of them: each block shape, launched directly, against the float64 formula
+    (partial strips and channel blocks in both dims), in float32 and float16."""
+    out = run_interpreted('''
+        import torch, torch.nn.functional as F
+        import triton
+        from dcls_mm.ops import triton_conv
+
+        torch.manual_seed(0)
+        n, c, h, w, kh, kw, pt, pl = 1, 40, 3, 9, 3, 5, 1, 2
+        ho, wo = h, w
+        x = torch.randn(n, c, h, w)
+        k = torch.randn(c, 1, kh, kw)
+        want = F.conv2d(F.pad(x.double(), (pl, pl, pt, pt)), k.double(), groups=c)
+        for dtype in (torch.float32, torch.float16):
+            xd = x.to(dtype).contiguous(memory_format=torch.channels_last)
+            taps = k.to(dtype).reshape(c, kh, kw).permute(1, 2, 0).contiguous()
+            ref = F.conv2d(F.pad(xd.double(), (pl, pl, pt, pt)), k.to(dtype).double(), groups=c)
+            for cfg in triton_conv._CONFIGS:
+                bw, bc = cfg.kwargs['BLOCK_W'], cfg.kwargs['BLOCK_C']
+                y = torch.empty((n, c, ho, wo), dtype=dtype, memory_format=torch.channels_last)
+                grid = (n * ho * triton.cdiv(wo, bw), triton.cdiv(c, bc))
+                triton_conv._depthwise_forward.fn[grid](xd, taps, taps, y, h, w, c, ho, wo, kh,
+                                                        kw, pt, pl, HAS_BIAS=False,
+                                                        BLOCK_W=bw, BLOCK_C=bc)
+                if dtype == torch.float32:
+                    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+                else:  # float32 sums rounded once to float16: within one float16 ulp
+                    ulp = 2.0 ** (torch.floor(torch.log2(ref.abs().clamp_min(1e-4))) - 10)
+                    assert ((y.double() - ref).abs() <= ulp).all(), (bw, bc)
+        print('ok', len(triton_conv._CONFIGS))
+    ''')
+    assert out.split() == ['ok', '6']
