@@ -71,6 +71,10 @@ def test_layer_same_on_both_forward_routes(monkeypatch, forced):
 def test_route_measured_once_per_shape_and_reported(monkeypatch, tmp_path):
     monkeypatch.setenv('DCLS_MM_ROUTE_CACHE', str(tmp_path / 'routes.json'))
     monkeypatch.delenv('DCLS_MM_ROUTES', raising=False)
+    # this process's decisions so far (earlier tests may have run this shape, e.g. a
+    # layer whose kernel was cropped to 5x5) are set aside
+    for name in ('_memory', '_loaded_from', '_decided', '_used'):
+        monkeypatch.setattr(routes, name, {})
     x, k = torch.randn(1, 16, 8, 8), torch.randn(16, 1, 5, 5)
     assert conv_route(x.shape, (5, 5), (1, 1), ((2, 2), (2, 2))) == 'not measured yet'
     with torch.no_grad():
