@@ -75,6 +75,8 @@ def test_layer_part_writes_json(bench, compiled, tmp_path, capsys):
             'PyTorch fallback (C++ kernels not built)') in printed
     assert printed.count('x ') >= len(rows)  # one ratio per row
     assert printed.count('kernel_grad ') == len(rows)
+    for row in rows:  # the taps convolved, on each row's line
+        assert f' {row["kernel"][0]}x{row["kernel"][1]}  conv ' in printed
     for route in ('compiled', 'scatter', 'torch'):
         assert printed.count(f'construct {route}') == sum(
             r['routes']['construct'] == route for r in rows)

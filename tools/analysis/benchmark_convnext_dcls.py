@@ -69,7 +69,7 @@ def layer_rows(args, device):
           'construct share = construction / convolution alone)')
     print(f'{"interp":9} {"pos":>6} {"dks":>3} {"K":>3} {"C":>4} {"HxW":>6} {"input":>13} {"7x7":>7} '
           f'{"dcls":>7} {"ratio":>6} {"conv":>7} {"constr":>7} {"share":>6} {"plain":>8} '
-          f'{"ratio":>6}  routes')
+          f'{"ratio":>6} {"taps":>5}  routes')
     for interp, positions in ((i, p) for i in args.interpolations for p in args.positions):
         dks, K = VARIANTS[interp]
         for C, H in STAGES:
@@ -123,7 +123,8 @@ def layer_rows(args, device):
                 print(f'{interp:9} {positions:>6} {dks:3d} {K:3d} {C:4d} {H:3d}x{H:<3d}{layout:>13} '
                       f'{row["dense7_ms"]:7.1f} {row["dcls_ms"]:7.1f} {row["ratio"]:5.2f}x '
                       f'{row["conv_ms"]:7.1f} {row["construct_ms"]:7.2f} '
-                      f'{100 * row["construct_share"]:5.1f}% {plain}  '
+                      f'{100 * row["construct_share"]:5.1f}% {plain} '
+                      f'{"x".join(map(str, row["kernel"])):>5}  '
                       f'{routes_text(row["routes"])}', flush=True)
     return rows
 
