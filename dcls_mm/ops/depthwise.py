@@ -150,6 +150,13 @@ def kernel_grad_key(x_shape: Sequence[int], out_shape: Sequence[int], kernel_hw:
             f'pad{tuple(map(tuple, padding))} s{tuple(stride)} {str(dtype).replace("torch.", "")}')
 
 
+def _full_float32(t: Tensor):
+    """Context for PyTorch's convolutions on ``t``: cuDNN without TF32 for float32 CUDA
+    tensors (the precision of the other routes, so that a route's choice does not change
+    float32 results), nothing elsewhere."""
+    return _no_tf32() if t.is_cuda and t.dtype == torch.float32 else contextlib.nullcontext()
+
+
 def _conv_channels_last(x: Tensor, kernel: Tensor, bias: Optional[Tensor],
                         stride: Tuple[int, int],
                         padding: Tuple[Tuple[int, int], Tuple[int, int]]) -> Tensor:
@@ -166,7 +173,7 @@ def _conv_channels_last(x: Tensor, kernel: Tensor, bias: Optional[Tensor],
         xc, pad = F.pad(xc, (pl, pr, pt, pb)), (0, 0)
     else:
         pad = (pt, pl)
-    with _no_tf32() if x.is_cuda and x.dtype == torch.float32 else contextlib.nullcontext():
+    with _full_float32(x):
         return F.conv2d(xc, k, b, stride, pad, 1, x.shape[1])
 
 
@@ -261,7 +268,8 @@ class _DepthwiseConv2d(torch.autograd.Function):
             # rows/cols of the padded input that the strided windows reach
             used_h = stride[0] * (g.shape[-2] - 1) + kh
             used_w = stride[1] * (g.shape[-1] - 1) + kw
-            gx = F.conv_transpose2d(g, kernel.to(g.dtype), None, stride, 0, 0, x.shape[1])
+            with _full_float32(g):
+                gx = F.conv_transpose2d(g, kernel.to(g.dtype), None, stride, 0, 0, x.shape[1])
             # (a negative pb/pr means trailing input rows/cols that no window reaches)
             full = gx.new_zeros(*gx.shape[:2], pt + h + max(pb, 0), pl + w + max(pr, 0))
             full = full.contiguous(memory_format=torch.channels_last)

@@ -392,28 +392,36 @@ def support_radius(P: Tensor, SIG: Optional[Tensor], dilated_kernel_size: Sequen
         ``r`` (a Python int, at most ``max(L_d) // 2``; reading it synchronises the
         device of ``P``).
     """
-    # few ops: this runs before every forward of a cropping layer
-    P = P.detach()
+    # few ops: this runs before every forward of a cropping layer. In float64: the
+    # parameters' own dtype (bf16) would round a sum such as |p| + |SIG| down onto a
+    # whole number, one tap short of what the float32 construction reaches
+    build64 = P.dtype == torch.float64
+    P = P.detach().double()
+    full = max(dilated_kernel_size) // 2
     if interpolation in ('bilinear', 'bilinear_normalized'):
         low, high = (v.item() for v in torch.aminmax(P))
-        reach = max(-math.floor(low), math.floor(high) + 1)
-    elif interpolation == 'triangle':
+        if not (math.isfinite(low) and math.isfinite(high)):
+            return full  # the construction reports (or propagates) non-finite positions
+        return min(max(-math.floor(low), math.floor(high) + 1), full)
+    if interpolation == 'triangle':
         # the farthest tap with |i - p| < w
-        reach = ((P.abs() + SIG.detach().abs()).amax().item()
+        reach = ((P.abs() + SIG.detach().double().abs()).amax().item()
                  + SIGMA_OFFSET['triangle'] - 1)
     elif interpolation == 'gaussian':
-        eps = GAUSSIAN_CUT * torch.finfo(P.dtype if P.dtype == torch.float64
-                                         else torch.float32).eps
+        eps = GAUSSIAN_CUT * torch.finfo(torch.float64 if build64 else torch.float32).eps
         spread = math.sqrt(2 * math.log(2 * P.shape[-1] / eps))
         dist = P.abs()
-        far = (dist + spread * SIG.detach().abs()).amax().item()
+        far = (dist + spread * SIG.detach().double().abs()).amax().item()
         # |i* - p|: 1/2 inside the grid, more for a position outside it (bounded with the
         # largest |p| and the smallest grid)
         nearest = 0.5 + max(0.0, dist.amax().item() - (min(dilated_kernel_size) // 2 - 1))
         reach = far + spread * SIGMA_OFFSET['gaussian'] + nearest
     else:
         raise ValueError(f'unknown interpolation {interpolation!r}')
-    return int(min(math.ceil(reach), max(dilated_kernel_size) // 2))
+    if not math.isfinite(reach):
+        return full
+    # the construction adds positions to L // 2 in float32: a margin of a few of its ulps
+    return int(min(math.ceil(reach + 4 * full * 2.0 ** -23), full))
 
 
 def construction_route(interpolation: str, learned_dims: int, P: Tensor,

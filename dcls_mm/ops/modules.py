@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import init
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from .depthwise import depthwise_conv2d, used_taps
 from .introspect import dcls_layers
@@ -132,6 +133,14 @@ def _same_values(saved: Sequence[Tensor], params: Sequence[Tensor]) -> bool:
     return len(saved) == len(params) and all(
         a.dtype == b.dtype and a.device == b.device and a.shape == b.shape
         and np.array_equal(_bits(a), _bits(b)) for a, b in zip(saved, params))
+
+
+def _tracing() -> bool:
+    """Whether this call is being traced into a graph rather than run: dynamo
+    (``torch.compile``, ``torch.export``), ``torch.jit.trace``, or a dispatch mode such as
+    ``make_fx``'s proxy mode or fake tensors (AOT autograd)."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or is_in_torch_dispatch_mode())
 
 
 def _dcls_forward(module: '_DclsNd', x: Tensor) -> Tensor:
@@ -517,14 +526,14 @@ class Dcls2d(_DclsEveryDim):
         centre, a few taps; trained kernels usually span the grid), kept within the
         padding so that the convolution's padding stays non-negative. The second reads
         the positions, so it is skipped on GPUs (a device synchronisation per layer) and
-        while tracing or compiling (the window would be frozen into the graph).
+        while tracing or compiling (``torch.compile``/``export``, ``jit.trace``,
+        ``make_fx``/AOT: the window would be frozen into the graph, or the read fails).
         """
         if not self.uses_fast_path:
             return None
         (r0, r1, c0, c1), _ = used_taps(x.shape[-2:], self.kernel_size, self.stride, self.padding)
         window = [(r0, r1), (c0, c1)]
-        if (self.P.device.type == 'cpu' and not torch.compiler.is_compiling()
-                and not torch.jit.is_tracing()):
+        if self.P.device.type == 'cpu' and not _tracing():
             r = support_radius(self.P, self.SIG, self.dilated_kernel_size, self.interpolation)
             for d, ((lo, hi), L, (pad_lo, pad_hi)) in enumerate(
                     zip(window, self.kernel_size, self.padding)):

@@ -236,16 +236,24 @@ def run(op: str, shape_key: str, candidates: Mapping[str, Callable[[], object]],
     return result
 
 
+def _device_key(device) -> torch.device:
+    """A device as tensors report it (``'cuda'`` means the current CUDA device)."""
+    device = _CPU if device is None else torch.device(device)
+    if device.type == 'cuda' and device.index is None:
+        device = torch.device('cuda', torch.cuda.current_device())
+    return device
+
+
 def chosen(op: str, shape_key: str, device: Optional[torch.device] = None) -> Optional[str]:
     """The route this process used for ``op`` on ``shape_key`` on ``device`` (``None``:
     the CPU): measured, read from the cache, ``'... (forced)'`` or
     ``'... (only one available)'``; ``None`` when that shape has not run there yet. For the
     benchmark reports."""
-    return _used.get((f'{op} {shape_key}', _CPU if device is None else torch.device(device)))
+    return _used.get((f'{op} {shape_key}', _device_key(device)))
 
 
 def decisions(device: Optional[torch.device] = None) -> Dict[str, str]:
     """``{op shape: route}`` for every shape that ran on ``device`` (``None``: the CPU)
     in this process."""
-    device = _CPU if device is None else torch.device(device)
+    device = _device_key(device)
     return {key: route for (key, dev), route in _used.items() if dev == device}

@@ -2,7 +2,8 @@
 
 The test suite runs on the CPU; this is what to run on a new machine, GPU or CPU
 (``tools/analysis/check_device.py``), before trusting it with a training run: for every
-interpolation, stride 1 and 2, depthwise (the fast path and the plain path) and grouped,
+interpolation, stride 1 and 2, depthwise (the fast path with spread and with initial
+positions, and the plain path) and grouped,
 it compares the output and every gradient (input, weight, ``P``, ``SIG``, bias) of
 :class:`~dcls_mm.ops.Dcls2d` on the device with the same layer in float64 on the CPU
 (plain path), in float32 and under bfloat16 autocast. The fast path runs once with the
@@ -52,13 +53,15 @@ def _forced(spec: Optional[str]) -> Iterator[None]:
             os.environ[ENV_FORCE] = saved
 
 
-def _layer(interpolation: str, channels: int, groups: int, stride: int) -> Dcls2d:
+def _layer(interpolation: str, channels: int, groups: int, stride: int,
+           spread: bool = True) -> Dcls2d:
     dks = 9
     padding = 'same' if stride == 1 else dks // 2
     layer = Dcls2d(channels, channels, kernel_count=6, stride=stride, padding=padding,
                    dilated_kernel_size=dks, groups=groups, bias=True, interpolation=interpolation)
-    with torch.no_grad():  # spread the positions over the whole kernel, as after training
-        layer.P.uniform_(-dks / 2 + 0.5, dks / 2 - 0.5)
+    with torch.no_grad():
+        if spread:  # over the whole kernel, as after training
+            layer.P.uniform_(-dks / 2 + 0.5, dks / 2 - 0.5)
         layer.bias.normal_()
     return layer
 
@@ -96,9 +99,13 @@ def check_device(device: str = 'cuda', interpolations: Sequence[str] = INTERPOLA
     channels = 32
     for interpolation in interpolations:
         for stride in (1, 2):
-            for path, groups in (('depthwise', channels), ('plain', channels), ('grouped', 4)):
+            # 'centred': the fast path with initial positions (near the centre), where
+            # the CPU convolves with only the taps they reach
+            for path, groups in (('depthwise', channels), ('centred', channels),
+                                 ('plain', channels), ('grouped', 4)):
                 torch.manual_seed(int(torch.randint(2 ** 31, (1,), generator=generator)))
-                ref_layer = _layer(interpolation, channels, groups, stride).double()
+                ref_layer = _layer(interpolation, channels, groups, stride,
+                                   spread=path != 'centred').double()
                 ref_layer.impl = 'plain'
                 x = torch.randn(2, channels, 15, 14, generator=generator, dtype=torch.float64)
                 ho, wo = ref_layer(x).shape[-2:]
@@ -107,7 +114,7 @@ def check_device(device: str = 'cuda', interpolations: Sequence[str] = INTERPOLA
                 layer = copy.deepcopy(ref_layer).float().to(dev)
                 layer.impl = 'plain' if path == 'plain' else 'auto'
                 xd = x.float().to(dev).contiguous(memory_format=torch.channels_last)
-                forced = (None, *FORCED_ROUTES.get(dev.type, ())) if layer.uses_fast_path \
+                forced = (None, *FORCED_ROUTES.get(dev.type, ())) if path == 'depthwise' \
                     else (None,)
                 for spec in forced:
                     for dtype in (torch.float32, torch.bfloat16):

@@ -72,11 +72,12 @@ def test_radius_by_hand():
     assert support_radius(P, None, SIZES, 'bilinear') == 3
     P[0, 1, 0, 2] = 20.0  # far outside: the whole kernel
     assert support_radius(P, None, SIZES, 'bilinear') == 8
-    # triangle of width |SIG| + 1 at 0: the one tap with |i| < 1
-    P, SIG = torch.zeros(2, C, 1, K), torch.zeros(2, C, 1, K)
-    assert support_radius(P, SIG, SIZES, 'triangle') == 0
-    SIG[0, 2, 0, 1] = -1.5  # width 2.5 at 0: taps -2..2
+    # triangle of width |SIG| + 1 at 0.25: the taps with |i - 0.25| < 1, i.e. 0 and 1
+    P, SIG = torch.full((2, C, 1, K), 0.25), torch.zeros(2, C, 1, K)
+    assert support_radius(P, SIG, SIZES, 'triangle') == 1
+    SIG[0, 2, 0, 1] = -1.5  # width 2.5: taps -2..2
     assert support_radius(P, SIG, SIZES, 'triangle') == 2
+    P = torch.zeros(2, C, 1, K)
     # gaussian of width 0.5 at 0 (SIG 0.23): |i| <= 0.5 G + 1/2, G = 6.97 for K = 4
     SIG = torch.full((2, C, 1, K), 0.23)
     G = math.sqrt(2 * math.log(2 * K / (GAUSSIAN_CUT * 2.0 ** -23)))
@@ -141,3 +142,51 @@ def test_no_crop_while_compiling(monkeypatch):
     assert m.kernel_window(x) is not None
     monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
     assert m.kernel_window(x) is None
+
+
+def test_bfloat16_parameters_keep_the_tap_their_rounding_would_lose():
+    """|p| + |SIG| = 3.0 + 0.005 rounds to 3.0 in bfloat16, but the float32 construction
+    reaches the tap at distance 4 (width 1.005 around 3): the radius is computed in
+    float64 (found by review)."""
+    torch.manual_seed(0)
+    m = Dcls2d(16, 16, 4, padding=8, dilated_kernel_size=17, groups=16,
+               interpolation='triangle')
+    with torch.no_grad():
+        m.P.zero_()
+        m.SIG.zero_()
+        m.P[0, 0, 0, 0] = 3.0
+        m.SIG[0, 0, 0, 0] = 0.005
+    plain = _plain_twin(m).bfloat16()
+    m = m.bfloat16()
+    assert support_radius(m.P, m.SIG, m.dilated_kernel_size, 'triangle') == 4
+    x = torch.randn(2, 16, 20, 20).bfloat16()
+    for a, b in zip(_run(m, x), _run(plain, x)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize('value', [float('nan'), float('inf')])
+def test_non_finite_positions_keep_the_whole_kernel(value):
+    P = torch.zeros(2, 3, 1, 4)
+    P[1, 2, 0, 3] = value
+    SIG = torch.zeros(2, 3, 1, 4)
+    for interpolation in ('bilinear', 'triangle', 'gaussian'):
+        assert support_radius(P, SIG, SIZES, interpolation) == 8
+
+
+def test_traced_graphs_do_not_freeze_a_window():
+    """make_fx (proxy mode) and AOT autograd trace the layer: the crop, which reads the
+    positions, is skipped, so the graph stays right after the positions move."""
+    from functorch.compile import aot_module, nop
+    from torch.fx.experimental.proxy_tensor import make_fx
+    torch.manual_seed(0)
+    m = Dcls2d(16, 16, 8, padding=8, dilated_kernel_size=17, groups=16,
+               interpolation='bilinear')
+    x = torch.randn(1, 16, 20, 20)
+    assert m.kernel_window(x) is not None
+    graph = make_fx(lambda t: m(t))(x)
+    aot = aot_module(m, nop)
+    torch.testing.assert_close(graph(x), m(x), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        m.P.uniform_(-8, 8)  # now the kernel spans the grid
+    for f in (graph, aot):
+        torch.testing.assert_close(f(x), m(x), rtol=1e-5, atol=1e-5)
