@@ -371,12 +371,13 @@ def support_radius(P: Tensor, SIG: Optional[Tensor], dilated_kernel_size: Sequen
       so ``|i| <= ceil(|p| + w) - 1``;
     - gaussian: a tap is cut to 0 (:data:`GAUSSIAN_CUT`, and then passes no gradient)
       when ``|T| < eps' B`` with ``T = sum_e s_e a_0e(i) a_1e(j)`` and
-      ``B = sum_e |s_e| max a_0e max a_1e``, ``eps' = GAUSSIAN_CUT * eps``. Each term is at
-      most ``B * a_0e(i) / max a_0e``, so a row ``i`` where every element has
-      ``a_0e(i) / max a_0e < eps' / (2K)`` is cut (the 2 covers float rounding of the
-      sum). With ``i*`` the grid point nearest ``p``, that ratio is
-      ``exp(-((i - p)^2 - (i* - p)^2) / (2 w^2))``, so only ``|i - p| <= w G + |i* - p|``
-      with ``G = sqrt(2 ln(2K / eps'))`` (7.2 for K 26 in float32) can be non-zero.
+      ``B = sum_e |s_e| max a_0e max a_1e``, ``eps' = GAUSSIAN_CUT * eps``. Term ``e`` is
+      at most ``|s_e| max a_0e max a_1e * rho`` with ``rho`` the largest
+      ``a_0e(i) / max a_0e`` over the elements, so ``|T| <= B rho`` and a row ``i`` where
+      ``rho < eps' / 2`` is cut (the 2 covers float rounding of the sum). With ``i*`` the
+      grid point nearest ``p``, that ratio is ``exp(-((i - p)^2 - (i* - p)^2) / (2 w^2))``,
+      so only ``|i - p| <= w G + |i* - p|`` with ``G = sqrt(2 ln(2 / eps'))`` (6.8 in
+      float32) can be non-zero.
 
     At the published initialisation (positions from N(0, 0.5)) this is a few taps: e.g.
     r = 3 of 8 for a bilinear dks-17 layer, so a layer convolves with a 7x7 kernel
@@ -409,7 +410,7 @@ def support_radius(P: Tensor, SIG: Optional[Tensor], dilated_kernel_size: Sequen
                  + SIGMA_OFFSET['triangle'] - 1)
     elif interpolation == 'gaussian':
         eps = GAUSSIAN_CUT * torch.finfo(torch.float64 if build64 else torch.float32).eps
-        spread = math.sqrt(2 * math.log(2 * P.shape[-1] / eps))
+        spread = math.sqrt(2 * math.log(2 / eps))
         dist = P.abs()
         far = (dist + spread * SIG.detach().double().abs()).amax().item()
         # |i* - p|: 1/2 inside the grid, more for a position outside it (bounded with the

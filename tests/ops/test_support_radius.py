@@ -78,9 +78,9 @@ def test_radius_by_hand():
     SIG[0, 2, 0, 1] = -1.5  # width 2.5: taps -2..2
     assert support_radius(P, SIG, SIZES, 'triangle') == 2
     P = torch.zeros(2, C, 1, K)
-    # gaussian of width 0.5 at 0 (SIG 0.23): |i| <= 0.5 G + 1/2, G = 6.97 for K = 4
+    # gaussian of width 0.5 at 0 (SIG 0.23): |i| <= 0.5 G + 1/2, G = 6.76
     SIG = torch.full((2, C, 1, K), 0.23)
-    G = math.sqrt(2 * math.log(2 * K / (GAUSSIAN_CUT * 2.0 ** -23)))
+    G = math.sqrt(2 * math.log(2 / (GAUSSIAN_CUT * 2.0 ** -23)))
     assert support_radius(P, SIG, SIZES, 'gaussian') == math.ceil(0.5 * G + 0.5) == 4
     kernel = construct_kernel(w, P, SIG, SIZES, 'gaussian')
     assert kernel[..., ~_centre_mask(4, SIZES)].abs().max() == 0
