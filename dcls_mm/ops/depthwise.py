@@ -105,7 +105,7 @@ def _kernel_grad_aten(x: Tensor, grad_out: Tensor, kernel_hw: Tuple[int, int],
         x, pad = F.pad(x, (pl, pr, pt, pb)), (0, 0)
     else:
         pad = (pt, pl)
-    with _no_tf32():
+    with _full_float32(x):
         return torch.nn.grad.conv2d_weight(x, (x.shape[1], 1, *kernel_hw), g, stride, pad,
                                            groups=x.shape[1])
 
