@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -59,6 +58,22 @@ def _predictions(path):
     return {p['img_id']: p['pred_instances'] for p in preds}
 
 
+def _assert_same_predictions(a, b):
+    """The same detections (label equal, box within 1e-4, score within 1e-5), in any
+    order: the processes' convolutions may sum in another order (thread count, measured
+    routes), and two detections whose scores differ by ~1e-8 then swap places in the
+    score-sorted lists (seen in CI: scores 0.24857534 and 0.24857533)."""
+    assert len(a['labels']) == len(b['labels'])
+    unmatched = list(range(len(b['labels'])))
+    for i in range(len(a['labels'])):
+        match = next((j for j in unmatched if a['labels'][i] == b['labels'][j]
+                      and (a['bboxes'][i] - b['bboxes'][j]).abs().max() <= 1e-4
+                      and abs(float(a['scores'][i] - b['scores'][j])) <= 1e-5), None)
+        assert match is not None, (f'detection {i} (label {int(a["labels"][i])}, score '
+                                   f'{float(a["scores"][i])}) has no counterpart')
+        unmatched.remove(match)
+
+
 @pytest.mark.slow  # torchrun, 2 processes
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU (gloo) path')
 def test_two_cpu_processes_train_and_evaluate_like_one(coco_demo, tmp_path):
@@ -98,10 +113,7 @@ def test_two_cpu_processes_train_and_evaluate_like_one(coco_demo, tmp_path):
     assert sorted(p1) == sorted(p2) == [0, 1]
     assert sum(len(p['scores']) for p in p1.values()) > 0  # something to compare
     for img_id in p1:
-        a, b = p1[img_id], p2[img_id]
-        np.testing.assert_array_equal(a['labels'].numpy(), b['labels'].numpy())
-        np.testing.assert_allclose(a['bboxes'].numpy(), b['bboxes'].numpy(), atol=1e-4)
-        np.testing.assert_allclose(a['scores'].numpy(), b['scores'].numpy(), atol=1e-5)
+        _assert_same_predictions(p1[img_id], p2[img_id])
 
     # tools/dist_test.sh: 2 test processes give the same predictions again
     run_dist(['bash', osp.join(TOOLS, 'dist_test.sh'), DEMO_DET, ckpt, '2', '--work-dir',
@@ -109,8 +121,7 @@ def test_two_cpu_processes_train_and_evaluate_like_one(coco_demo, tmp_path):
     p3 = _predictions(tmp_path / 'test2.pkl')
     assert sorted(p3) == [0, 1]
     for img_id in p1:
-        np.testing.assert_allclose(p1[img_id]['bboxes'].numpy(), p3[img_id]['bboxes'].numpy(),
-                                   atol=1e-4)
+        _assert_same_predictions(p1[img_id], p3[img_id])
 
 
 def test_dist_test_command_line(tmp_path):
