@@ -6,8 +6,10 @@ gradient is slow in every layout (tens of times the 7x7 cost). This module compu
 same convolution exactly, with three cheaper pieces:
 
 - forward: ``F.conv2d`` on a channels_last input (oneDNN's fast depthwise path; cuDNN
-  on GPUs), the compiled direct sum over the taps (CPU) or a Triton kernel (GPU,
-  :mod:`dcls_mm.ops.triton_conv`), whichever was measured faster for the shape;
+  on GPUs), the compiled direct sum over the taps (CPU), the compiled sum over each
+  channel's non-zero taps (CPU; trained DCLS kernels are mostly zeros) or a Triton
+  kernel (GPU, :mod:`dcls_mm.ops.triton_conv`), whichever was measured faster for the
+  shape and the kernel's share of non-zero taps;
 - input gradient: for stride 1 the same forward with the flipped kernel, else
   ``F.conv_transpose2d`` with the same kernel, also channels_last;
 - kernel gradient: a cross-correlation of the (padded) input with the output gradient,
@@ -15,8 +17,10 @@ same convolution exactly, with three cheaper pieces:
   (compiled C++, :mod:`dcls_mm.ops.extension`; usually wins on small maps), real FFTs
   of a 2-3-5-smooth size (cost independent of the kernel size; wins on large maps and
   kernels, on GPUs, and the fallback when the C++ kernels are not built), or on GPUs
-  PyTorch's own weight gradient. Which one is faster depends on the machine, so it is
-  measured once per shape (:mod:`dcls_mm.ops.routes`).
+  PyTorch's own weight gradient; when the caller says which taps' gradient it reads
+  (``grad_support``: a DCLS layer's construction), also a compiled sum over those taps
+  only. Which one is faster depends on the machine, so it is measured once per shape
+  (:mod:`dcls_mm.ops.routes`).
 
 Before any of this the kernel is cropped to the rows/columns that can touch the input
 (for a 7x7 feature map only 13 of 17 rows can): exact, and it saves work in the last
@@ -25,11 +29,13 @@ ConvNeXt stage.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Sequence, Tuple
+import functools
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from . import extension, routes, triton_conv
 from .triton_conv import no_tf32 as _no_tf32
@@ -110,31 +116,48 @@ def _kernel_grad_aten(x: Tensor, grad_out: Tensor, kernel_hw: Tuple[int, int],
                                            groups=x.shape[1])
 
 
-def _kernel_grad(x: Tensor, grad_out: Tensor, kernel_hw: Tuple[int, int],
+def _kernel_grad(x: Tensor, grad_out: Tensor, kernel: Tensor,
                  padding: Tuple[Tuple[int, int], Tuple[int, int]],
-                 stride: Tuple[int, int]) -> Tensor:
-    """Kernel gradient ``(C, 1, kh, kw)`` (float32, float64 for float64 inputs), by FFT,
-    by the direct C++ sum (CPU) or by PyTorch's convolution weight gradient (other
-    devices), whichever was measured faster for this shape on this machine (route
-    ``kernel_grad``, see :mod:`dcls_mm.ops.routes`)."""
-    (pt, _), (pl, _) = padding
+                 stride: Tuple[int, int], support: Optional[Callable[[], Tensor]] = None
+                 ) -> Tensor:
+    """Kernel gradient ``(C, 1, kh, kw)`` (float32, float64 for float64 inputs) of a
+    convolution with ``kernel``, by FFT, by the direct C++ sum (CPU), by the C++ sum over
+    the taps of ``support()`` only (CPU, stride 1, float32; 0 elsewhere) or by PyTorch's
+    convolution weight gradient (other devices), whichever was measured faster for this
+    shape on this machine (route ``kernel_grad``, see :mod:`dcls_mm.ops.routes`; with a
+    support, the kernel's share of non-zero taps is part of the shape)."""
+    (pt, pb), (pl, pr) = padding
+    kernel_hw = tuple(kernel.shape[-2:])
     candidates = {'fft': lambda: _kernel_grad_fft(x, grad_out, kernel_hw, padding, stride)}
+    density = None
     if x.device.type == 'cpu':
         if x.dtype != torch.float64 and extension.available():
             candidates['direct'] = lambda: torch.ops.dcls_mm.depthwise_kernel_grad(
                 x.float(), grad_out.float(), kernel_hw[0], kernel_hw[1], pt, pl, *stride)
+        if support is not None and _sparse_grad_available(stride, padding, x.dtype, x.device):
+            # support() is called only when this candidate runs (it costs up to ~0.5 ms)
+            candidates['sparse'] = lambda: torch.ops.dcls_mm.sparse_depthwise_kernel_grad(
+                x, grad_out.float(), support(), pt, pb, pl, pr)
+            density = torch.count_nonzero(kernel).item() / kernel.numel()
     else:
         # not a CPU candidate: PyTorch's CPU depthwise weight gradient with a large kernel
         # takes tens of times the others, and measuring it would cost seconds per shape
         candidates['aten'] = lambda: _kernel_grad_aten(x, grad_out, kernel_hw, padding, stride)
     return routes.run('kernel_grad', kernel_grad_key(x.shape, grad_out.shape, kernel_hw,
-                                                     padding, stride, x.dtype), candidates,
-                      x.device)
+                                                     padding, stride, x.dtype, density),
+                      candidates, x.device)
+
+
+def _sparse_grad_available(stride: Sequence[int], padding: Sequence[Sequence[int]],
+                           dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the ``sparse`` kernel-gradient route can run a call (given a support)."""
+    return (device.type == 'cpu' and dtype == torch.float32 and tuple(stride) == (1, 1)
+            and min(p for pair in padding for p in pair) >= 0 and extension.available())
 
 
 def kernel_grad_key(x_shape: Sequence[int], out_shape: Sequence[int], kernel_hw: Sequence[int],
                     padding: Sequence[Sequence[int]], stride: Sequence[int],
-                    dtype: torch.dtype) -> str:
+                    dtype: torch.dtype, density: Optional[float] = None) -> str:
     """Route-cache key of one kernel-gradient shape (what its speed depends on).
 
     Args:
@@ -144,10 +167,22 @@ def kernel_grad_key(x_shape: Sequence[int], out_shape: Sequence[int], kernel_hw:
         padding: ``((top, bottom), (left, right))`` after cropping.
         stride: ``(sh, sw)``.
         dtype: input dtype.
+        density: the kernel's share of non-zero taps, when the ``sparse`` route is a
+            candidate (rounded to 10% steps; the taps it visits, the construction's
+            support, are about those of a trained DCLS kernel).
     """
     n, c, h, w = x_shape
-    return (f'N{n} C{c} in{h}x{w} out{out_shape[-2]}x{out_shape[-1]} k{kernel_hw[0]}x{kernel_hw[1]} '
-            f'pad{tuple(map(tuple, padding))} s{tuple(stride)} {str(dtype).replace("torch.", "")}')
+    key = (f'N{n} C{c} in{h}x{w} out{out_shape[-2]}x{out_shape[-1]} k{kernel_hw[0]}x{kernel_hw[1]} '
+           f'pad{tuple(map(tuple, padding))} s{tuple(stride)} {str(dtype).replace("torch.", "")}')
+    return key if density is None else f'{key} nz{density_step(density)}%'
+
+
+def tracing() -> bool:
+    """Whether this call is being traced into a graph rather than run: dynamo
+    (``torch.compile``, ``torch.export``), ``torch.jit.trace``, or a dispatch mode such as
+    ``make_fx``'s proxy mode or fake tensors (AOT autograd)."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or is_in_torch_dispatch_mode())
 
 
 def _full_float32(t: Tensor):
@@ -178,7 +213,8 @@ def _conv_channels_last(x: Tensor, kernel: Tensor, bias: Optional[Tensor],
 
 
 def conv_key(x_shape: Sequence[int], kernel_hw: Sequence[int],
-             padding: Sequence[Sequence[int]], dtype: torch.dtype = torch.float32) -> str:
+             padding: Sequence[Sequence[int]], dtype: torch.dtype = torch.float32,
+             density: Optional[float] = None) -> str:
     """Route-cache key of one stride-1 forward shape (route ``conv``).
 
     Args:
@@ -186,23 +222,35 @@ def conv_key(x_shape: Sequence[int], kernel_hw: Sequence[int],
         kernel_hw: (cropped) kernel ``(kh, kw)``.
         padding: ``((top, bottom), (left, right))`` after cropping.
         dtype: input dtype.
+        density: fraction of the kernel's taps that are not zero, when the ``sparse``
+            route is a candidate (its speed depends on it; rounded to 10% steps).
     """
     n, c, h, w = x_shape
-    return (f'N{n} C{c} in{h}x{w} k{kernel_hw[0]}x{kernel_hw[1]} '
-            f'pad{tuple(map(tuple, padding))} {str(dtype).replace("torch.", "")}')
+    key = (f'N{n} C{c} in{h}x{w} k{kernel_hw[0]}x{kernel_hw[1]} '
+           f'pad{tuple(map(tuple, padding))} {str(dtype).replace("torch.", "")}')
+    return key if density is None else f'{key} nz{density_step(density)}%'
+
+
+def density_step(density: float) -> int:
+    """``density`` (fraction of non-zero taps) rounded to the route key's 10% steps."""
+    return int(round(10 * float(density))) * 10
 
 
 def _conv_routes(channels: int, stride: Sequence[int], padding: Sequence[Sequence[int]],
                  dtype: torch.dtype, device: torch.device) -> Tuple[str, ...]:
     """Forward routes available for a call, PyTorch's own convolution first: ``onednn``
     (CPU) or ``aten`` (other devices: cuDNN on NVIDIA GPUs); ``direct``, the compiled sum
-    (CPU, stride 1, float32, channels in blocks of 16, no negative padding); ``triton``
-    (GPU, stride 1, :mod:`dcls_mm.ops.triton_conv`)."""
+    (CPU, stride 1, float32, channels in blocks of 16, no negative padding); ``sparse``,
+    the compiled sum over each channel's non-zero taps (CPU, stride 1, float32, no
+    negative padding); ``triton`` (GPU, stride 1, :mod:`dcls_mm.ops.triton_conv`)."""
     stride1 = tuple(stride) == (1, 1)
     names = ['onednn' if device.type == 'cpu' else 'aten']
-    if (device.type == 'cpu' and stride1 and min(p for pair in padding for p in pair) >= 0
-            and dtype == torch.float32 and channels % 16 == 0 and extension.available()):
+    compiled = (device.type == 'cpu' and stride1 and dtype == torch.float32
+                and min(p for pair in padding for p in pair) >= 0 and extension.available())
+    if compiled and channels % 16 == 0:
         names.append('direct')
+    if compiled:
+        names.append('sparse')
     if stride1 and triton_conv.available(device, dtype):
         names.append('triton')
     return tuple(names)
@@ -215,17 +263,25 @@ def _conv(x: Tensor, kernel: Tensor, bias: Optional[Tensor], stride: Tuple[int, 
     machine (route ``conv``; AVX2 and AVX-512 CPUs, and GPUs, choose differently)."""
     (pt, pb), (pl, pr) = padding
     names = _conv_routes(x.shape[1], stride, padding, x.dtype, x.device)
-    if torch.compiler.is_compiling() or ('direct' in names and (
+    # a traced graph takes PyTorch's own convolution (the density below is a value the
+    # graph could not branch on)
+    if tracing() or ('sparse' in names and (
             kernel.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32))):
         names = names[:1]
     builders = {
         'onednn': lambda: _conv_channels_last(x, kernel, bias, stride, padding),
         'aten': lambda: _conv_channels_last(x, kernel, bias, stride, padding),
         'direct': lambda: torch.ops.dcls_mm.depthwise_conv(x, kernel, bias, pt, pb, pl, pr),
+        'sparse': lambda: torch.ops.dcls_mm.sparse_depthwise_conv(x, kernel, bias, pt, pb, pl,
+                                                                  pr),
         'triton': lambda: triton_conv.depthwise_conv(x, kernel, bias, padding)}
     if len(names) == 1:
         return builders[names[0]]()
-    return routes.run('conv', conv_key(x.shape, kernel.shape[-2:], padding, x.dtype),
+    # the sparse route's speed depends on how many taps are zero (trained DCLS kernels:
+    # most of them), so the density is part of its shape
+    density = (torch.count_nonzero(kernel).item() / kernel.numel() if 'sparse' in names
+               else None)
+    return routes.run('conv', conv_key(x.shape, kernel.shape[-2:], padding, x.dtype, density),
                       {name: builders[name] for name in names}, x.device)
 
 
@@ -234,12 +290,13 @@ class _DepthwiseConv2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, kernel: Tensor, bias: Optional[Tensor], stride: Tuple[int, int],
-                padding: Tuple[Tuple[int, int], Tuple[int, int]]) -> Tensor:
+                padding: Tuple[Tuple[int, int], Tuple[int, int]],
+                grad_support: Optional[Callable[[], Tensor]]) -> Tensor:
         y = _conv(x, kernel, bias, stride, padding)
         # x itself, not its channels_last copy: a copy made here is not in the autograd
         # graph, so higher-order gradients could not reach x through it
         ctx.save_for_backward(x, kernel, bias)
-        ctx.stride, ctx.padding = stride, padding
+        ctx.stride, ctx.padding, ctx.grad_support = stride, padding, grad_support
         return y
 
     @staticmethod
@@ -252,7 +309,7 @@ class _DepthwiseConv2d(torch.autograd.Function):
             # (twice differentiable) ops instead
             y = _conv_channels_last(x, kernel, bias, stride, padding)
             return (*formula_gradients(y, (x, kernel, bias), ctx.needs_input_grad[:3],
-                                       grad_out), None, None)
+                                       grad_out), None, None, None)
         x = x.contiguous(memory_format=torch.channels_last)
         (pt, pb), (pl, pr) = padding
         g = grad_out.contiguous(memory_format=torch.channels_last)
@@ -276,12 +333,12 @@ class _DepthwiseConv2d(torch.autograd.Function):
             full[:, :, :used_h, :used_w] = gx
             grad_x = full[:, :, pt:pt + h, pl:pl + w]
         if ctx.needs_input_grad[1]:
-            grad_k = _kernel_grad(x, g, tuple(kernel.shape[-2:]), padding, stride)
+            grad_k = _kernel_grad(x, g, kernel, padding, stride, ctx.grad_support)
             grad_k = grad_k.to(kernel.dtype)
         if ctx.needs_input_grad[2]:
             grad_b = g.sum((0, 2, 3), dtype=torch.float64 if g.dtype == torch.float64
                            else torch.float32).to(bias.dtype)
-        return grad_x, grad_k, grad_b, None, None
+        return grad_x, grad_k, grad_b, None, None, None
 
 
 def used_taps(x_hw: Sequence[int], kernel_hw: Sequence[int], stride: Sequence[int],
@@ -317,9 +374,10 @@ def used_taps(x_hw: Sequence[int], kernel_hw: Sequence[int], stride: Sequence[in
 
 def kernel_grad_route(x_shape: Sequence[int], kernel_hw: Sequence[int], stride: Sequence[int],
                       padding: Sequence[Sequence[int]], dtype: torch.dtype = torch.float32,
-                      device: torch.device = torch.device('cpu')) -> str:
+                      device: torch.device = torch.device('cpu'),
+                      density: Optional[float] = None) -> str:
     """Kernel-gradient route this process uses for a :func:`depthwise_conv2d` call (for
-    reports): ``'direct'``, ``'fft'``, ``'aten'`` (GPUs), ``'... (forced)'``,
+    reports): ``'direct'``, ``'fft'``, ``'sparse'``, ``'aten'`` (GPUs), ``'... (forced)'``,
     ``'... (only one available)'`` or ``'not measured yet'``.
 
     Args:
@@ -329,35 +387,42 @@ def kernel_grad_route(x_shape: Sequence[int], kernel_hw: Sequence[int], stride: 
         padding: ``((top, bottom), (left, right))``.
         dtype: input dtype.
         device: where it ran.
+        density: the (cropped) kernel's share of non-zero taps when the call had a
+            ``grad_support``; ``None``: it had none.
     """
     stride = tuple(stride)
     (r0, r1, c0, c1), padding = used_taps(tuple(x_shape[-2:]), tuple(kernel_hw), stride, padding)
     (pt, pb), (pl, pr) = padding
     out_hw = ((x_shape[-2] + pt + pb - (r1 - r0)) // stride[0] + 1,
               (x_shape[-1] + pl + pr - (c1 - c0)) // stride[1] + 1)
+    if not _sparse_grad_available(stride, padding, dtype, torch.device(device)):
+        density = None
     key = kernel_grad_key(x_shape, (*x_shape[:2], *out_hw), (r1 - r0, c1 - c0), padding, stride,
-                          dtype)
+                          dtype, density)
     return routes.chosen('kernel_grad', key, device) or 'not measured yet'
 
 
 def conv_route(x_shape: Sequence[int], kernel_hw: Sequence[int], stride: Sequence[int],
                padding: Sequence[Sequence[int]], dtype: torch.dtype = torch.float32,
-               device: torch.device = torch.device('cpu')) -> str:
+               device: torch.device = torch.device('cpu'), density: float = 1.0) -> str:
     """Forward route this process uses for a :func:`depthwise_conv2d` call (for reports):
     a route of :func:`_conv_routes`, ``'... (forced)'``, ``'... (only one available)'`` or
-    ``'not measured yet'``. Same arguments as :func:`kernel_grad_route`, and the device."""
+    ``'not measured yet'``. Same arguments as :func:`kernel_grad_route`, the device, and
+    the fraction of the (cropped) kernel's taps that are not zero."""
     stride = tuple(stride)
     (r0, r1, c0, c1), padding = used_taps(tuple(x_shape[-2:]), tuple(kernel_hw), stride, padding)
     names = _conv_routes(x_shape[1], stride, padding, dtype, torch.device(device))
     if len(names) == 1:
         return f'{names[0]} (only one available)'
-    return routes.chosen('conv', conv_key(x_shape, (r1 - r0, c1 - c0), padding, dtype), device) or \
-        'not measured yet'
+    key = conv_key(x_shape, (r1 - r0, c1 - c0), padding, dtype,
+                   density if 'sparse' in names else None)
+    return routes.chosen('conv', key, device) or 'not measured yet'
 
 
 def depthwise_conv2d(x: Tensor, kernel: Tensor, stride: Sequence[int] = (1, 1),
                      padding: Sequence[Sequence[int]] = ((0, 0), (0, 0)),
-                     bias: Optional[Tensor] = None) -> Tensor:
+                     bias: Optional[Tensor] = None,
+                     grad_support: Optional[Callable[[], Tensor]] = None) -> Tensor:
     """Exact depthwise 2-D convolution (zero padding), fast for large kernels.
 
     Args:
@@ -366,6 +431,11 @@ def depthwise_conv2d(x: Tensor, kernel: Tensor, stride: Sequence[int] = (1, 1),
         stride: ``(sh, sw)``.
         padding: ``((top, bottom), (left, right))`` zero padding.
         bias: optional ``(C,)``, added by the convolution (gradients flow to it).
+        grad_support: optional function returning a bool ``(C, 1, kh, kw)``: the taps
+            whose kernel gradient the caller reads. The kernel gradient is then exact on
+            those taps and may be 0 on the others (the ``sparse`` route computes only
+            those; a DCLS layer passes its :func:`dcls_mm.ops.kernel.gradient_support`).
+            Called in the backward, only when that route runs. ``None``: every tap.
 
     Returns:
         ``(N, C, H_out, W_out)`` in channels_last memory format (the layout the next
@@ -377,9 +447,23 @@ def depthwise_conv2d(x: Tensor, kernel: Tensor, stride: Sequence[int] = (1, 1),
     stride = tuple(stride)
     (r0, r1, c0, c1), padding = used_taps(tuple(x.shape[-2:]), tuple(kernel.shape[-2:]), stride,
                                       padding)
+    if grad_support is not None:
+        grad_support = functools.partial(_cropped_support, grad_support, tuple(kernel.shape),
+                                         (r0, r1, c0, c1))
     if (r0, r1, c0, c1) != (0, kernel.shape[-2], 0, kernel.shape[-1]):
         kernel = kernel[:, :, r0:r1, c0:c1]
     if not torch.is_grad_enabled() or not any(
             t is not None and t.requires_grad for t in (x, kernel, bias)):
         return _conv(x, kernel, bias, stride, padding)
-    return _DepthwiseConv2d.apply(x, kernel, bias, stride, padding)
+    return _DepthwiseConv2d.apply(x, kernel, bias, stride, padding, grad_support)
+
+
+def _cropped_support(support: Callable[[], Tensor], kernel_shape: Tuple[int, ...],
+                     taps: Tuple[int, int, int, int]) -> Tensor:
+    """``support()`` checked against the kernel's shape and cropped to the used taps."""
+    mask = support()
+    if tuple(mask.shape) != kernel_shape or mask.dtype != torch.bool:
+        raise ValueError(f'grad_support must return a bool tensor of the kernel\'s shape '
+                         f'{kernel_shape}, got {mask.dtype} {tuple(mask.shape)}')
+    r0, r1, c0, c1 = taps
+    return mask[:, :, r0:r1, c0:c1]

@@ -25,7 +25,8 @@ logger = logging.getLogger('dcls_mm')
 NAME = 'dcls_mm_cpu'
 _CSRC = Path(__file__).parent / 'csrc'
 SOURCES = (_CSRC / 'depthwise_kernel_grad.cpp', _CSRC / 'depthwise_conv.cpp',
-           _CSRC / 'separable_kernel.cpp', _CSRC / 'bilinear_kernel.cpp')
+           _CSRC / 'separable_kernel.cpp', _CSRC / 'bilinear_kernel.cpp',
+           _CSRC / 'sparse_depthwise_conv.cpp', _CSRC / 'gradient_support.cpp')
 #: included by the sources: part of the build key too
 HEADERS = (_CSRC / 'isa.h', )
 # -fopenmp: at::parallel_for is inlined from torch's headers, so the OpenMP pragmas it
@@ -115,6 +116,10 @@ def _load() -> bool:
     torch.library.register_fake('dcls_mm::separable_kernel_backward')(
         _separable_kernel_backward_fake)
     torch.library.register_fake('dcls_mm::depthwise_conv')(_depthwise_conv_fake)
+    torch.library.register_fake('dcls_mm::sparse_depthwise_conv')(_depthwise_conv_fake)
+    torch.library.register_fake('dcls_mm::sparse_depthwise_kernel_grad')(
+        _sparse_depthwise_kernel_grad_fake)
+    torch.library.register_fake('dcls_mm::gradient_support')(_gradient_support_fake)
     torch.library.register_fake('dcls_mm::bilinear_kernel')(_bilinear_kernel_fake)
     torch.library.register_fake('dcls_mm::bilinear_kernel_backward')(
         _bilinear_kernel_backward_fake)
@@ -160,3 +165,12 @@ def _depthwise_conv_fake(x, kernel, bias, pad_top, pad_bottom, pad_left, pad_rig
     return x.new_empty(n, c, h + pad_top + pad_bottom - kernel.shape[2] + 1,
                        w + pad_left + pad_right - kernel.shape[3] + 1).contiguous(
                            memory_format=torch.channels_last)
+
+
+def _sparse_depthwise_kernel_grad_fake(x, grad_out, support, pad_top, pad_bottom, pad_left,
+                                       pad_right):
+    return x.new_empty(support.shape)
+
+
+def _gradient_support_fake(P, SIG, offset, L0, L1, r0, nr, c0, nc):
+    return P.new_empty(P.shape[1], nr, nc, dtype=torch.bool)

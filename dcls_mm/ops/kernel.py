@@ -425,6 +425,54 @@ def support_radius(P: Tensor, SIG: Optional[Tensor], dilated_kernel_size: Sequen
     return int(min(math.ceil(reach + 4 * full * 2.0 ** -23), full))
 
 
+def gradient_support(P: Tensor, SIG: Optional[Tensor], dilated_kernel_size: Sequence[int],
+                     interpolation: str, window: Optional[Window] = None) -> Optional[Tensor]:
+    """The taps of a 2-D kernel whose gradient :func:`construct_kernel`'s backward reads:
+    outside them, the gradient of ``weight``, ``P`` and ``SIG`` does not depend on the
+    kernel's gradient (each element's taps and their derivatives are 0 there), so a
+    convolution may leave its kernel gradient 0 there (the ``sparse`` kernel-gradient
+    route of :mod:`dcls_mm.ops.depthwise`, which needs the compiled kernels).
+
+    Per element, a rectangle (a superset of the exact taps, never a subset):
+
+    - bilinear (both kinds): the rows ``floor(p)`` and ``floor(p) + 1`` (``p`` clamped to
+      the grid's border cells; with ``p + L // 2`` rounded in float32 too, as the compiled
+      construction adds it), the same for columns;
+    - triangle: the rows with ``|i - p| <= w + 1e-3`` (the taps with ``|i - p| < w``, with
+      a margin far above float32 rounding), ``w = |SIG| + 1``;
+    - an element with a non-finite position or width: every tap of its channel.
+
+    Args:
+        P: positions ``(2, C_out, C_in/g, K)``, centred.
+        SIG: widths like ``P`` (triangle), else ``None``.
+        dilated_kernel_size: ``(L_0, L_1)``.
+        interpolation: canonical name.
+        window: the taps built, as for :func:`construct_kernel` (``None``: all).
+
+    Returns:
+        A bool tensor ``(C_out, C_in/g, n_rows, n_cols)`` over the window, or ``None``
+        where :func:`has_gradient_support` is false.
+    """
+    if not has_gradient_support(P, interpolation):
+        return None
+    (L0, L1) = dilated_kernel_size
+    (r0, r1), (c0, c1) = ((0, L0), (0, L1)) if window is None else window
+    sig = SIG.detach().reshape(2, -1, P.shape[-1]) if interpolation == 'triangle' else None
+    support = torch.ops.dcls_mm.gradient_support(
+        P.detach().reshape(2, -1, P.shape[-1]), sig, SIGMA_OFFSET['triangle'], L0, L1, r0,
+        r1 - r0, c0, c1 - c0)
+    return support.view(*P.shape[1:-1], r1 - r0, c1 - c0)
+
+
+def has_gradient_support(P: Tensor, interpolation: str) -> bool:
+    """Whether :func:`gradient_support` has a rule for these positions: 2-D bilinear or
+    triangle, float32 on the CPU, compiled kernels built (gaussian: every tap of a
+    trained kernel is live)."""
+    return (P.shape[0] == 2 and P.device.type == 'cpu' and P.dtype == torch.float32
+            and interpolation in ('bilinear', 'bilinear_normalized', 'triangle')
+            and extension.available())
+
+
 def construction_route(interpolation: str, learned_dims: int, P: Tensor,
                        SIG: Optional[Tensor]) -> str:
     """How :func:`construct_kernel` builds a kernel (route ``construct``): ``'compiled'``

@@ -12,6 +12,7 @@ unchanged (with a ``DeprecationWarning``).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import textwrap
@@ -23,12 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import init
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from .depthwise import depthwise_conv2d, used_taps
+from .depthwise import depthwise_conv2d, tracing, used_taps
 from .introspect import dcls_layers
 from .kernel import (SIGMA_INIT, WITH_SIGMA, Window, canonical_interpolation, construct_kernel,
-                     support_radius)
+                     gradient_support, has_gradient_support, support_radius)
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 PADDING_MODES = ('zeros', 'reflect', 'replicate', 'circular')
@@ -133,14 +133,6 @@ def _same_values(saved: Sequence[Tensor], params: Sequence[Tensor]) -> bool:
     return len(saved) == len(params) and all(
         a.dtype == b.dtype and a.device == b.device and a.shape == b.shape
         and np.array_equal(_bits(a), _bits(b)) for a, b in zip(saved, params))
-
-
-def _tracing() -> bool:
-    """Whether this call is being traced into a graph rather than run: dynamo
-    (``torch.compile``, ``torch.export``), ``torch.jit.trace``, or a dispatch mode such as
-    ``make_fx``'s proxy mode or fake tensors (AOT autograd)."""
-    return (torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or is_in_torch_dispatch_mode())
 
 
 def _dcls_forward(module: '_DclsNd', x: Tensor) -> Tensor:
@@ -533,7 +525,7 @@ class Dcls2d(_DclsEveryDim):
             return None
         (r0, r1, c0, c1), _ = used_taps(x.shape[-2:], self.kernel_size, self.stride, self.padding)
         window = [(r0, r1), (c0, c1)]
-        if self.P.device.type == 'cpu' and not _tracing():
+        if self.P.device.type == 'cpu' and not tracing():
             r = support_radius(self.P, self.SIG, self.dilated_kernel_size, self.interpolation)
             for d, ((lo, hi), L, (pad_lo, pad_hi)) in enumerate(
                     zip(window, self.kernel_size, self.padding)):
@@ -565,8 +557,16 @@ class Dcls2d(_DclsEveryDim):
         if torch.is_autocast_enabled(device_type):
             # what autocast would do to F.conv2d's input on the plain path
             x = x.to(torch.get_autocast_dtype(device_type))
+        support = None
+        if (x.dtype == torch.float32 and kernel.requires_grad and not tracing()
+                and has_gradient_support(self.P, self.interpolation)):
+            # the taps whose gradient the construction reads (a trained bilinear or
+            # triangle kernel: a fifth to a third of them), so that the kernel gradient
+            # may skip the others
+            support = functools.partial(gradient_support, self.P, self.SIG,
+                                        self.dilated_kernel_size, self.interpolation, window)
         with torch.autocast(device_type=device_type, enabled=False):
-            y = depthwise_conv2d(x, kernel, self.stride, padding, self.bias)
+            y = depthwise_conv2d(x, kernel, self.stride, padding, self.bias, support)
         return y[0] if unbatched else y
 
     def extra_repr(self) -> str:

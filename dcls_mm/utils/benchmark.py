@@ -169,8 +169,9 @@ def spread_positions(model: torch.nn.Module) -> torch.nn.Module:
 def dcls_layer_routes(module, x_shape, dtype: torch.dtype = torch.float32,
                       device: torch.device = torch.device('cpu')) -> dict:
     """Routes a ``Dcls2d`` layer used for inputs of ``x_shape`` (after it ran): ``conv``
-    (the forward, measured ``direct``/``onednn`` on the CPU, ``triton``/``aten`` on a
-    GPU; ``plain`` for a layer on the plain path) and ``kernel_grad`` (measured ``direct``/``fft`` on the CPU, ``fft``/``aten`` on
+    (the forward, measured ``direct``/``sparse``/``onednn`` on the CPU, ``triton``/``aten`` on a
+    GPU; ``plain`` for a layer on the plain path) and ``kernel_grad`` (measured
+    ``direct``/``sparse``/``fft`` on the CPU, ``fft``/``aten`` on
     a GPU, see :mod:`dcls_mm.ops.routes`), and ``construct``
     (``scatter``/``compiled``/``torch``).
 
@@ -180,8 +181,8 @@ def dcls_layer_routes(module, x_shape, dtype: torch.dtype = torch.float32,
         dtype: the dtype its convolution ran in (the autocast dtype under autocast).
         device: where it ran.
     """
-    from dcls_mm.ops.depthwise import conv_route, kernel_grad_route
-    from dcls_mm.ops.kernel import construction_route
+    from dcls_mm.ops.depthwise import conv_route, kernel_grad_route, used_taps
+    from dcls_mm.ops.kernel import construction_route, has_gradient_support
     if not module.uses_fast_path:
         return dict(conv='plain', kernel_grad='plain',
                     construct=construction_route(module.interpolation, 2, module.P, module.SIG))
@@ -191,9 +192,17 @@ def dcls_layer_routes(module, x_shape, dtype: torch.dtype = torch.float32,
     kernel_hw = (module.dilated_kernel_size if window is None
                  else tuple(stop - start for start, stop in window))
     padding = module.window_padding(window)
-    return dict(conv=conv_route(x_shape, kernel_hw, module.stride, padding, dtype, device),
+    # the sparse routes' speed depends on the kernel's share of non-zero taps (over the
+    # taps that meet the input); the kernel gradient has that route with a support only
+    (r0, r1, c0, c1), _ = used_taps(x_shape[-2:], kernel_hw, module.stride, padding)
+    with torch.no_grad():
+        kernel = module.construct_kernel(window)[..., r0:r1, c0:c1]
+    density = torch.count_nonzero(kernel).item() / kernel.numel()
+    support = has_gradient_support(module.P, module.interpolation)
+    return dict(conv=conv_route(x_shape, kernel_hw, module.stride, padding, dtype, device,
+                                density),
                 kernel_grad=kernel_grad_route(x_shape, kernel_hw, module.stride, padding, dtype,
-                                              device),
+                                              device, density if support else None),
                 construct=construction_route(module.interpolation, 2, module.P, module.SIG))
 
 

@@ -117,7 +117,8 @@ def test_kernel_grad_routes_measured_once_and_both_exact(monkeypatch, tmp_path):
     x, g = torch.randn(1, 16, 7, 7), torch.randn(1, 16, 7, 7)
     pads = ((6, 6), (6, 6))
     want = dense_kernel_grad(x, g, 13, 13, pads, (1, 1))
-    got = dw._kernel_grad(x, g, (13, 13), pads, (1, 1))
+    k13 = torch.randn(16, 1, 13, 13)  # only its shape matters without a support
+    got = dw._kernel_grad(x, g, k13, pads, (1, 1))
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
     assert len(calls) == 1 + routes.TIMED_RUNS  # warm-up + timed runs of the FFT route
     route = dw.kernel_grad_route(x.shape, (13, 13), (1, 1), pads)
@@ -126,13 +127,13 @@ def test_kernel_grad_routes_measured_once_and_both_exact(monkeypatch, tmp_path):
     assert dw.kernel_grad_route(x.shape, (17, 17), (1, 1), ((8, 8), (8, 8))) == route
     assert dw.kernel_grad_route((2, 16, 7, 7), (17, 17), (1, 1), ((8, 8), (8, 8))) == (
         'not measured yet')
-    dw._kernel_grad(x, g, (13, 13), pads, (1, 1))
+    dw._kernel_grad(x, g, k13, pads, (1, 1))
     assert len(calls) == 1 + routes.TIMED_RUNS + (route == 'fft')
-    dw._kernel_grad(x.double(), g.double(), (13, 13), pads, (1, 1))
+    dw._kernel_grad(x.double(), g.double(), k13, pads, (1, 1))
     assert calls[-1] == 'fft'  # float64: no compiled kernel, nothing to measure
     for forced in ('direct', 'fft'):
         monkeypatch.setenv('DCLS_MM_ROUTES', f'kernel_grad={forced}')
-        got = dw._kernel_grad(x, g, (13, 13), pads, (1, 1))
+        got = dw._kernel_grad(x, g, k13, pads, (1, 1))
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
     assert calls[-1] == 'fft'
 

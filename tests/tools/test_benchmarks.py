@@ -64,7 +64,7 @@ def test_layer_part_writes_json(bench, compiled, tmp_path, capsys):
         assert row['dense7_ms'] > 0 and row['dcls_ms'] > 0 and 'plain_ms' not in row
         assert row['construct_share'] == pytest.approx(row['construct_ms'] / row['conv_ms'])
         assert row['routes']['kernel_grad'] in grad_routes
-        assert row['routes']['conv'] in (('direct', 'onednn') if compiled else
+        assert row['routes']['conv'] in (('direct', 'onednn', 'sparse') if compiled else
                                          ('onednn (only one available)', ))
         assert row['routes']['construct'] == (
             'compiled' if compiled else
@@ -137,6 +137,6 @@ def test_downstream_segmentation_runs_and_reports_routes(downstream, tmp_path, c
     printed = capsys.readouterr().out
     assert f'cpu_capability={torch.backends.cpu.get_cpu_capability()}' in printed
     assert 'routes convnext_dcls_t_bilinear: 3 x 96x16x16: conv ' in printed
-    conv_routes = ('direct', 'onednn') if extension.available() else (
+    conv_routes = ('direct', 'onednn', 'sparse') if extension.available() else (
         'onednn (only one available)', )
     assert all(r['conv'] in conv_routes for r in routes.values())
