@@ -99,6 +99,23 @@ def test_kernel_grad_rejects_bad_input():
         op(x, gy, sup, 1, 1, 1, -1)
 
 
+@pytest.mark.parametrize('cap', ['AVX512', 'AVX2', 'DEFAULT'])
+def test_op_dense_and_column_kernels(each_isa, cap):
+    """Columns of 11 non-zero taps (runs split into 4 + 4 + 3) and single columns and rows."""
+    each_isa(cap)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 16, 19, 21, generator=g)
+    dense = torch.randn(16, 1, 11, 11, generator=g)
+    column = torch.zeros(16, 1, 11, 11)
+    column[:, :, :, 3] = torch.randn(16, 1, 11, generator=g)
+    row = torch.zeros(16, 1, 11, 11)
+    row[:, :, 7, :] = torch.randn(16, 1, 11, generator=g)
+    for kernel in (dense, column, row):
+        ref = F.conv2d(x, kernel, None, 1, 5, 1, 16)
+        got = torch.ops.dcls_mm.sparse_depthwise_conv(x, kernel, None, 5, 5, 5, 5)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+
+
 def test_op_against_loop():
     """A plain loop over the taps (independent of PyTorch's convolution)."""
     g = torch.Generator().manual_seed(1)

@@ -9,15 +9,17 @@
 // vectorise over channels (oneDNN's, depthwise_conv.cpp) cannot skip any. Here the
 // vectors run along a row of one channel instead: each work item (image, 16 channels)
 // copies its channels into zero-padded planes (no bounds checks in the sum), sums each
-// output tile (rows x columns in registers) over its channel's list of non-zero taps,
-// and copies the tile back to channels_last. The taps are added in row-major order, like
-// the dense kernels, and a tap whose weight is zero only ever adds 0 * x (it differs only
-// where x is inf or NaN, which this op does not propagate through zero weights).
+// output tile (rows x columns in registers) over its channel's non-zero taps, in runs of
+// vertically adjacent taps (see Run), and copies the tile back to channels_last. The
+// taps are added column by column (the dense kernels go row by row: the same sum up to
+// float rounding); a zero weight is skipped, which differs only where x is inf or NaN
+// (0 * inf would be NaN).
 //
-// Work per output: the non-zero taps instead of all of them, but every tap is an
-// unaligned load (the dense kernels' loads are aligned) and the copies to and from the
-// planes cost about two passes over the tensors; so it is one candidate of the measured
-// route `conv` (dcls_mm.ops.depthwise), keyed by the kernel's density.
+// Work per output: the non-zero taps instead of all of them, but the loads are unaligned
+// (the dense kernels' are aligned) and the copies to and from the planes cost about two
+// passes over the tensors; so it is one candidate of the measured route `conv`
+// (dcls_mm.ops.depthwise), keyed by the kernel's density. The kernel gradient over a
+// support (the taps a DCLS construction reads) works on the same planes.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -25,6 +27,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "isa.h"
@@ -41,6 +44,17 @@ struct Tap {
   float weight;
 };
 
+// The forward's unit: up to kMaxRun non-zero taps of one kernel column on consecutive
+// rows (a bilinear element's 2x2 taps, a triangle element's 3x3 or more, give runs of 2
+// or 3). One load of an input row feeds every tap of the run whose output row is in the
+// tile, so a run of m taps over R rows costs R + m - 1 loads instead of m * R.
+constexpr int kMaxRun = 4;
+struct Run {
+  int32_t offset;  // i * plane row length + j of its first tap
+  int32_t length;
+  float weight[kMaxRun];
+};
+
 struct Geometry {
   int64_t N, C, H, W, Ho, Wo, kh, kw, pad_top, pad_left;
   int64_t Hl, Wl, Wol;  // plane rows and row length, output tile row length
@@ -53,22 +67,45 @@ constexpr int kTileSums = level == dcls_mm_isa::kV4 ? 16 : (level == dcls_mm_isa
 // at most this many vectors across a row (a tile of fewer columns has more rows)
 constexpr int kMaxRowVectors = 4;
 
+// acc[r] += the run's M taps, for the R output rows from the one whose first input row
+// is at p (vectors [0, WV * lanes) from p).
+template <int level, int WV, int R, int M>
+DCLS_MM_INLINE void add_run(typename dcls_mm_isa::Simd<level>::V (&acc)[R][WV],
+                            const float* __restrict p, const float* __restrict weight,
+                            int64_t Wl) {
+  using V = typename dcls_mm_isa::Simd<level>::V;
+  constexpr int L = sizeof(V) / sizeof(float);
+  V w[M];
+#pragma GCC unroll 4
+  for (int m = 0; m < M; ++m) w[m] = V{} + weight[m];
+#pragma GCC unroll 32
+  for (int q = 0; q < R + M - 1; ++q)
+#pragma GCC unroll 4
+    for (int v = 0; v < WV; ++v) {
+      const V x = load<V>(p + q * Wl + v * L);
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m)
+        if (q - m >= 0 && q - m < R) acc[q - m][v] += w[m] * x;
+    }
+}
+
 // Output rows [oy, oy + R) x vectors [col, col + WV * lanes) of one channel's plane.
 template <int level, int WV, int R>
-DCLS_MM_INLINE void tile(const float* __restrict plane, const Tap* __restrict taps, int64_t n_taps,
+DCLS_MM_INLINE void tile(const float* __restrict plane, const Run* __restrict runs, int64_t n_runs,
                          float bias, float* __restrict out, const Geometry& s, int64_t oy,
                          int64_t col) {
   using V = typename dcls_mm_isa::Simd<level>::V;
   constexpr int L = sizeof(V) / sizeof(float);
   V acc[R][WV] = {};
   const float* base = plane + oy * s.Wl + col;
-  for (int64_t t = 0; t < n_taps; ++t) {
-    const float* p = base + taps[t].offset;
-    const V w = V{} + taps[t].weight;
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-      for (int v = 0; v < WV; ++v) acc[r][v] += w * load<V>(p + r * s.Wl + v * L);
+  for (int64_t t = 0; t < n_runs; ++t) {
+    const float* p = base + runs[t].offset;
+    switch (runs[t].length) {
+      case 1: add_run<level, WV, R, 1>(acc, p, runs[t].weight, s.Wl); break;
+      case 2: add_run<level, WV, R, 2>(acc, p, runs[t].weight, s.Wl); break;
+      case 3: add_run<level, WV, R, 3>(acc, p, runs[t].weight, s.Wl); break;
+      default: add_run<level, WV, R, kMaxRun>(acc, p, runs[t].weight, s.Wl); break;
+    }
   }
   const V b = V{} + bias;  // added last, like the dense kernels
 #pragma GCC unroll 16
@@ -80,23 +117,23 @@ DCLS_MM_INLINE void tile(const float* __restrict plane, const Tap* __restrict ta
 // The last `rows` (< R) output rows from oy, as one tile of that many rows (a tile of
 // fewer rows would leave the multiply-adds waiting on each other on small maps).
 template <int level, int WV, int R>
-DCLS_MM_INLINE void last_rows(const float* plane, const Tap* taps, int64_t n_taps, float bias,
+DCLS_MM_INLINE void last_rows(const float* plane, const Run* runs, int64_t n_runs, float bias,
                               float* out, const Geometry& s, int64_t oy, int64_t col,
                               int64_t rows) {
   if constexpr (R > 1) {
-    if (rows == R - 1) tile<level, WV, R - 1>(plane, taps, n_taps, bias, out, s, oy, col);
-    else last_rows<level, WV, R - 1>(plane, taps, n_taps, bias, out, s, oy, col, rows);
+    if (rows == R - 1) tile<level, WV, R - 1>(plane, runs, n_runs, bias, out, s, oy, col);
+    else last_rows<level, WV, R - 1>(plane, runs, n_runs, bias, out, s, oy, col, rows);
   }
 }
 
 // All output rows of vectors [col, col + WV * lanes): tiles of R rows, then the rest.
 template <int level, int WV>
-DCLS_MM_INLINE void column(const float* plane, const Tap* taps, int64_t n_taps, float bias,
+DCLS_MM_INLINE void column(const float* plane, const Run* runs, int64_t n_runs, float bias,
                            float* out, const Geometry& s, int64_t col) {
   constexpr int R = kTileSums<level> / WV;
   int64_t oy = 0;
-  for (; oy + R <= s.Ho; oy += R) tile<level, WV, R>(plane, taps, n_taps, bias, out, s, oy, col);
-  if (oy < s.Ho) last_rows<level, WV, R>(plane, taps, n_taps, bias, out, s, oy, col, s.Ho - oy);
+  for (; oy + R <= s.Ho; oy += R) tile<level, WV, R>(plane, runs, n_runs, bias, out, s, oy, col);
+  if (oy < s.Ho) last_rows<level, WV, R>(plane, runs, n_runs, bias, out, s, oy, col, s.Ho - oy);
 }
 
 // Op::run<level, WV>(s, col, args...) over a plane row's vectors: chunks of
@@ -119,23 +156,23 @@ DCLS_MM_INLINE void over_columns(const Geometry& s, Args... args) {
 struct ForwardColumn {
   template <int level, int WV>
   static DCLS_MM_INLINE void run(const Geometry& s, int64_t col, const float* plane,
-                                 const Tap* taps, int64_t n_taps, float bias, float* out) {
-    column<level, WV>(plane, taps, n_taps, bias, out, s, col);
+                                 const Run* runs, int64_t n_runs, float bias, float* out) {
+    column<level, WV>(plane, runs, n_runs, bias, out, s, col);
   }
 };
 
 // One channel: its zero-padded plane -> its output tile (Ho x Wol, row-major).
 template <int level>
-DCLS_MM_INLINE void channel_impl(const float* __restrict plane, const Tap* __restrict taps,
-                                 int64_t n_taps, float bias, float* __restrict out,
+DCLS_MM_INLINE void channel_impl(const float* __restrict plane, const Run* __restrict runs,
+                                 int64_t n_runs, float bias, float* __restrict out,
                                  const Geometry& s) {
-  over_columns<level, ForwardColumn>(s, plane, taps, n_taps, bias, out);
+  over_columns<level, ForwardColumn>(s, plane, runs, n_runs, bias, out);
 }
 DCLS_MM_ISA_LEVEL_VARIANTS(channel,
-                           (const float* __restrict plane, const Tap* __restrict taps,
-                            int64_t n_taps, float bias, float* __restrict out,
+                           (const float* __restrict plane, const Run* __restrict runs,
+                            int64_t n_runs, float bias, float* __restrict out,
                             const Geometry& s),
-                           (plane, taps, n_taps, bias, out, s))
+                           (plane, runs, n_runs, bias, out, s))
 
 // Kernel gradient: the sums of T taps over all output rows of vectors
 // [col, col + WV * lanes), added to sums[0..T).
@@ -263,17 +300,137 @@ void tap_lists(const float* values, const Geometry& s, Tap* taps, int64_t* count
   });
 }
 
-// Channels [c0, c0 + cb) of image n of the channels_last (N, rows, cols, C) tensor src
-// into cb planes of `stride` floats, at row top and column left of rows of `length`.
-void copy_to_planes(const float* __restrict src, int64_t n, int64_t rows, int64_t cols,
-                    int64_t C, int64_t c0, int64_t cb, float* __restrict planes,
-                    int64_t stride, int64_t length, int64_t top, int64_t left) {
-  for (int64_t h = 0; h < rows; ++h)
-    for (int64_t w = 0; w < cols; ++w) {
-      const float* from = src + ((n * rows + h) * cols + w) * C + c0;
-      float* to = planes + (h + top) * length + w + left;
-      for (int64_t c = 0; c < cb; ++c) to[c * stride] = from[c];
+// The lane of concat(a, b) that a butterfly step puts at `col` of its low (high) result:
+// swapping bit `bit` of the row index with bit `bit` of the column index, for the rows a
+// (that bit 0) and b (that bit 1). All steps 0..log2(L)-1 transpose L rows of L lanes.
+constexpr int butterfly_lane(int bit, bool high, int col, int L) {
+  return ((col >> bit) & 1) ? (high ? L + col : L + (col & ~(1 << bit)))
+                            : (high ? (col | (1 << bit)) : col);
+}
+
+template <typename V, int bit, bool high, size_t... I>
+DCLS_MM_INLINE V butterfly(V a, V b, std::index_sequence<I...>) {
+  constexpr int L = sizeof(V) / sizeof(float);
+#if defined(__clang__)
+  return __builtin_shufflevector(a, b, butterfly_lane(bit, high, I, L)...);
+#else
+  typedef int32_t VI __attribute__((vector_size(sizeof(V))));
+  return __builtin_shuffle(a, b, VI{butterfly_lane(bit, high, I, L)...});
+#endif
+}
+
+// rows[i][j] <-> rows[j][i] for L rows of L lanes, from bit `bit` on.
+template <typename V, int bit = 0>
+DCLS_MM_INLINE void transpose(V (&rows)[sizeof(V) / sizeof(float)]) {
+  constexpr int L = sizeof(V) / sizeof(float);
+  if constexpr ((1 << bit) < L) {
+    constexpr auto lanes = std::make_index_sequence<L>{};
+#pragma GCC unroll 16
+    for (int i = 0; i < L; ++i) {
+      if (i & (1 << bit)) continue;
+      const V a = rows[i], b = rows[i | (1 << bit)];
+      rows[i] = butterfly<V, bit, false>(a, b, lanes);
+      rows[i | (1 << bit)] = butterfly<V, bit, true>(a, b, lanes);
     }
+    transpose<V, bit + 1>(rows);
+  }
+}
+
+// Channels [c0, c0 + cb) of image n of the channels_last (N, rows, cols, C) tensor src
+// into cb planes of `stride` floats, at row top and column left of rows of `length`:
+// blocks of lanes x lanes transposed in registers (a scalar copy took a third of the
+// sparse forward's time), the rest one by one.
+template <int level>
+DCLS_MM_INLINE void copy_to_planes_impl(const float* __restrict src, int64_t n, int64_t rows,
+                                        int64_t cols, int64_t C, int64_t c0, int64_t cb,
+                                        float* __restrict planes, int64_t stride,
+                                        int64_t length, int64_t top, int64_t left) {
+  using V = typename dcls_mm_isa::Simd<level>::V;
+  constexpr int L = sizeof(V) / sizeof(float);
+  const int64_t cv = cb / L * L;  // channels in whole vectors
+  for (int64_t h = 0; h < rows; ++h) {
+    const float* from = src + (n * rows + h) * cols * C + c0;
+    float* to = planes + (h + top) * length + left;
+    int64_t w = 0;
+    for (; w + L <= cols; w += L)
+      for (int64_t c = 0; c < cv; c += L) {
+        V block[L];
+#pragma GCC unroll 16
+        for (int p = 0; p < L; ++p) block[p] = load<V>(from + (w + p) * C + c);
+        transpose<V>(block);
+#pragma GCC unroll 16
+        for (int q = 0; q < L; ++q) store<V>(to + (c + q) * stride + w, block[q]);
+      }
+    for (int64_t c = cv; c < cb; ++c)
+      for (int64_t x = 0; x < w; ++x) to[c * stride + x] = from[x * C + c];
+    for (; w < cols; ++w)
+      for (int64_t c = 0; c < cb; ++c) to[c * stride + w] = from[w * C + c];
+  }
+}
+DCLS_MM_ISA_LEVEL_VARIANTS(copy_to_planes,
+                           (const float* __restrict src, int64_t n, int64_t rows, int64_t cols,
+                            int64_t C, int64_t c0, int64_t cb, float* __restrict planes,
+                            int64_t stride, int64_t length, int64_t top, int64_t left),
+                           (src, n, rows, cols, C, c0, cb, planes, stride, length, top, left))
+
+// The inverse for the output: cb planes (rows x length, the first cols columns) into
+// channels [c0, c0 + cb) of image n of the channels_last (N, rows, cols, C) tensor dst.
+template <int level>
+DCLS_MM_INLINE void copy_from_planes_impl(const float* __restrict planes, int64_t stride,
+                                          int64_t length, float* __restrict dst, int64_t n,
+                                          int64_t rows, int64_t cols, int64_t C, int64_t c0,
+                                          int64_t cb) {
+  using V = typename dcls_mm_isa::Simd<level>::V;
+  constexpr int L = sizeof(V) / sizeof(float);
+  const int64_t cv = cb / L * L;
+  for (int64_t h = 0; h < rows; ++h) {
+    const float* from = planes + h * length;
+    float* to = dst + (n * rows + h) * cols * C + c0;
+    int64_t w = 0;
+    for (; w + L <= cols; w += L)
+      for (int64_t c = 0; c < cv; c += L) {
+        V block[L];
+#pragma GCC unroll 16
+        for (int q = 0; q < L; ++q) block[q] = load<V>(from + (c + q) * stride + w);
+        transpose<V>(block);
+#pragma GCC unroll 16
+        for (int p = 0; p < L; ++p) store<V>(to + (w + p) * C + c, block[p]);
+      }
+    for (int64_t c = cv; c < cb; ++c)
+      for (int64_t x = 0; x < w; ++x) to[x * C + c] = from[c * stride + x];
+    for (; w < cols; ++w)
+      for (int64_t c = 0; c < cb; ++c) to[w * C + c] = from[c * stride + w];
+  }
+}
+DCLS_MM_ISA_LEVEL_VARIANTS(copy_from_planes,
+                           (const float* __restrict planes, int64_t stride, int64_t length,
+                            float* __restrict dst, int64_t n, int64_t rows, int64_t cols,
+                            int64_t C, int64_t c0, int64_t cb),
+                           (planes, stride, length, dst, n, rows, cols, C, c0, cb))
+
+// Each channel's runs of non-zero taps of `values` (C, kh, kw), column by column, top to
+// bottom; counts[c] of them from runs + c * kh * kw.
+void run_lists(const float* values, const Geometry& s, Run* runs, int64_t* counts) {
+  const int64_t per_channel = s.kh * s.kw;
+  at::parallel_for(0, s.C, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      Run* list = runs + c * per_channel;
+      int64_t count = 0;
+      for (int64_t j = 0; j < s.kw; ++j)
+        for (int64_t i = 0; i < s.kh; ++i) {
+          const float w = values[(c * s.kh + i) * s.kw + j];
+          if (w == 0.f) continue;
+          Run& last = list[count > 0 ? count - 1 : 0];
+          if (count > 0 && last.length < kMaxRun &&
+              last.offset + last.length * s.Wl == i * s.Wl + j) {
+            last.weight[last.length++] = w;
+          } else {
+            list[count++] = Run{static_cast<int32_t>(i * s.Wl + j), 1, {w}};
+          }
+        }
+      counts[c] = count;
+    }
+  });
 }
 
 void check_inputs(const char* name, const at::Tensor& x, const at::Tensor& other) {
@@ -302,9 +459,9 @@ at::Tensor sparse_depthwise_conv(const at::Tensor& x, const at::Tensor& kernel,
   }
   const at::Tensor k = kernel.contiguous();
   const int64_t per_channel = s.kh * s.kw;
-  std::unique_ptr<Tap[]> taps(new Tap[s.C * per_channel]);  // not zeroed: 8 B a tap
+  std::unique_ptr<Run[]> runs(new Run[s.C * per_channel]);  // not zeroed
   std::vector<int64_t> counts(static_cast<size_t>(s.C));
-  tap_lists(k.const_data_ptr<float>(), s, taps.get(), counts.data());
+  run_lists(k.const_data_ptr<float>(), s, runs.get(), counts.data());
 
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor out = at::empty({s.N, s.C, s.Ho, s.Wo},
@@ -324,14 +481,9 @@ at::Tensor sparse_depthwise_conv(const at::Tensor& x, const at::Tensor& kernel,
       copy_to_planes(xp, n, s.H, s.W, s.C, c0, cb, planes.data(), plane, s.Wl, s.pad_top,
                      s.pad_left);
       for (int64_t c = 0; c < cb; ++c)
-        channel(planes.data() + c * plane, taps.get() + (c0 + c) * per_channel,
+        channel(planes.data() + c * plane, runs.get() + (c0 + c) * per_channel,
                 counts[c0 + c], bp ? bp[c0 + c] : 0.f, tiles.data() + c * out_plane, s);
-      for (int64_t oy = 0; oy < s.Ho; ++oy)
-        for (int64_t ox = 0; ox < s.Wo; ++ox) {
-          float* dst = op + ((n * s.Ho + oy) * s.Wo + ox) * s.C + c0;
-          const float* src = tiles.data() + oy * s.Wol + ox;
-          for (int64_t c = 0; c < cb; ++c) dst[c] = src[c * out_plane];
-        }
+      copy_from_planes(tiles.data(), out_plane, s.Wol, op, n, s.Ho, s.Wo, s.C, c0, cb);
     }
   });
   return out;
