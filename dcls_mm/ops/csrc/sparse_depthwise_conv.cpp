@@ -91,22 +91,24 @@ DCLS_MM_INLINE void add_run(typename dcls_mm_isa::Simd<level>::V (&acc)[R][WV],
 
 // Output rows [oy, oy + R) x vectors [col, col + WV * lanes) of one channel's plane.
 template <int level, int WV, int R>
-DCLS_MM_INLINE void tile(const float* __restrict plane, const Run* __restrict runs, int64_t n_runs,
+DCLS_MM_INLINE void tile(const float* __restrict plane, const Run* __restrict runs, const int64_t* n_runs,
                          float bias, float* __restrict out, const Geometry& s, int64_t oy,
                          int64_t col) {
   using V = typename dcls_mm_isa::Simd<level>::V;
   constexpr int L = sizeof(V) / sizeof(float);
   V acc[R][WV] = {};
   const float* base = plane + oy * s.Wl + col;
-  for (int64_t t = 0; t < n_runs; ++t) {
-    const float* p = base + runs[t].offset;
-    switch (runs[t].length) {
-      case 1: add_run<level, WV, R, 1>(acc, p, runs[t].weight, s.Wl); break;
-      case 2: add_run<level, WV, R, 2>(acc, p, runs[t].weight, s.Wl); break;
-      case 3: add_run<level, WV, R, 3>(acc, p, runs[t].weight, s.Wl); break;
-      default: add_run<level, WV, R, kMaxRun>(acc, p, runs[t].weight, s.Wl); break;
-    }
-  }
+  // the runs come sorted by length, n_runs[m - 1] of length m: a loop per length (a
+  // switch on each run's length was mispredicted for a good share of them)
+  const Run* run = runs;
+  for (const Run* end = run + n_runs[0]; run < end; ++run)
+    add_run<level, WV, R, 1>(acc, base + run->offset, run->weight, s.Wl);
+  for (const Run* end = run + n_runs[1]; run < end; ++run)
+    add_run<level, WV, R, 2>(acc, base + run->offset, run->weight, s.Wl);
+  for (const Run* end = run + n_runs[2]; run < end; ++run)
+    add_run<level, WV, R, 3>(acc, base + run->offset, run->weight, s.Wl);
+  for (const Run* end = run + n_runs[3]; run < end; ++run)
+    add_run<level, WV, R, 4>(acc, base + run->offset, run->weight, s.Wl);
   const V b = V{} + bias;  // added last, like the dense kernels
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
@@ -117,7 +119,7 @@ DCLS_MM_INLINE void tile(const float* __restrict plane, const Run* __restrict ru
 // The last `rows` (< R) output rows from oy, as one tile of that many rows (a tile of
 // fewer rows would leave the multiply-adds waiting on each other on small maps).
 template <int level, int WV, int R>
-DCLS_MM_INLINE void last_rows(const float* plane, const Run* runs, int64_t n_runs, float bias,
+DCLS_MM_INLINE void last_rows(const float* plane, const Run* runs, const int64_t* n_runs, float bias,
                               float* out, const Geometry& s, int64_t oy, int64_t col,
                               int64_t rows) {
   if constexpr (R > 1) {
@@ -128,7 +130,7 @@ DCLS_MM_INLINE void last_rows(const float* plane, const Run* runs, int64_t n_run
 
 // All output rows of vectors [col, col + WV * lanes): tiles of R rows, then the rest.
 template <int level, int WV>
-DCLS_MM_INLINE void column(const float* plane, const Run* runs, int64_t n_runs, float bias,
+DCLS_MM_INLINE void column(const float* plane, const Run* runs, const int64_t* n_runs, float bias,
                            float* out, const Geometry& s, int64_t col) {
   constexpr int R = kTileSums<level> / WV;
   int64_t oy = 0;
@@ -156,7 +158,7 @@ DCLS_MM_INLINE void over_columns(const Geometry& s, Args... args) {
 struct ForwardColumn {
   template <int level, int WV>
   static DCLS_MM_INLINE void run(const Geometry& s, int64_t col, const float* plane,
-                                 const Run* runs, int64_t n_runs, float bias, float* out) {
+                                 const Run* runs, const int64_t* n_runs, float bias, float* out) {
     column<level, WV>(plane, runs, n_runs, bias, out, s, col);
   }
 };
@@ -164,13 +166,13 @@ struct ForwardColumn {
 // One channel: its zero-padded plane -> its output tile (Ho x Wol, row-major).
 template <int level>
 DCLS_MM_INLINE void channel_impl(const float* __restrict plane, const Run* __restrict runs,
-                                 int64_t n_runs, float bias, float* __restrict out,
+                                 const int64_t* n_runs, float bias, float* __restrict out,
                                  const Geometry& s) {
   over_columns<level, ForwardColumn>(s, plane, runs, n_runs, bias, out);
 }
 DCLS_MM_ISA_LEVEL_VARIANTS(channel,
                            (const float* __restrict plane, const Run* __restrict runs,
-                            int64_t n_runs, float bias, float* __restrict out,
+                            const int64_t* n_runs, float bias, float* __restrict out,
                             const Geometry& s),
                            (plane, runs, n_runs, bias, out, s))
 
@@ -427,14 +429,15 @@ DCLS_MM_ISA_LEVEL_VARIANTS(copy_from_planes,
                            (planes, stride, length, dst, n, rows, cols, C, c0, cb))
 
 // Each channel's runs of non-zero taps of `values` (C, kh, kw), column by column, top to
-// bottom; counts[c] of them from runs + c * kh * kw. A column's non-zero rows are read
-// into bits first, 64 rows at a time (a branch per tap, taken at random for a trained
-// kernel, cost a sixth of the op's time on 14x14 maps); runs split at those boundaries.
+// bottom, then sorted by length (stable): counts[c * kMaxRun + m - 1] runs of length m
+// from runs + c * kh * kw. A column's non-zero rows are read into bits first, 64 rows at
+// a time (a branch per tap, taken at random for a trained kernel, cost a sixth of the
+// op's time on 14x14 maps); runs split at those boundaries.
 void run_lists(const float* values, const Geometry& s, Run* runs, int64_t* counts) {
   const int64_t per_channel = s.kh * s.kw;
   at::parallel_for(0, s.C, 16, [&](int64_t begin, int64_t end) {
+    std::vector<Run> found(static_cast<size_t>(per_channel));
     for (int64_t c = begin; c < end; ++c) {
-      Run* list = runs + c * per_channel;
       int64_t count = 0;
       for (int64_t j = 0; j < s.kw; ++j)
         for (int64_t i0 = 0; i0 < s.kh; i0 += 64) {
@@ -447,14 +450,20 @@ void run_lists(const float* values, const Geometry& s, Run* runs, int64_t* count
             const int first = __builtin_ctzll(bits);
             const uint64_t rest = ~(bits >> first);  // run length: the ones from `first`
             const int length = std::min(rest ? __builtin_ctzll(rest) : 64 - first, kMaxRun);
-            Run& run = list[count++];
+            Run& run = found[count++];
             run.offset = static_cast<int32_t>((i0 + first) * s.Wl + j);
             run.length = length;
             for (int m = 0; m < length; ++m) run.weight[m] = col[(first + m) * s.kw];
             bits &= ~(((uint64_t{1} << length) - 1) << first);
           }
         }
-      counts[c] = count;
+      int64_t* groups = counts + c * kMaxRun;
+      std::fill(groups, groups + kMaxRun, 0);
+      for (int64_t t = 0; t < count; ++t) ++groups[found[t].length - 1];
+      int64_t start[kMaxRun] = {0};
+      for (int m = 1; m < kMaxRun; ++m) start[m] = start[m - 1] + groups[m - 1];
+      Run* list = runs + c * per_channel;
+      for (int64_t t = 0; t < count; ++t) list[start[found[t].length - 1]++] = found[t];
     }
   });
 }
@@ -486,7 +495,7 @@ at::Tensor sparse_depthwise_conv(const at::Tensor& x, const at::Tensor& kernel,
   const at::Tensor k = kernel.contiguous();
   const int64_t per_channel = s.kh * s.kw;
   std::unique_ptr<Run[]> runs(new Run[s.C * per_channel]);  // not zeroed
-  std::vector<int64_t> counts(static_cast<size_t>(s.C));
+  std::vector<int64_t> counts(static_cast<size_t>(s.C * kMaxRun));
   run_lists(k.const_data_ptr<float>(), s, runs.get(), counts.data());
 
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
@@ -508,7 +517,8 @@ at::Tensor sparse_depthwise_conv(const at::Tensor& x, const at::Tensor& kernel,
                      s.pad_left);
       for (int64_t c = 0; c < cb; ++c)
         channel(planes.data() + c * plane, runs.get() + (c0 + c) * per_channel,
-                counts[c0 + c], bp ? bp[c0 + c] : 0.f, tiles.data() + c * out_plane, s);
+                counts.data() + (c0 + c) * kMaxRun, bp ? bp[c0 + c] : 0.f,
+                tiles.data() + c * out_plane, s);
       copy_from_planes(tiles.data(), out_plane, s.Wol, op, n, s.Ho, s.Wo, s.C, c0, cb);
     }
   });
