@@ -118,18 +118,19 @@ def _kernel_grad_aten(x: Tensor, grad_out: Tensor, kernel_hw: Tuple[int, int],
 
 def _kernel_grad(x: Tensor, grad_out: Tensor, kernel: Tensor,
                  padding: Tuple[Tuple[int, int], Tuple[int, int]],
-                 stride: Tuple[int, int], support: Optional[Callable[[], Tensor]] = None
-                 ) -> Tensor:
+                 stride: Tuple[int, int], support: Optional[Callable[[], Tensor]] = None,
+                 density: Optional[float] = None) -> Tensor:
     """Kernel gradient ``(C, 1, kh, kw)`` (float32, float64 for float64 inputs) of a
     convolution with ``kernel``, by FFT, by the direct C++ sum (CPU), by the C++ sum over
     the taps of ``support()`` only (CPU, stride 1, float32; 0 elsewhere) or by PyTorch's
     convolution weight gradient (other devices), whichever was measured faster for this
     shape on this machine (route ``kernel_grad``, see :mod:`dcls_mm.ops.routes`; with a
-    support, the kernel's share of non-zero taps is part of the shape)."""
+    support, the kernel's share of non-zero taps, ``density`` if known, is part of the
+    shape)."""
     (pt, pb), (pl, pr) = padding
     kernel_hw = tuple(kernel.shape[-2:])
     candidates = {'fft': lambda: _kernel_grad_fft(x, grad_out, kernel_hw, padding, stride)}
-    density = None
+    key_density = None
     if x.device.type == 'cpu':
         if x.dtype != torch.float64 and extension.available():
             candidates['direct'] = lambda: torch.ops.dcls_mm.depthwise_kernel_grad(
@@ -138,13 +139,13 @@ def _kernel_grad(x: Tensor, grad_out: Tensor, kernel: Tensor,
             # support() is called only when this candidate runs (it costs up to ~0.5 ms)
             candidates['sparse'] = lambda: torch.ops.dcls_mm.sparse_depthwise_kernel_grad(
                 x, grad_out.float(), support(), pt, pb, pl, pr)
-            density = torch.count_nonzero(kernel).item() / kernel.numel()
+            key_density = _density(kernel) if density is None else density
     else:
         # not a CPU candidate: PyTorch's CPU depthwise weight gradient with a large kernel
         # takes tens of times the others, and measuring it would cost seconds per shape
         candidates['aten'] = lambda: _kernel_grad_aten(x, grad_out, kernel_hw, padding, stride)
     return routes.run('kernel_grad', kernel_grad_key(x.shape, grad_out.shape, kernel_hw,
-                                                     padding, stride, x.dtype, density),
+                                                     padding, stride, x.dtype, key_density),
                       candidates, x.device)
 
 
@@ -231,6 +232,11 @@ def conv_key(x_shape: Sequence[int], kernel_hw: Sequence[int],
     return key if density is None else f'{key} nz{density_step(density)}%'
 
 
+def _density(kernel: Tensor) -> float:
+    """Share of the (float32 CPU) kernel's taps that are not zero."""
+    return torch.ops.dcls_mm.nonzero_count(kernel.detach()) / kernel.numel()
+
+
 def density_step(density: float) -> int:
     """``density`` (fraction of non-zero taps) rounded to the route key's 10% steps."""
     return int(round(10 * float(density))) * 10
@@ -257,10 +263,12 @@ def _conv_routes(channels: int, stride: Sequence[int], padding: Sequence[Sequenc
 
 
 def _conv(x: Tensor, kernel: Tensor, bias: Optional[Tensor], stride: Tuple[int, int],
-          padding: Tuple[Tuple[int, int], Tuple[int, int]]) -> Tensor:
+          padding: Tuple[Tuple[int, int], Tuple[int, int]],
+          density: Optional[float] = None) -> Tensor:
     """Forward depthwise conv (no autograd), channels_last output, by whichever of the
     available routes (:func:`_conv_routes`) was measured fastest for this shape on this
-    machine (route ``conv``; AVX2 and AVX-512 CPUs, and GPUs, choose differently)."""
+    machine (route ``conv``; AVX2 and AVX-512 CPUs, and GPUs, choose differently).
+    ``density``: the kernel's share of non-zero taps if the caller knows it."""
     (pt, pb), (pl, pr) = padding
     names = _conv_routes(x.shape[1], stride, padding, x.dtype, x.device)
     # a traced graph takes PyTorch's own convolution (the density below is a value the
@@ -279,8 +287,10 @@ def _conv(x: Tensor, kernel: Tensor, bias: Optional[Tensor], stride: Tuple[int, 
         return builders[names[0]]()
     # the sparse route's speed depends on how many taps are zero (trained DCLS kernels:
     # most of them), so the density is part of its shape
-    density = (torch.count_nonzero(kernel).item() / kernel.numel() if 'sparse' in names
-               else None)
+    if 'sparse' not in names:
+        density = None
+    elif density is None:
+        density = _density(kernel)
     return routes.run('conv', conv_key(x.shape, kernel.shape[-2:], padding, x.dtype, density),
                       {name: builders[name] for name in names}, x.device)
 
@@ -292,11 +302,17 @@ class _DepthwiseConv2d(torch.autograd.Function):
     def forward(ctx, x: Tensor, kernel: Tensor, bias: Optional[Tensor], stride: Tuple[int, int],
                 padding: Tuple[Tuple[int, int], Tuple[int, int]],
                 grad_support: Optional[Callable[[], Tensor]]) -> Tensor:
-        y = _conv(x, kernel, bias, stride, padding)
+        # the kernel's share of non-zero taps, counted once for the forward, the input
+        # gradient (the same taps, flipped) and the kernel gradient's route keys
+        density = (_density(kernel) if x.device.type == 'cpu' and x.dtype == torch.float32
+                   and kernel.dtype == torch.float32 and extension.available()
+                   and not tracing() else None)
+        y = _conv(x, kernel, bias, stride, padding, density)
         # x itself, not its channels_last copy: a copy made here is not in the autograd
         # graph, so higher-order gradients could not reach x through it
         ctx.save_for_backward(x, kernel, bias)
         ctx.stride, ctx.padding, ctx.grad_support = stride, padding, grad_support
+        ctx.density = density
         return y
 
     @staticmethod
@@ -319,7 +335,8 @@ class _DepthwiseConv2d(torch.autograd.Function):
                 and pt <= kh - 1 and pl <= kw - 1):
             # stride 1: the input gradient is a correlation with the flipped kernel
             grad_x = _conv(g, kernel.flip(-2, -1).to(g.dtype), None, (1, 1),
-                           ((kh - 1 - pt, kh - 1 - pt), (kw - 1 - pl, kw - 1 - pl)))
+                           ((kh - 1 - pt, kh - 1 - pt), (kw - 1 - pl, kw - 1 - pl)),
+                           ctx.density if g.dtype == torch.float32 else None)
         elif ctx.needs_input_grad[0]:
             h, w = x.shape[-2:]
             # rows/cols of the padded input that the strided windows reach
@@ -333,7 +350,7 @@ class _DepthwiseConv2d(torch.autograd.Function):
             full[:, :, :used_h, :used_w] = gx
             grad_x = full[:, :, pt:pt + h, pl:pl + w]
         if ctx.needs_input_grad[1]:
-            grad_k = _kernel_grad(x, g, kernel, padding, stride, ctx.grad_support)
+            grad_k = _kernel_grad(x, g, kernel, padding, stride, ctx.grad_support, ctx.density)
             grad_k = grad_k.to(kernel.dtype)
         if ctx.needs_input_grad[2]:
             grad_b = g.sum((0, 2, 3), dtype=torch.float64 if g.dtype == torch.float64

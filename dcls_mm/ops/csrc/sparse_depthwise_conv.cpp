@@ -588,6 +588,18 @@ at::Tensor sparse_depthwise_kernel_grad(const at::Tensor& x, const at::Tensor& g
   return out;
 }
 
+// How many elements of a float32 tensor are not zero (torch.count_nonzero took 0.5 ms on
+// a 384-channel 23x23 kernel, run for every route-key lookup of the sparse routes).
+int64_t nonzero_count(const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat,
+              "dcls_mm::nonzero_count: a float32 CPU tensor expected");
+  const at::Tensor c = t.contiguous();
+  const float* p = c.const_data_ptr<float>();
+  int64_t count = 0;
+  for (int64_t i = 0; i < c.numel(); ++i) count += p[i] != 0.f;
+  return count;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(dcls_mm, m) {
@@ -595,9 +607,11 @@ TORCH_LIBRARY_FRAGMENT(dcls_mm, m) {
         "int pad_bottom, int pad_left, int pad_right) -> Tensor");
   m.def("sparse_depthwise_kernel_grad(Tensor x, Tensor grad_out, Tensor support, int pad_top, "
         "int pad_bottom, int pad_left, int pad_right) -> Tensor");
+  m.def("nonzero_count(Tensor t) -> int");
 }
 
 TORCH_LIBRARY_IMPL(dcls_mm, CPU, m) {
   m.impl("sparse_depthwise_conv", &sparse_depthwise_conv);
   m.impl("sparse_depthwise_kernel_grad", &sparse_depthwise_kernel_grad);
+  m.impl("nonzero_count", &nonzero_count);
 }
