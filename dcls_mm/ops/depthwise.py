@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
@@ -153,7 +154,8 @@ def _sparse_grad_available(stride: Sequence[int], padding: Sequence[Sequence[int
                            dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the ``sparse`` kernel-gradient route can run a call (given a support)."""
     return (device.type == 'cpu' and dtype == torch.float32 and tuple(stride) == (1, 1)
-            and min(p for pair in padding for p in pair) >= 0 and extension.available())
+            and min(p for pair in padding for p in pair) >= 0 and extension.available()
+            and not tracing())
 
 
 def kernel_grad_key(x_shape: Sequence[int], out_shape: Sequence[int], kernel_hw: Sequence[int],
@@ -238,8 +240,9 @@ def _density(kernel: Tensor) -> float:
 
 
 def density_step(density: float) -> int:
-    """``density`` (fraction of non-zero taps) rounded to the route key's 10% steps."""
-    return int(round(10 * float(density))) * 10
+    """``density`` (fraction of non-zero taps) rounded to the route key's 10% steps
+    (halves up)."""
+    return int(math.floor(10 * float(density) + 0.5)) * 10
 
 
 def _conv_routes(channels: int, stride: Sequence[int], padding: Sequence[Sequence[int]],

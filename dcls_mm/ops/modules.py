@@ -17,7 +17,7 @@ import inspect
 import math
 import textwrap
 import warnings
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -144,7 +144,8 @@ def _dcls_forward(module: '_DclsNd', x: Tensor) -> Tensor:
     """
     module._check_input(x)
     window = module.kernel_window(x)
-    return module.conv(x, module.construct_kernel(window), window)
+    kernel = module.construct_kernel(window)
+    return module.conv(x, kernel, window, module.construction_support(kernel, window))
 
 
 # torch.fx (torchvision's create_feature_extractor, timm's FeatureGraphNet) records the
@@ -376,13 +377,27 @@ class _DclsNd(nn.Module):
         """
         return None
 
-    def conv(self, x: Tensor, kernel: Tensor, window: Optional[Window] = None) -> Tensor:
+    def construction_support(self, kernel: Tensor,
+                             window: Optional[Window] = None) -> Optional[Callable[[], Tensor]]:
+        """For a ``kernel`` just built by :meth:`construct_kernel`: a function giving the
+        taps whose gradient the construction reads (:func:`dcls_mm.ops.kernel.
+        gradient_support`, from the positions as they are now), which :meth:`conv` may
+        pass to the convolution so that its kernel gradient skips the others; ``None``
+        when there is no such rule or no kernel gradient (only depthwise 2-D layers on
+        the CPU use one)."""
+        return None
+
+    def conv(self, x: Tensor, kernel: Tensor, window: Optional[Window] = None,
+             grad_support: Optional[Callable[[], Tensor]] = None) -> Tensor:
         """Convolve ``x`` with a given dense ``kernel`` using this layer's geometry and bias.
 
         Args:
             x: the input.
             kernel: ``(C_out, C_in/groups, *kernel_size)``, or the ``window`` of it.
             window: the taps ``kernel`` holds, from :meth:`kernel_window` (``None``: all).
+            grad_support: only for a ``kernel`` from this layer's construction, from
+                :meth:`construction_support` (the layer's forward passes it): the kernel
+                gradient may then be 0 outside those taps. ``None``: exact everywhere.
         """
         if window is not None:
             raise ValueError(f'{type(self).__name__} convolves with whole kernels only, got '
@@ -546,7 +561,20 @@ class Dcls2d(_DclsEveryDim):
         return tuple((lo - start, hi - (size - stop)) for (lo, hi), (start, stop), size
                      in zip(self.padding, window, self.kernel_size))
 
-    def conv(self, x: Tensor, kernel: Tensor, window: Optional[Window] = None) -> Tensor:
+    def construction_support(self, kernel: Tensor,
+                             window: Optional[Window] = None) -> Optional[Callable[[], Tensor]]:
+        if not (self.uses_fast_path and kernel.requires_grad and not tracing()
+                and has_gradient_support(self.P, self.interpolation)):
+            return None
+        # copies: the positions as they are now, whatever happens to them before the
+        # backward (a frozen P is not saved by every construction, so an in-place change
+        # would go unnoticed)
+        sig = None if self.SIG is None else self.SIG.detach().clone()
+        return functools.partial(gradient_support, self.P.detach().clone(), sig,
+                                 self.dilated_kernel_size, self.interpolation, window)
+
+    def conv(self, x: Tensor, kernel: Tensor, window: Optional[Window] = None,
+             grad_support: Optional[Callable[[], Tensor]] = None) -> Tensor:
         if not self.uses_fast_path:
             return super().conv(x, kernel, window)
         padding = self.window_padding(window)
@@ -557,16 +585,8 @@ class Dcls2d(_DclsEveryDim):
         if torch.is_autocast_enabled(device_type):
             # what autocast would do to F.conv2d's input on the plain path
             x = x.to(torch.get_autocast_dtype(device_type))
-        support = None
-        if (x.dtype == torch.float32 and kernel.requires_grad and not tracing()
-                and has_gradient_support(self.P, self.interpolation)):
-            # the taps whose gradient the construction reads (a trained bilinear or
-            # triangle kernel: a fifth to a third of them), so that the kernel gradient
-            # may skip the others
-            support = functools.partial(gradient_support, self.P, self.SIG,
-                                        self.dilated_kernel_size, self.interpolation, window)
         with torch.autocast(device_type=device_type, enabled=False):
-            y = depthwise_conv2d(x, kernel, self.stride, padding, self.bias, support)
+            y = depthwise_conv2d(x, kernel, self.stride, padding, self.bias, grad_support)
         return y[0] if unbatched else y
 
     def extra_repr(self) -> str:

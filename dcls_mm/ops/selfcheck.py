@@ -32,6 +32,7 @@ TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 #: not available for a call falls back to the measured choice, see dcls_mm.ops.routes)
 FORCED_ROUTES = {
     'cpu': ('conv=onednn', 'conv=direct', 'conv=sparse', 'kernel_grad=direct', 'kernel_grad=fft',
+            'kernel_grad=sparse',
             'construct=compiled', 'construct=torch'),
     'cuda': ('conv=aten', 'conv=triton', 'kernel_grad=fft', 'kernel_grad=aten',
              'construct=triton', 'construct=torch'),

@@ -86,3 +86,60 @@ def test_every_tap_when_no_rule_applies():
     SIG[1, 2, 0, 0] = float('inf')
     support = gradient_support(P, SIG, (9, 9), 'triangle', ((2, 7), (3, 9)))
     assert support.shape == (4, 1, 5, 6) and support[2].all() and support.sum() == 30 + 3 * 9  # rows, cols 3-5
+
+
+def test_huge_finite_positions_and_widths():
+    """A diverged triangle element (|p| or SIG of 1e20) has no tap in the window, or every
+    row/column (huge width); no crash from the integer conversion."""
+    P, SIG = torch.zeros(2, 3, 1, 1), torch.zeros(2, 3, 1, 1)
+    P[0, 0], P[1, 1] = 1e20, -1e20
+    SIG[0, 2] = 1e19
+    support = gradient_support(P, SIG, (5, 5), 'triangle', ((1, 5), (0, 4)))
+    assert support.shape == (3, 1, 4, 4)
+    assert not support[0].any() and not support[1].any()
+    # channel 2: every row (the width), columns |j - 2| <= 1.001
+    expected = torch.zeros(4, 4, dtype=torch.bool)
+    expected[:, 1:4] = True
+    assert torch.equal(support[2, 0], expected)
+
+
+def _bilinear_layer():
+    from dcls_mm.ops import Dcls2d
+    torch.manual_seed(0)
+    return Dcls2d(16, 16, 3, padding=3, dilated_kernel_size=7, groups=16)
+
+
+def test_user_kernel_gets_its_whole_gradient(monkeypatch):
+    """Dcls2d.conv with a kernel that is not the layer's construction: exact gradient on
+    every tap, even with the sparse kernel gradient forced (no support is attached)."""
+    import torch.nn.functional as F
+    monkeypatch.setenv('DCLS_MM_ROUTES', 'kernel_grad=sparse')
+    m = _bilinear_layer()
+    x = torch.randn(2, 16, 10, 10)
+    k = torch.randn(16, 1, 7, 7, requires_grad=True)
+    m.conv(x, k).square().sum().backward()
+    k_ref = k.detach().clone().requires_grad_()
+    F.conv2d(x, k_ref, m.bias.detach(), 1, 3, 1, 16).square().sum().backward()
+    torch.testing.assert_close(k.grad, k_ref.grad, rtol=1e-4, atol=1e-3)
+    assert (k.grad != 0).all()
+
+
+def test_support_uses_the_positions_of_the_forward(monkeypatch):
+    """Frozen positions changed in place between forward and backward (nothing saved
+    them in the scatter construction): the weight gradient is the one of the forward's
+    positions."""
+    monkeypatch.setenv('DCLS_MM_ROUTES', 'kernel_grad=sparse')
+    from dcls_mm.ops import Dcls2d
+    torch.manual_seed(0)
+    m = Dcls2d(16, 16, 3, padding=3, dilated_kernel_size=7, groups=16,
+               interpolation='bilinear_normalized')
+    m.P.requires_grad_(False)
+    x = torch.randn(2, 16, 10, 10)
+    m(x).square().sum().backward()
+    expected = m.weight.grad.clone()
+    m.weight.grad = None
+    y = m(x).square().sum()
+    with torch.no_grad():
+        m.P.add_(2.0)
+    y.backward()
+    torch.testing.assert_close(m.weight.grad, expected)

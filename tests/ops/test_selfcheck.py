@@ -10,13 +10,14 @@ tool = load_tool('tools/analysis/check_device.py')
 
 def test_cpu_passes_every_comparison():
     records = check_device('cpu', interpolations=['bilinear', 'gaussian'])
-    # 2 strides x (the fast path with measured routes and each of the 7 forced, the fast
+    # 2 strides x (the fast path with measured routes and each of the 8 forced, the fast
     # path with initial positions, plain, grouped) x 2 dtypes x (output + gradients of
     # input, weight, P, bias; gaussian also SIG)
-    assert len(records) == 2 * (8 + 1 + 1 + 1) * 2 * (5 + 6)
+    assert len(records) == 2 * (9 + 1 + 1 + 1) * 2 * (5 + 6)
     assert all(r['ok'] for r in records), [r for r in records if not r['ok']]
     assert {r['routes'] for r in records if r['path'] == 'depthwise'} == {
-        'measured', 'conv=onednn', 'conv=direct', 'conv=sparse', 'kernel_grad=direct', 'kernel_grad=fft',
+        'measured', 'conv=onednn', 'conv=direct', 'conv=sparse', 'kernel_grad=direct',
+        'kernel_grad=fft', 'kernel_grad=sparse',
         'construct=compiled', 'construct=torch'}
     assert {r['routes'] for r in records if r['path'] != 'depthwise'} == {'measured'}
     assert {r['fast_path'] for r in records if r['path'] in ('depthwise', 'centred')} == {True}

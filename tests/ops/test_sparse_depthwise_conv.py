@@ -176,7 +176,7 @@ def test_route_key_carries_density(monkeypatch, tmp_path):
     monkeypatch.delenv('DCLS_MM_ROUTES', raising=False)
     for name in ('_memory', '_loaded_from', '_decided', '_used'):
         monkeypatch.setattr(routes, name, {})
-    assert [density_step(d) for d in (0.0, 0.04, 0.06, 0.37, 1.0)] == [0, 0, 10, 40, 100]
+    assert [density_step(d) for d in (0.0, 0.04, 0.05, 0.25, 0.37, 1.0)] == [0, 0, 10, 30, 40, 100]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 8, 8, 8, generator=g)
     k = torch.randn(8, 1, 5, 5, generator=g)

@@ -40,8 +40,11 @@ Range range(float p, const float* sig, float offset, int64_t L, int64_t start, i
   if (sig) {
     const double pos = static_cast<double>(p) + half;
     const double reach = std::fabs(static_cast<double>(*sig)) + offset + 1e-3;
-    low = ceil_(pos - reach);
-    high = floor_(pos + reach);
+    // clamped to the window (and one past it) before the conversion to an integer,
+    // which a diverged position or width (1e20) would overflow
+    const double lo = static_cast<double>(start - 1), hi = static_cast<double>(stop);
+    low = ceil_(std::min(std::max(pos - reach, lo), hi));
+    high = floor_(std::min(std::max(pos + reach, lo), hi));
   } else {
     const float clamped = std::min(std::max(p, static_cast<float>(-1 - half)),
                                    static_cast<float>(L - half));

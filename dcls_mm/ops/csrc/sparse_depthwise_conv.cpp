@@ -257,17 +257,13 @@ DCLS_MM_ISA_LEVEL_VARIANTS(grad_channel,
                             float* __restrict sums, const Geometry& s),
                            (plane, gplane, taps, n_taps, sums, s))
 
-// lanes of the vectors the running copy uses (the output tile's rows are a multiple)
-int64_t lanes() {
-  switch (dcls_mm_isa::level()) {
-    case dcls_mm_isa::kV4: return 16;
-    case dcls_mm_isa::kV3: return 8;
-    default: return 4;
-  }
-}
+// Plane rows are whole blocks of this many floats, the widest vector of any copy: the
+// geometry then does not depend on which copy runs (the copy is read again inside each
+// dispatched call, and another thread may switch it in between).
+constexpr int64_t kRowBlock = 16;
 
 // The geometry of a stride-1 convolution of x (N, C, H, W) with a (kh, kw) kernel and the
-// padding, in planes of whole vectors of the running copy.
+// padding, in planes of whole row blocks.
 Geometry geometry(const char* name, const at::Tensor& x, int64_t kh, int64_t kw,
                   int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right) {
   TORCH_CHECK(pad_top >= 0 && pad_bottom >= 0 && pad_left >= 0 && pad_right >= 0, name,
@@ -276,10 +272,9 @@ Geometry geometry(const char* name, const at::Tensor& x, int64_t kh, int64_t kw,
              x.size(2) + pad_top + pad_bottom - kh + 1, x.size(3) + pad_left + pad_right - kw + 1,
              kh, kw, pad_top, pad_left, 0, 0, 0};
   TORCH_CHECK(s.Ho > 0 && s.Wo > 0, name, ": the padded input is smaller than the kernel");
-  const int64_t L = lanes();
-  s.Wol = (s.Wo + L - 1) / L * L;  // whole vectors; the extra columns are dropped
-  // + L: room for the copies' last block of pixels, stored whole (zeros past the map)
-  s.Wl = s.Wol + s.kw - 1 + L;
+  s.Wol = (s.Wo + kRowBlock - 1) / kRowBlock * kRowBlock;  // the extra columns are dropped
+  // + kRowBlock: room for the copies' last block of pixels, stored whole (zeros past the map)
+  s.Wl = s.Wol + s.kw - 1 + kRowBlock;
   s.Hl = s.Ho + s.kh - 1;
   TORCH_CHECK(s.Hl * s.Wl <= INT32_MAX, name, ": the padded map is too large");
   return s;
