@@ -26,8 +26,14 @@ def _train_step(model, x):
 
 
 def _assert_matches_fresh_model(teacher, x):
+    from dcls_mm.ops import Dcls2d
     fresh = _backbone().eval()
     fresh.load_state_dict(teacher.state_dict())
+    # the same path as the teacher's layers: the plain and the fast path (whose measured
+    # routes may add the taps in another order) agree only up to float rounding
+    for mine, theirs in zip(fresh.modules(), teacher.modules()):
+        if isinstance(mine, Dcls2d):
+            mine.impl = theirs.impl
     with torch.no_grad():
         got, expected = teacher(x), fresh(x)
     for a, b in zip(got, expected):

@@ -59,7 +59,7 @@ def test_layer_part_writes_json(bench, compiled, tmp_path, capsys):
             assert row['kernel'][0] < side or row['H'] == 7
     # without the C++ kernels FFT is the only kernel-gradient route and the gaussian
     # kernel is built by the einsum
-    grad_routes = ('direct', 'fft') if compiled else ('fft (only one available)', )
+    grad_routes = ('direct', 'fft', 'sparse') if compiled else ('fft (only one available)', )
     for row in rows:
         assert row['dense7_ms'] > 0 and row['dcls_ms'] > 0 and 'plain_ms' not in row
         assert row['construct_share'] == pytest.approx(row['construct_ms'] / row['conv_ms'])
@@ -130,7 +130,8 @@ def test_downstream_segmentation_runs_and_reports_routes(downstream, tmp_path, c
     routes = dcls['routes']
     assert len(routes) == 18  # ConvNeXt-T: 3 + 3 + 9 + 3 DCLS depthwise convs
     assert routes['backbone.stages.0.0.dwconv']['input'] == [2, 96, 16, 16]
-    grad_routes = ('direct', 'fft') if extension.available() else ('fft (only one available)', )
+    grad_routes = (('direct', 'fft', 'sparse') if extension.available() else
+                   ('fft (only one available)', ))
     construct = 'compiled' if extension.available() else 'scatter'
     assert all(r['kernel_grad'] in grad_routes and r['construct'] == construct
                for r in routes.values())
