@@ -334,6 +334,22 @@ DCLS_MM_INLINE void transpose(V (&rows)[sizeof(V) / sizeof(float)]) {
   }
 }
 
+// An L x L block: the first `loads` vectors at src, src + src_step, ... (zeros for the
+// others), transposed, the first `stores` of its rows written at dst, dst + dst_step, ...
+template <typename V>
+DCLS_MM_INLINE void transpose_block(const float* __restrict src, int64_t src_step,
+                                    int64_t loads, float* __restrict dst, int64_t dst_step,
+                                    int64_t stores) {
+  constexpr int L = sizeof(V) / sizeof(float);
+  V block[L];
+#pragma GCC unroll 16
+  for (int k = 0; k < L; ++k) block[k] = k < loads ? load<V>(src + k * src_step) : V{};
+  transpose<V>(block);
+#pragma GCC unroll 16
+  for (int k = 0; k < L; ++k)
+    if (k < stores) store<V>(dst + k * dst_step, block[k]);
+}
+
 // Channels [c0, c0 + cb) of image n of the channels_last (N, rows, cols, C) tensor src
 // into cb planes of `stride` floats, at row top and column left of rows of `length`:
 // blocks of lanes x lanes transposed in registers (a scalar copy took a third of the
@@ -350,26 +366,11 @@ DCLS_MM_INLINE void copy_to_planes_impl(const float* __restrict src, int64_t n, 
   for (int64_t h = 0; h < rows; ++h) {
     const float* from = src + (n * rows + h) * cols * C + c0;
     float* to = planes + (h + top) * length + left;
-    int64_t w = 0;
-    for (; w + L <= cols; w += L)
-      for (int64_t c = 0; c < cv; c += L) {
-        V block[L];
-#pragma GCC unroll 16
-        for (int p = 0; p < L; ++p) block[p] = load<V>(from + (w + p) * C + c);
-        transpose<V>(block);
-#pragma GCC unroll 16
-        for (int q = 0; q < L; ++q) store<V>(to + (c + q) * stride + w, block[q]);
-      }
-    if (w < cols) {  // the last pixels, zeros after them (the planes have room for L)
-      for (int64_t c = 0; c < cv; c += L) {
-        V block[L];
-#pragma GCC unroll 16
-        for (int p = 0; p < L; ++p) block[p] = w + p < cols ? load<V>(from + (w + p) * C + c) : V{};
-        transpose<V>(block);
-#pragma GCC unroll 16
-        for (int q = 0; q < L; ++q) store<V>(to + (c + q) * stride + w, block[q]);
-      }
-    }
+    // the last block of pixels: zeros after them (the planes have room for L)
+    for (int64_t w = 0; w < cols; w += L)
+      for (int64_t c = 0; c < cv; c += L)
+        transpose_block<V>(from + w * C + c, C, std::min<int64_t>(L, cols - w),
+                           to + c * stride + w, stride, L);
     for (int64_t c = cv; c < cb; ++c)  // channels short of a vector
       for (int64_t x = 0; x < cols; ++x) to[c * stride + x] = from[x * C + c];
   }
@@ -394,25 +395,10 @@ DCLS_MM_INLINE void copy_from_planes_impl(const float* __restrict planes, int64_
   for (int64_t h = 0; h < rows; ++h) {
     const float* from = planes + h * length;
     float* to = dst + (n * rows + h) * cols * C + c0;
-    int64_t w = 0;
-    for (; w + L <= cols; w += L)
-      for (int64_t c = 0; c < cv; c += L) {
-        V block[L];
-#pragma GCC unroll 16
-        for (int q = 0; q < L; ++q) block[q] = load<V>(from + (c + q) * stride + w);
-        transpose<V>(block);
-#pragma GCC unroll 16
-        for (int p = 0; p < L; ++p) store<V>(to + (w + p) * C + c, block[p]);
-      }
-    if (w < cols) {  // the last pixels (the planes' rows hold whole vectors)
-      for (int64_t c = 0; c < cv; c += L) {
-        V block[L];
-#pragma GCC unroll 16
-        for (int q = 0; q < L; ++q) block[q] = load<V>(from + (c + q) * stride + w);
-        transpose<V>(block);
-        for (int64_t p = 0; w + p < cols; ++p) store<V>(to + (w + p) * C + c, block[p]);
-      }
-    }
+    for (int64_t w = 0; w < cols; w += L)  // (the planes' rows hold whole vectors)
+      for (int64_t c = 0; c < cv; c += L)
+        transpose_block<V>(from + c * stride + w, stride, L, to + w * C + c, C,
+                           std::min<int64_t>(L, cols - w));
     for (int64_t c = cv; c < cb; ++c)  // channels short of a vector
       for (int64_t x = 0; x < cols; ++x) to[x * C + c] = from[c * stride + x];
   }
