@@ -307,9 +307,9 @@ class _DepthwiseConv2d(torch.autograd.Function):
                 grad_support: Optional[Callable[[], Tensor]]) -> Tensor:
         # the kernel's share of non-zero taps, counted once for the forward, the input
         # gradient (the same taps, flipped) and the kernel gradient's route keys
-        density = (_density(kernel) if x.device.type == 'cpu' and x.dtype == torch.float32
-                   and kernel.dtype == torch.float32 and extension.available()
-                   and not tracing() else None)
+        density = (_density(kernel) if kernel.dtype == torch.float32 and not tracing()
+                   and 'sparse' in _conv_routes(x.shape[1], stride, padding, x.dtype, x.device)
+                   else None)
         y = _conv(x, kernel, bias, stride, padding, density)
         # x itself, not its channels_last copy: a copy made here is not in the autograd
         # graph, so higher-order gradients could not reach x through it
