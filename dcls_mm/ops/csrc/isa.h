@@ -10,8 +10,10 @@
 #pragma once
 
 #include <atomic>
+#include <cstdint>
 #include <cstring>
 #include <string>
+#include <utility>
 
 namespace dcls_mm_isa {
 
@@ -158,5 +160,58 @@ DCLS_MM_INLINE void fma16(typename Block16<level>::V (&sum)[Block16<level>::P],
 // the same within noise); 2 sums = 8 of 16 xmm.
 template <int level>
 constexpr int kSumRegisters = level == kV4 ? 8 : (level == kV3 ? 6 : 2);
+
+// The lane of concat(a, b) that a butterfly step puts at `col` of its low (high) result:
+// swapping bit `bit` of the row index with bit `bit` of the column index, for the rows a
+// (that bit 0) and b (that bit 1). All steps 0..log2(L)-1 transpose L rows of L lanes.
+constexpr int butterfly_lane(int bit, bool high, int col, int L) {
+  return ((col >> bit) & 1) ? (high ? L + col : L + (col & ~(1 << bit)))
+                            : (high ? (col | (1 << bit)) : col);
+}
+
+template <typename V, int bit, bool high, size_t... I>
+DCLS_MM_INLINE V butterfly(V a, V b, std::index_sequence<I...>) {
+  constexpr int L = sizeof(V) / sizeof(float);
+#if defined(__clang__)
+  return __builtin_shufflevector(a, b, butterfly_lane(bit, high, I, L)...);
+#else
+  typedef int32_t VI __attribute__((vector_size(sizeof(V))));
+  return __builtin_shuffle(a, b, VI{butterfly_lane(bit, high, I, L)...});
+#endif
+}
+
+// rows[i][j] <-> rows[j][i] for L rows of L lanes, from bit `bit` on.
+template <typename V, int bit = 0>
+DCLS_MM_INLINE void transpose(V (&rows)[sizeof(V) / sizeof(float)]) {
+  constexpr int L = sizeof(V) / sizeof(float);
+  if constexpr ((1 << bit) < L) {
+    constexpr auto lanes = std::make_index_sequence<L>{};
+#pragma GCC unroll 16
+    for (int i = 0; i < L; ++i) {
+      if (i & (1 << bit)) continue;
+      const V a = rows[i], b = rows[i | (1 << bit)];
+      rows[i] = butterfly<V, bit, false>(a, b, lanes);
+      rows[i | (1 << bit)] = butterfly<V, bit, true>(a, b, lanes);
+    }
+    transpose<V, bit + 1>(rows);
+  }
+}
+
+// An L x L block: the first `loads` vectors at src, src + src_step, ... (zeros for the
+// others), transposed, the first `stores` of its rows written at dst, dst + dst_step, ...
+template <typename V>
+DCLS_MM_INLINE void transpose_block(const float* __restrict src, int64_t src_step,
+                                    int64_t loads, float* __restrict dst, int64_t dst_step,
+                                    int64_t stores) {
+  constexpr int L = sizeof(V) / sizeof(float);
+  V block[L];
+#pragma GCC unroll 16
+  for (int k = 0; k < L; ++k) block[k] = k < loads ? load<V>(src + k * src_step) : V{};
+  transpose<V>(block);
+#pragma GCC unroll 16
+  for (int k = 0; k < L; ++k)
+    if (k < stores) store<V>(dst + k * dst_step, block[k]);
+}
+
 
 }  // namespace dcls_mm_isa

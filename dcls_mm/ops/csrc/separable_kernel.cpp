@@ -44,29 +44,32 @@ constexpr float kGaussianCut = 0x1p-32f;
 
 enum Interp : int64_t { kTriangle = 0, kGaussian = 1 };
 
-// exp(x) for x <= 0 without a library call (so loops over a block vectorise): Cody-Waite
+// exp(x) for x <= 0, lane by lane on a GCC vector V, without a library call: Cody-Waite
 // reduction x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial for exp(r) (relative error
 // ~2 float ulp), 2^n through the exponent bits. Below -87 (where exp underflows to
 // denormals) it returns 0.
-DCLS_MM_INLINE float fast_exp_neg(float x) {
-  const float xc = std::max(x, -87.0f);
+template <typename V>
+DCLS_MM_INLINE V fast_exp_neg(V x) {
+  typedef int32_t VI __attribute__((vector_size(sizeof(V))));
+  const V lowest = V{} - 87.0f;
+  const V xc = x < lowest ? lowest : x;
   // round to nearest by the 1.5 * 2^23 trick (std::nearbyint is a library call)
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = xc - n * 0.693359375f;
+  const V n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  V r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+  V p = V{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  int32_t bits;
+  VI bits;
   std::memcpy(&bits, &p, sizeof bits);
-  bits += static_cast<int32_t>(n) << 23;
-  float out;
+  bits += __builtin_convertvector(n, VI) << 23;
+  V out;
   std::memcpy(&out, &bits, sizeof out);
-  return x < -87.0f ? 0.0f : out;
+  return x < lowest ? V{} : out;
 }
 
 // Gaussian tails multiply into denormal numbers (e.g. 1e-20 * 1e-20), which cost the
@@ -118,134 +121,159 @@ struct Scratch {
         scale(s.K * kBlock), w(s.K * kBlock), own(own_profiles ? profile_floats(s) : 0) {}
 };
 
-// Loads the block [b0, b0 + nb) of a (rows, K) array into [K][B] (missing b's: value).
-void load_block(const float* src, int64_t b0, int64_t nb, int64_t K, float* dst,
-                float missing) {
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t c = 0; c < kBlock; ++c)
-      dst[k * kBlock + c] = c < nb ? src[(b0 + c) * K + k] : missing;
-}
-
+// The running sums are vectors of the level (GCC kept float arrays on the stack, a
+// store and a reload around every add), the interpolation chosen outside the tap loop.
+template <int level>
 DCLS_MM_INLINE void profiles_impl(const float* __restrict pos, const float* __restrict wid,
                                   int64_t K, int64_t L, int64_t interp,
                                   float* __restrict a, float* __restrict sums) {
-  // One fused loop per tap with `omp simd`: written as two loops (values, then sums) or
-  // with std::max, GCC unrolled the 16 lanes into scalar code for the triangle.
-  constexpr int64_t B = kBlock;
+  using B = dcls_mm_isa::Block16<level>;
+  using V = typename B::V;
   for (int64_t k = 0; k < K; ++k) {
-    const float* p = pos + k * B;
-    const float* w = wid + k * B;
-    float acc[B] = {}, inv[B];
+    V p[B::P], w[B::P], inv[B::P], acc[B::P] = {};
+    dcls_mm_isa::load16<level>(p, pos + k * kBlock);
+    dcls_mm_isa::load16<level>(w, wid + k * kBlock);
     // one division per element instead of one per tap (a vector division costs ~10
     // multiplies); t differs from PyTorch's u / width by at most an ulp
-    for (int64_t c = 0; c < B; ++c) inv[c] = 1.0f / w[c];
-    for (int64_t i = 0; i < L; ++i) {
-      float* ai = a + (k * L + i) * B;
-      const float gi = static_cast<float>(i);
-      if (interp == kGaussian) {
-#pragma omp simd
-        for (int64_t c = 0; c < B; ++c) {
-          const float t = (gi - p[c]) * inv[c];
-          const float v = fast_exp_neg(-0.5f * (t * t));
-          ai[c] = v;
-          acc[c] += v;
+#pragma GCC unroll 4
+    for (int q = 0; q < B::P; ++q) inv[q] = (V{} + 1.0f) / w[q];
+    float* ak = a + k * L * kBlock;
+    if (interp == kGaussian) {
+      for (int64_t i = 0; i < L; ++i) {
+        V v[B::P];
+#pragma GCC unroll 4
+        for (int q = 0; q < B::P; ++q) {
+          const V t = (static_cast<float>(i) - p[q]) * inv[q];
+          v[q] = fast_exp_neg(-0.5f * (t * t));
+          acc[q] += v[q];
         }
-      } else {
-#pragma omp simd
-        for (int64_t c = 0; c < B; ++c) {
-          const float d = w[c] - std::fabs(gi - p[c]);
-          const float v = d > 0.0f ? d : 0.0f;
-          ai[c] = v;
-          acc[c] += v;
+        dcls_mm_isa::store16<level>(ak + i * kBlock, v);
+      }
+    } else {
+      for (int64_t i = 0; i < L; ++i) {
+        V v[B::P];
+#pragma GCC unroll 4
+        for (int q = 0; q < B::P; ++q) {
+          const V u = static_cast<float>(i) - p[q];
+          const V d = w[q] - (u < 0.0f ? -u : u);
+          v[q] = d > 0.0f ? d : V{};
+          acc[q] += v[q];
         }
+        dcls_mm_isa::store16<level>(ak + i * kBlock, v);
       }
     }
-    for (int64_t c = 0; c < B; ++c) sums[k * B + c] = acc[c];
+    dcls_mm_isa::store16<level>(sums + k * kBlock, acc);
   }
 }
-DCLS_MM_ISA_VARIANTS(profiles,
-                     (const float* __restrict pos, const float* __restrict wid, int64_t K,
-                      int64_t L, int64_t interp, float* __restrict a,
-                      float* __restrict sums),
-                     (pos, wid, K, L, interp, a, sums))
+DCLS_MM_ISA_LEVEL_VARIANTS(profiles,
+                           (const float* __restrict pos, const float* __restrict wid,
+                            int64_t K, int64_t L, int64_t interp, float* __restrict a,
+                            float* __restrict sums),
+                           (pos, wid, K, L, interp, a, sums))
 
-// out[i][j][c] = sum_k scale[k][c] a0[k][r0 + i][c] a1[k][c0 + j][c]; out is
-// [nr][nc][B]. Four output columns at a time: four independent accumulator chains hide
-// the FMA latency.
+// Register tiles of the contractions: TA x TB running sums of 16 floats (one zmm, two
+// ymm or four xmm each) fed by TA + TB loads per step, so that the multiply-adds, not the
+// loads, bound the loops (one output at a time took a load per multiply-add).
+template <int level>
+constexpr int kTileA = level == dcls_mm_isa::kV4 ? 4 : (level == dcls_mm_isa::kV3 ? 2 : 1);
+template <int level>
+constexpr int kTileB = level == dcls_mm_isa::kV4 ? 4 : (level == dcls_mm_isa::kV3 ? 3 : 2);
+
+// out[a][b] = sum_{t < n} x[a * x_outer + t * x_inner] * y[b * y_outer + t * y_inner] for
+// a < TA, b < TB (indices in blocks of 16 floats), t ascending: the order of the one-
+// output-at-a-time loops it replaced (the same bits).
+template <int level, int TA, int TB>
+DCLS_MM_INLINE void dot_tile(const float* __restrict x, int64_t x_outer, int64_t x_inner,
+                             const float* __restrict y, int64_t y_outer, int64_t y_inner,
+                             int64_t n, float* __restrict out, int64_t out_outer,
+                             int64_t out_inner) {
+  using B = dcls_mm_isa::Block16<level>;
+  using V = typename B::V;
+  V acc[TA][TB][B::P] = {};
+  for (int64_t t = 0; t < n; ++t) {
+    V xv[TA][B::P], yv[TB][B::P];
+#pragma GCC unroll 4
+    for (int a = 0; a < TA; ++a)
+      dcls_mm_isa::load16<level>(xv[a], x + (a * x_outer + t * x_inner) * kBlock);
+#pragma GCC unroll 4
+    for (int b = 0; b < TB; ++b)
+      dcls_mm_isa::load16<level>(yv[b], y + (b * y_outer + t * y_inner) * kBlock);
+#pragma GCC unroll 4
+    for (int a = 0; a < TA; ++a)
+#pragma GCC unroll 4
+      for (int b = 0; b < TB; ++b)
+#pragma GCC unroll 4
+        for (int p = 0; p < B::P; ++p) acc[a][b][p] += xv[a][p] * yv[b][p];
+  }
+#pragma GCC unroll 4
+  for (int a = 0; a < TA; ++a)
+#pragma GCC unroll 4
+    for (int b = 0; b < TB; ++b)
+      dcls_mm_isa::store16<level>(out + (a * out_outer + b * out_inner) * kBlock, acc[a][b]);
+}
+
+// dot_tile over a whole (na x nb) output: TA x TB tiles, the rest with TA = 1 or TB = 1.
+template <int level>
+DCLS_MM_INLINE void dots(const float* x, int64_t x_outer, int64_t x_inner, const float* y,
+                         int64_t y_outer, int64_t y_inner, int64_t n, int64_t na, int64_t nb,
+                         float* out, int64_t out_outer, int64_t out_inner) {
+  constexpr int TA = kTileA<level>, TB = kTileB<level>;
+  int64_t a = 0;
+  for (; a + TA <= na; a += TA) {
+    int64_t b = 0;
+    for (; b + TB <= nb; b += TB)
+      dot_tile<level, TA, TB>(x + a * x_outer * kBlock, x_outer, x_inner,
+                              y + b * y_outer * kBlock, y_outer, y_inner, n,
+                              out + (a * out_outer + b * out_inner) * kBlock, out_outer,
+                              out_inner);
+    for (; b < nb; ++b)
+      dot_tile<level, TA, 1>(x + a * x_outer * kBlock, x_outer, x_inner,
+                             y + b * y_outer * kBlock, y_outer, y_inner, n,
+                             out + (a * out_outer + b * out_inner) * kBlock, out_outer,
+                             out_inner);
+  }
+  for (; a < na; ++a) {
+    int64_t b = 0;
+    for (; b + TB <= nb; b += TB)
+      dot_tile<level, 1, TB>(x + a * x_outer * kBlock, x_outer, x_inner,
+                             y + b * y_outer * kBlock, y_outer, y_inner, n,
+                             out + (a * out_outer + b * out_inner) * kBlock, out_outer,
+                             out_inner);
+    for (; b < nb; ++b)
+      dot_tile<level, 1, 1>(x + a * x_outer * kBlock, x_outer, x_inner,
+                            y + b * y_outer * kBlock, y_outer, y_inner, n,
+                            out + (a * out_outer + b * out_inner) * kBlock, out_outer,
+                            out_inner);
+  }
+}
+
+// out[i][j][c] = sum_k (scale[k][c] a0[k][r0 + i][c]) a1[k][c0 + j][c]; out is
+// [nr][nc][B]; sa0 is scratch for the scaled rows ([K][nr][B]).
+template <int level>
 DCLS_MM_INLINE void contract_impl(const float* __restrict a0, const float* __restrict a1,
                                   const float* __restrict scale, int64_t K, int64_t L0,
                                   int64_t L1, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
-                                  float* __restrict out) {
+                                  float* __restrict sa0, float* __restrict out) {
   constexpr int64_t B = kBlock;
-  for (int64_t i = 0; i < nr; ++i) {
-    int64_t j = 0;
-    for (; j + 4 <= nc; j += 4) {
-      float acc[4][B] = {};
-      for (int64_t k = 0; k < K; ++k) {
-        const float* x = a0 + (k * L0 + r0 + i) * B;
-        const float* y = a1 + (k * L1 + c0 + j) * B;
-        const float* s = scale + k * B;
-        float sx[B];
-        for (int64_t c = 0; c < B; ++c) sx[c] = s[c] * x[c];
-        for (int t = 0; t < 4; ++t)
-#pragma GCC ivdep
-          for (int64_t c = 0; c < B; ++c) acc[t][c] += sx[c] * y[t * B + c];
-      }
-      for (int t = 0; t < 4; ++t) std::copy_n(acc[t], B, out + (i * nc + j + t) * B);
-    }
-    for (; j < nc; ++j) {
-      float acc[B] = {};
-      for (int64_t k = 0; k < K; ++k) {
-        const float* x = a0 + (k * L0 + r0 + i) * B;
-        const float* y = a1 + (k * L1 + c0 + j) * B;
-        const float* s = scale + k * B;
-#pragma GCC ivdep
-        for (int64_t c = 0; c < B; ++c) acc[c] += (s[c] * x[c]) * y[c];
-      }
-      std::copy_n(acc, B, out + (i * nc + j) * B);
-    }
-  }
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t i = 0; i < nr; ++i)
+#pragma omp simd
+      for (int64_t c = 0; c < B; ++c)
+        sa0[(k * nr + i) * B + c] = scale[k * B + c] * a0[(k * L0 + r0 + i) * B + c];
+  // x = sa0 rows (outer i, inner k), y = a1 columns (outer j, inner k)
+  dots<level>(sa0, 1, nr, a1 + c0 * B, 1, L1, K, nr, nc, out, nc, 1);
 }
-DCLS_MM_ISA_VARIANTS(contract,
-                     (const float* __restrict a0, const float* __restrict a1,
-                      const float* __restrict scale, int64_t K, int64_t L0, int64_t L1,
-                      int64_t r0, int64_t nr, int64_t c0, int64_t nc, float* __restrict out),
-                     (a0, a1, scale, K, L0, L1, r0, nr, c0, nc, out))
+DCLS_MM_ISA_LEVEL_VARIANTS(contract,
+                           (const float* __restrict a0, const float* __restrict a1,
+                            const float* __restrict scale, int64_t K, int64_t L0, int64_t L1,
+                            int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+                            float* __restrict sa0, float* __restrict out),
+                           (a0, a1, scale, K, L0, L1, r0, nr, c0, nc, sa0, out))
 
 // Backward of the contraction for one block, g is the window's [nr][nc][B]:
 //   m0[k][r0 + i] = sum_j g[i][j] a1[k][c0 + j],  m1[k][c0 + j] = sum_i g[i][j] a0[k][r0 + i],
 //   zero outside the window;  dscale[k] = sum_i a0[k][i] m0[k][i]
-// Each sum runs four outputs at a time (independent accumulator chains in registers).
-DCLS_MM_INLINE void reduce4(const float* __restrict g, int64_t g_outer, int64_t g_inner,
-                            const float* __restrict v, int64_t n, int64_t first,
-                            float* __restrict out) {
-  // out[t][c] = sum_r g[(first + t) * g_outer + r * g_inner][c] * v[r][c], t < 4
-  constexpr int64_t B = kBlock;
-  float acc[4][B] = {};
-  for (int64_t r = 0; r < n; ++r) {
-    const float* vr = v + r * B;
-    for (int t = 0; t < 4; ++t) {
-      const float* gr = g + ((first + t) * g_outer + r * g_inner) * B;
-#pragma GCC ivdep
-      for (int64_t c = 0; c < B; ++c) acc[t][c] += gr[c] * vr[c];
-    }
-  }
-  for (int t = 0; t < 4; ++t) std::copy_n(acc[t], B, out + t * B);
-}
-
-DCLS_MM_INLINE void reduce1(const float* __restrict g, int64_t g_outer, int64_t g_inner,
-                            const float* __restrict v, int64_t n, int64_t first,
-                            float* __restrict out) {
-  constexpr int64_t B = kBlock;
-  float acc[B] = {};
-  for (int64_t r = 0; r < n; ++r) {
-    const float* gr = g + (first * g_outer + r * g_inner) * B;
-#pragma GCC ivdep
-    for (int64_t c = 0; c < B; ++c) acc[c] += gr[c] * v[r * B + c];
-  }
-  std::copy_n(acc, B, out);
-}
-
+template <int level>
 DCLS_MM_INLINE void contract_backward_impl(const float* __restrict g,
                                            const float* __restrict a0,
                                            const float* __restrict a1, int64_t K, int64_t L0,
@@ -255,29 +283,56 @@ DCLS_MM_INLINE void contract_backward_impl(const float* __restrict g,
   constexpr int64_t B = kBlock;
   std::fill_n(m0, K * L0 * B, 0.0f);
   std::fill_n(m1, K * L1 * B, 0.0f);
+  // m0: x = a1 (outer k, inner j), y = g (outer i, inner j), out [k][i] rows of L0
+  dots<level>(a1 + c0 * B, L1, 1, g, nc, 1, nc, K, nr, m0 + r0 * B, L0, 1);
+  // m1: x = a0 (outer k, inner i), y = g (outer j, inner i), out [k][j] rows of L1
+  dots<level>(a0 + r0 * B, L0, 1, g, 1, nc, nr, K, nc, m1 + c0 * B, L1, 1);
   for (int64_t k = 0; k < K; ++k) {
-    const float* x = a0 + (k * L0 + r0) * B;  // the window's first row / column
-    const float* y = a1 + (k * L1 + c0) * B;
-    float* m0k = m0 + (k * L0 + r0) * B;
-    float* m1k = m1 + (k * L1 + c0) * B;
-    int64_t i = 0;
-    for (; i + 4 <= nr; i += 4) reduce4(g, nc, 1, y, nc, i, m0k + i * B);
-    for (; i < nr; ++i) reduce1(g, nc, 1, y, nc, i, m0k + i * B);
-    int64_t j = 0;
-    for (; j + 4 <= nc; j += 4) reduce4(g, 1, nc, x, nr, j, m1k + j * B);
-    for (; j < nc; ++j) reduce1(g, 1, nc, x, nr, j, m1k + j * B);
+    const float* x = a0 + (k * L0 + r0) * B;
+    const float* m0k = m0 + (k * L0 + r0) * B;
     float ds[B] = {};
     for (int64_t r = 0; r < nr; ++r)
+#pragma omp simd
       for (int64_t c = 0; c < B; ++c) ds[c] += x[r * B + c] * m0k[r * B + c];
     std::copy_n(ds, B, dscale + k * B);
   }
 }
-DCLS_MM_ISA_VARIANTS(contract_backward,
-                     (const float* __restrict g, const float* __restrict a0,
-                      const float* __restrict a1, int64_t K, int64_t L0, int64_t L1,
-                      int64_t r0, int64_t nr, int64_t c0, int64_t nc, float* __restrict m0,
-                      float* __restrict m1, float* __restrict dscale),
-                     (g, a0, a1, K, L0, L1, r0, nr, c0, nc, m0, m1, dscale))
+DCLS_MM_ISA_LEVEL_VARIANTS(contract_backward,
+                           (const float* __restrict g, const float* __restrict a0,
+                            const float* __restrict a1, int64_t K, int64_t L0, int64_t L1,
+                            int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+                            float* __restrict m0, float* __restrict m1,
+                            float* __restrict dscale),
+                           (g, a0, a1, K, L0, L1, r0, nr, c0, nc, m0, m1, dscale))
+
+// dst[j * dst_step + i] = src[i * src_step + j] for i < rows, j < cols: whole
+// lanes x lanes blocks transposed in registers (element by element, the copies between
+// the channel-major tensors and the block layout took a fifth of the backward), the
+// rest one by one.
+template <int level>
+DCLS_MM_INLINE void transpose_matrix_impl(const float* __restrict src, int64_t src_step,
+                                          int64_t rows, int64_t cols, float* __restrict dst,
+                                          int64_t dst_step) {
+  using V = typename dcls_mm_isa::Simd<level>::V;
+  constexpr int64_t L = sizeof(V) / sizeof(float);
+  const int64_t rv = rows / L * L, cv = cols / L * L;
+  for (int64_t i = 0; i < rv; i += L)
+    for (int64_t j = 0; j < cv; j += L)
+      dcls_mm_isa::transpose_block<V>(src + i * src_step + j, src_step, L,
+                                      dst + j * dst_step + i, dst_step, L);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = i < rv ? cv : 0; j < cols; ++j) dst[j * dst_step + i] = src[i * src_step + j];
+}
+DCLS_MM_ISA_LEVEL_VARIANTS(transpose_matrix,
+                           (const float* __restrict src, int64_t src_step, int64_t rows,
+                            int64_t cols, float* __restrict dst, int64_t dst_step),
+                           (src, src_step, rows, cols, dst, dst_step))
+
+// Loads the block [b0, b0 + nb) of a (rows, K) array into [K][B] (missing b's: 0).
+void load_block(const float* src, int64_t b0, int64_t nb, int64_t K, float* dst) {
+  if (nb < kBlock) std::fill_n(dst, K * kBlock, 0.0f);
+  transpose_matrix(src + b0 * K, K, nb, K, dst, kBlock);
+}
 
 void check_inputs(const at::Tensor& weight, const at::Tensor& P, const at::Tensor& SIG,
                   int64_t L0, int64_t L1, int64_t interp, int64_t r0, int64_t nr, int64_t c0,
@@ -307,11 +362,11 @@ void load_geometry(const Shape& s, const float* w, const float* P, const float* 
                    int64_t b0, int64_t nb, Scratch& t, const Profiles& a, bool evaluated) {
   const float offset = s.interp == kGaussian ? 0.27f : 1.0f;
   const int64_t plane = s.nb * s.K;
-  load_block(w, b0, nb, s.K, t.w.data(), 0.0f);
-  load_block(P, b0, nb, s.K, t.pos0.data(), 0.0f);
-  load_block(P + plane, b0, nb, s.K, t.pos1.data(), 0.0f);
-  load_block(SIG, b0, nb, s.K, t.wid0.data(), 0.0f);
-  load_block(SIG + plane, b0, nb, s.K, t.wid1.data(), 0.0f);
+  load_block(w, b0, nb, s.K, t.w.data());
+  load_block(P, b0, nb, s.K, t.pos0.data());
+  load_block(P + plane, b0, nb, s.K, t.pos1.data());
+  load_block(SIG, b0, nb, s.K, t.wid0.data());
+  load_block(SIG + plane, b0, nb, s.K, t.wid1.data());
   const float half0 = static_cast<float>(s.L0 / 2), half1 = static_cast<float>(s.L1 / 2);
   for (int64_t e = 0; e < s.K * kBlock; ++e) {
     t.pos0[e] += half0;
@@ -331,13 +386,23 @@ void load_geometry(const Shape& s, const float* w, const float* P, const float* 
 //   cut = max(kGaussianCut * sum_k |scale[k]| max_i a0[k][i] max_j a1[k][j], FLT_MIN)
 // A gaussian profile falls off on both sides of its centre, so its largest value is the
 // one at the grid point nearest to the centre (clamped to the grid): read, not searched.
+// The grid point nearest to x, clamped to [0, L): clamped first (also a NaN: to 0), then
+// rounded by the 1.5 * 2^23 trick (std::lround, a library call, took a third of this
+// loop). It rounds halves to even, lround away from zero: the two grid points are then
+// equally far from x and their profile values equal.
+int64_t nearest_tap(float x, int64_t L) {
+  const float last = static_cast<float>(L - 1);
+  x = x > 0.0f ? x : 0.0f;
+  x = x < last ? x : last;
+  return static_cast<int64_t>((x + 12582912.0f) - 12582912.0f);
+}
+
 void gaussian_cut(const Shape& s, const Profiles& a, const Scratch& t, float* cut) {
   float bound[kBlock] = {};
   for (int64_t k = 0; k < s.K; ++k) {
     for (int64_t c = 0; c < kBlock; ++c) {
       const int64_t e = k * kBlock + c;
-      const int64_t i = std::clamp<int64_t>(std::lround(t.pos0[e]), 0, s.L0 - 1);
-      const int64_t j = std::clamp<int64_t>(std::lround(t.pos1[e]), 0, s.L1 - 1);
+      const int64_t i = nearest_tap(t.pos0[e], s.L0), j = nearest_tap(t.pos1[e], s.L1);
       bound[c] += std::fabs(t.scale[e]) * a.a0[(k * s.L0 + i) * kBlock + c] *
                   a.a1[(k * s.L1 + j) * kBlock + c];
     }
@@ -364,13 +429,14 @@ std::tuple<at::Tensor, at::Tensor> separable_kernel(
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
     Scratch t(s, !keep_profiles);
-    std::vector<float> kern(nr * nc * kBlock);
+    std::vector<float> kern(nr * nc * kBlock), sa0(s.K * nr * kBlock);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t b0 = blk * kBlock, nb = std::min(kBlock, s.nb - b0);
       const Profiles a =
           profiles_at(keep_profiles ? kp + blk * profile_floats(s) : t.own.data(), s);
       load_geometry(s, wp, pp, sp, b0, nb, t, a, false);
-      contract(a.a0, a.a1, t.scale.data(), s.K, L0, L1, r0, nr, c0, nc, kern.data());
+      contract(a.a0, a.a1, t.scale.data(), s.K, L0, L1, r0, nr, c0, nc, sa0.data(),
+               kern.data());
       if (interp == kGaussian) {
         float cut[kBlock];
         gaussian_cut(s, a, t, cut);
@@ -383,10 +449,7 @@ std::tuple<at::Tensor, at::Tensor> separable_kernel(
           for (int64_t c = 0; c < kBlock; ++c) v[c] = std::fabs(v[c]) < cut[c] ? 0.0f : v[c];
         }
       }
-      for (int64_t c = 0; c < nb; ++c) {
-        float* dst = op + (b0 + c) * nr * nc;
-        for (int64_t e = 0; e < nr * nc; ++e) dst[e] = kern[e * kBlock + c];
-      }
+      transpose_matrix(kern.data(), kBlock, nr * nc, nb, op + b0 * nr * nc, nr * nc);
     }
   });
   return {out, kept};
@@ -437,6 +500,40 @@ DCLS_MM_ISA_VARIANTS(normalisation_backward,
 
 // Gradient wrt position and raw SIG of one learned dim, from the gradient `da` wrt its
 // profile a ([K][L][B]); writes dpos/dsig ([K][B]).
+// gp += sum_i da[i] d a[i] / dpos, gw += sum_i da[i] d a[i] / dw for one element's
+// profile a and its gradient da ([L][B]), lane by lane.
+template <int level, int interp>
+DCLS_MM_INLINE void profile_grad_sums(
+    const float* __restrict a, const float* __restrict da, int64_t L,
+    const typename dcls_mm_isa::Block16<level>::V (&p)[dcls_mm_isa::Block16<level>::P],
+    const typename dcls_mm_isa::Block16<level>::V (&inv)[dcls_mm_isa::Block16<level>::P],
+    typename dcls_mm_isa::Block16<level>::V (&gp)[dcls_mm_isa::Block16<level>::P],
+    typename dcls_mm_isa::Block16<level>::V (&gw)[dcls_mm_isa::Block16<level>::P]) {
+  using B = dcls_mm_isa::Block16<level>;
+  using V = typename B::V;
+  for (int64_t i = 0; i < L; ++i) {
+    V ai[B::P], gi[B::P];
+    dcls_mm_isa::load16<level>(ai, a + i * kBlock);
+    dcls_mm_isa::load16<level>(gi, da + i * kBlock);
+#pragma GCC unroll 4
+    for (int q = 0; q < B::P; ++q) {
+      const V u = static_cast<float>(i) - p[q];
+      if constexpr (interp == kGaussian) {
+        // a = exp(-t^2 / 2), t = u / w: da/dpos = a t / w, da/dw = a t u / w^2
+        const V t = u * inv[q], g = gi[q] * ai[q] * t * inv[q];
+        gp[q] += g;
+        gw[q] += g * u * inv[q];
+      } else {
+        // a = relu(w - |u|): da/dpos = sign(u), da/dw = 1 where a > 0
+        const V g = ai[q] > 0.0f ? gi[q] : V{};
+        gp[q] += u > 0.0f ? g : (u < 0.0f ? -g : V{});
+        gw[q] += g;
+      }
+    }
+  }
+}
+
+template <int level>
 DCLS_MM_INLINE void profile_backward_impl(int64_t K, int64_t L, int64_t interp,
                                           const float* __restrict pos,
                                           const float* __restrict wid,
@@ -444,47 +541,42 @@ DCLS_MM_INLINE void profile_backward_impl(int64_t K, int64_t L, int64_t interp,
                                           const float* __restrict da,
                                           const float* __restrict sig_raw,
                                           float* __restrict dpos, float* __restrict dsig) {
-  constexpr int64_t B = kBlock;
+  using B = dcls_mm_isa::Block16<level>;
+  using V = typename B::V;
   for (int64_t k = 0; k < K; ++k) {
-    const float* p = pos + k * B;
-    float inv[B], gp[B] = {}, gw[B] = {};
-    for (int64_t c = 0; c < B; ++c) inv[c] = 1.0f / wid[k * B + c];
-    for (int64_t i = 0; i < L; ++i) {
-      const float* ai = a + (k * L + i) * B;
-      const float* gi = da + (k * L + i) * B;
-      const float x = static_cast<float>(i);
-      if (interp == kGaussian) {
-        // a = exp(-t^2 / 2), t = u / w, u = i - pos: da/dpos = a t / w, da/dw = a t u / w^2
-#pragma GCC ivdep
-        for (int64_t c = 0; c < B; ++c) {
-          const float u = x - p[c], t = u * inv[c], g = gi[c] * ai[c] * t * inv[c];
-          gp[c] += g;
-          gw[c] += g * u * inv[c];
-        }
-      } else {
-        // a = relu(w - |u|): da/dpos = sign(u), da/dw = 1 where a > 0
-#pragma GCC ivdep
-        for (int64_t c = 0; c < B; ++c) {
-          const float u = x - p[c], g = ai[c] > 0.0f ? gi[c] : 0.0f;
-          gp[c] += u > 0.0f ? g : (u < 0.0f ? -g : 0.0f);
-          gw[c] += g;
-        }
-      }
-    }
-    for (int64_t c = 0; c < B; ++c) {
-      const float sr = sig_raw[k * B + c];
-      dpos[k * B + c] = gp[c];
-      // d|SIG|/dSIG = sign(SIG) (0 at 0, as torch.abs)
-      dsig[k * B + c] = sr > 0.0f ? gw[c] : (sr < 0.0f ? -gw[c] : 0.0f);
-    }
+    V p[B::P], w[B::P], inv[B::P], gp[B::P] = {}, gw[B::P] = {};
+    dcls_mm_isa::load16<level>(p, pos + k * kBlock);
+    dcls_mm_isa::load16<level>(w, wid + k * kBlock);
+#pragma GCC unroll 4
+    for (int q = 0; q < B::P; ++q) inv[q] = (V{} + 1.0f) / w[q];
+    const float* ak = a + k * L * kBlock;
+    const float* gk = da + k * L * kBlock;
+    if (interp == kGaussian) profile_grad_sums<level, kGaussian>(ak, gk, L, p, inv, gp, gw);
+    else profile_grad_sums<level, kTriangle>(ak, gk, L, p, inv, gp, gw);
+    V sr[B::P], ds[B::P];
+    dcls_mm_isa::load16<level>(sr, sig_raw + k * kBlock);
+    // d|SIG|/dSIG = sign(SIG) (0 at 0, as torch.abs)
+#pragma GCC unroll 4
+    for (int q = 0; q < B::P; ++q) ds[q] = sr[q] > 0.0f ? gw[q] : (sr[q] < 0.0f ? -gw[q] : V{});
+    dcls_mm_isa::store16<level>(dpos + k * kBlock, gp);
+    dcls_mm_isa::store16<level>(dsig + k * kBlock, ds);
   }
 }
-DCLS_MM_ISA_VARIANTS(profile_backward,
-                     (int64_t K, int64_t L, int64_t interp, const float* __restrict pos,
-                      const float* __restrict wid, const float* __restrict a,
-                      const float* __restrict da, const float* __restrict sig_raw,
-                      float* __restrict dpos, float* __restrict dsig),
-                     (K, L, interp, pos, wid, a, da, sig_raw, dpos, dsig))
+DCLS_MM_ISA_LEVEL_VARIANTS(profile_backward,
+                           (int64_t K, int64_t L, int64_t interp, const float* __restrict pos,
+                            const float* __restrict wid, const float* __restrict a,
+                            const float* __restrict da, const float* __restrict sig_raw,
+                            float* __restrict dpos, float* __restrict dsig),
+                           (K, L, interp, pos, wid, a, da, sig_raw, dpos, dsig))
+
+// g[e] = 0 where kernel[e] == 0 (a gaussian tap below the cut passes no gradient).
+DCLS_MM_INLINE void zero_where_zero_impl(const float* __restrict kernel, int64_t n,
+                                         float* __restrict g) {
+#pragma omp simd
+  for (int64_t e = 0; e < n; ++e) g[e] = kernel[e] == 0.0f ? 0.0f : g[e];
+}
+DCLS_MM_ISA_VARIANTS(zero_where_zero, (const float* __restrict kernel, int64_t n,
+                                       float* __restrict g), (kernel, n, g))
 
 // `kept`: the profiles the forward kept (keep_profiles), or an empty tensor to evaluate
 // them again. `out`: the forward's kernel, or an empty tensor; where it is 0 the gradient
@@ -529,7 +621,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_kernel_backward(
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
     Scratch t(s, !have);
-    std::vector<float> g(nr * nc * kBlock), m0(K * L0 * kBlock), m1(K * L1 * kBlock),
+    std::vector<float> g(nr * nc * kBlock), kern(masked ? nr * nc * kBlock : 0),
+        m0(K * L0 * kBlock), m1(K * L1 * kBlock),
         dscale(K * kBlock), sig0(K * kBlock), sig1(K * kBlock), out(6 * K * kBlock);
     float *dp0 = out.data(), *dp1 = dp0 + K * kBlock, *ds0 = dp1 + K * kBlock,
           *ds1 = ds0 + K * kBlock, *dwb = ds1 + K * kBlock;
@@ -538,18 +631,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_kernel_backward(
       const Profiles a =
           profiles_at(have ? kp + blk * profile_floats(s) : t.own.data(), s);
       load_geometry(s, wp, pp, sp, b0, nb, t, a, have);
-      load_block(sp, b0, nb, K, sig0.data(), 0.0f);
-      load_block(sp + plane, b0, nb, K, sig1.data(), 0.0f);
-      std::fill(g.begin(), g.end(), 0.0f);
-      for (int64_t c = 0; c < nb; ++c) {
-        const float* src = gp + (b0 + c) * nr * nc;
-        if (masked) {
-          const float* kernel = op + (b0 + c) * nr * nc;
-          for (int64_t e = 0; e < nr * nc; ++e)
-            g[e * kBlock + c] = kernel[e] == 0.0f ? 0.0f : src[e];
-        } else {
-          for (int64_t e = 0; e < nr * nc; ++e) g[e * kBlock + c] = src[e];
-        }
+      load_block(sp, b0, nb, K, sig0.data());
+      load_block(sp + plane, b0, nb, K, sig1.data());
+      if (nb < kBlock) std::fill(g.begin(), g.end(), 0.0f);
+      transpose_matrix(gp + b0 * nr * nc, nr * nc, nb, nr * nc, g.data(), kBlock);
+      if (masked) {
+        if (nb < kBlock) std::fill(kern.begin(), kern.end(), 0.0f);
+        transpose_matrix(op + b0 * nr * nc, nr * nc, nb, nr * nc, kern.data(), kBlock);
+        zero_where_zero(kern.data(), nr * nc * kBlock, g.data());
       }
       contract_backward(g.data(), a.a0, a.a1, K, L0, L1, r0, nr, c0, nc, m0.data(),
                         m1.data(), dscale.data());
