@@ -269,3 +269,24 @@ def test_grad_support_called_only_by_the_sparse_route(monkeypatch):
                                          r"kernel's shape \(16, 1, 3, 3\), got torch.bool \(16, 1, 2, 3\)"):
         depthwise_conv2d(x, kernel, (1, 1), pads,
                          grad_support=lambda: mask[:, :, :2]).sum().backward()
+
+
+@pytest.mark.parametrize('capability', ['AVX512', 'AVX2', 'DEFAULT'])
+def test_nonzero_count_matches_a_plain_count(each_isa, capability):
+    """``dcls_mm::nonzero_count`` (the density of the sparse routes' keys) counts like a
+    loop over the values: lengths that are not whole vectors, -0.0 (zero), NaN and inf
+    (not zero), a non-contiguous view; and refuses other dtypes."""
+    each_isa(capability)
+    g = torch.Generator().manual_seed(3)
+    for n in (0, 1, 7, 15, 16, 17, 33, 4 * 529 + 5):
+        t = torch.randn(n, generator=g) * (torch.rand(n, generator=g) < 0.4)
+        special = [-0.0, float('nan'), float('inf'), -float('inf')]
+        t[:min(n, 4)] = torch.tensor(special[:min(n, 4)])
+        expected = sum(1 for v in t.tolist() if v != 0.0)  # NaN != 0 is True
+        assert torch.ops.dcls_mm.nonzero_count(t) == expected
+    k = torch.randn(6, 1, 23, 23, generator=g) * (torch.rand(6, 1, 23, 23, generator=g) < 0.2)
+    view = k[:, :, 3:17, 2:21]
+    assert not view.is_contiguous()
+    assert torch.ops.dcls_mm.nonzero_count(view) == sum(1 for v in view.flatten().tolist() if v)
+    with pytest.raises(RuntimeError, match='float32 CPU tensor'):
+        torch.ops.dcls_mm.nonzero_count(k.double())

@@ -27,6 +27,8 @@
 
 namespace {
 
+using dcls_mm_isa::transpose_matrix_impl;
+
 constexpr int64_t kBlock = 16;  // pairs b per block, one per vector lane (as separable_kernel)
 
 // Geometry of one block of kBlock pairs, [K][B] (lane = pair): per element and dim the
@@ -44,21 +46,26 @@ struct Block {
         vals(4 * K * kBlock) {}
 };
 
+DCLS_MM_ISA_LEVEL_VARIANTS(transpose_matrix,
+                           (const float* __restrict src, int64_t src_step, int64_t rows,
+                            int64_t cols, float* __restrict dst, int64_t dst_step),
+                           (src, src_step, rows, cols, dst, dst_step))
+
 // Loads pairs [b0, b0 + nb) (missing lanes: weight 0 at position 0); false if a position
 // is NaN.
 bool load_block(const float* w, const float* P, int64_t total, int64_t K, int64_t b0,
                 int64_t nb, Block& t) {
-  bool nan = false;
-  for (int64_t k = 0; k < K; ++k) {
-    for (int64_t c = 0; c < kBlock; ++c) {
-      const int64_t e = (b0 + c) * K + k, o = k * kBlock + c;
-      const bool real = c < nb;
-      t.p0[o] = real ? P[e] : 0.0f;
-      t.p1[o] = real ? P[total * K + e] : 0.0f;
-      t.w[o] = real ? w[e] : 0.0f;
-      nan |= (t.p0[o] != t.p0[o]) | (t.p1[o] != t.p1[o]);
-    }
+  const int64_t n = K * kBlock;
+  if (nb < kBlock) {
+    std::fill_n(t.p0.data(), n, 0.0f);
+    std::fill_n(t.p1.data(), n, 0.0f);
+    std::fill_n(t.w.data(), n, 0.0f);
   }
+  transpose_matrix(P + b0 * K, K, nb, K, t.p0.data(), kBlock);
+  transpose_matrix(P + (total + b0) * K, K, nb, K, t.p1.data(), kBlock);
+  transpose_matrix(w + b0 * K, K, nb, K, t.w.data(), kBlock);
+  bool nan = false;
+  for (int64_t o = 0; o < n; ++o) nan |= (t.p0[o] != t.p0[o]) | (t.p1[o] != t.p1[o]);
   return !nan;
 }
 
@@ -107,10 +114,12 @@ void geometry(Block& t, int64_t K, int64_t L0, int64_t L1) {
 }
 
 // Window offset of tap (r, c), or `trash` (a scratch row past the window) off the window.
+// Without a branch: taken at random for spread positions, its mispredictions took most
+// of both ops' time.
 DCLS_MM_INLINE int64_t tap(int64_t r, int64_t c, int64_t nr, int64_t nc, int64_t trash) {
-  const bool on = (static_cast<uint64_t>(r) < static_cast<uint64_t>(nr)) &
-                  (static_cast<uint64_t>(c) < static_cast<uint64_t>(nc));
-  return on ? r * nc + c : trash;
+  const int64_t on = (static_cast<uint64_t>(r) < static_cast<uint64_t>(nr)) &
+                     (static_cast<uint64_t>(c) < static_cast<uint64_t>(nc));
+  return trash + on * (r * nc + c - trash);
 }
 
 // kern [nr * nc + 1][B]: every lane adds its taps corner by corner, elements in order
@@ -211,8 +220,7 @@ at::Tensor bilinear_kernel(const at::Tensor& weight, const at::Tensor& P, int64_
       tap_values(t.w.data(), t.f0.data(), t.f1.data(), K * kBlock, t.vals.data());
       std::fill(kern.begin(), kern.end(), 0.0f);
       scatter(t.i0.data(), t.i1.data(), t.vals.data(), K, r0, nr, c0, nc, kern.data());
-      for (int64_t c = 0; c < nb; ++c)
-        for (int64_t e = 0; e < taps; ++e) op[(b0 + c) * taps + e] = kern[e * kBlock + c];
+      transpose_matrix(kern.data(), kBlock, taps, nb, op + b0 * taps, taps);
     }
   });
   TORCH_CHECK(!nan, name, ": the positions P contain NaN");
@@ -244,18 +252,13 @@ std::tuple<at::Tensor, at::Tensor> bilinear_kernel_backward(
       const int64_t b0 = blk * kBlock, nb = std::min(kBlock, total - b0);
       if (!load_block(wp, pp, total, K, b0, nb, t)) nan = true;
       geometry(t, K, L0, L1);
-      for (int64_t c = 0; c < kBlock; ++c)
-        for (int64_t e = 0; e < taps; ++e)
-          g[e * kBlock + c] = c < nb ? gp[(b0 + c) * taps + e] : 0.0f;
+      if (nb < kBlock) std::fill(g.begin(), g.end(), 0.0f);  // (and the trash row stays 0)
+      transpose_matrix(gp + b0 * taps, taps, nb, taps, g.data(), kBlock);
       gather(t.i0.data(), t.i1.data(), t.f0.data(), t.f1.data(), t.w.data(), t.in0.data(),
              t.in1.data(), K, r0, nr, c0, nc, g.data(), gw, g0, g1);
-      for (int64_t c = 0; c < nb; ++c)
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t src = k * kBlock + c, dst = (b0 + c) * K + k;
-          dwp[dst] = gw[src];
-          dpp[dst] = g0[src];
-          dpp[total * K + dst] = g1[src];
-        }
+      transpose_matrix(gw, kBlock, K, nb, dwp + b0 * K, K);
+      transpose_matrix(g0, kBlock, K, nb, dpp + b0 * K, K);
+      transpose_matrix(g1, kBlock, K, nb, dpp + (total + b0) * K, K);
     }
   });
   TORCH_CHECK(!nan, name, ": the positions P contain NaN");

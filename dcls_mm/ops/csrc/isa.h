@@ -214,4 +214,23 @@ DCLS_MM_INLINE void transpose_block(const float* __restrict src, int64_t src_ste
 }
 
 
+// dst[j * dst_step + i] = src[i * src_step + j] for i < rows, j < cols: whole
+// lanes x lanes blocks transposed in registers (element by element, the copies between
+// the channel-major tensors and the block layouts of 16 channels took a fifth of a
+// construction's backward), the rest one by one. Each file compiles its own copies
+// (DCLS_MM_ISA_LEVEL_VARIANTS(transpose_matrix, ...)).
+template <int level>
+DCLS_MM_INLINE void transpose_matrix_impl(const float* __restrict src, int64_t src_step,
+                                          int64_t rows, int64_t cols, float* __restrict dst,
+                                          int64_t dst_step) {
+  using V = typename Simd<level>::V;
+  constexpr int64_t L = sizeof(V) / sizeof(float);
+  const int64_t rv = rows / L * L, cv = cols / L * L;
+  for (int64_t i = 0; i < rv; i += L)
+    for (int64_t j = 0; j < cv; j += L)
+      transpose_block<V>(src + i * src_step + j, src_step, L,
+                                      dst + j * dst_step + i, dst_step, L);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = i < rv ? cv : 0; j < cols; ++j) dst[j * dst_step + i] = src[i * src_step + j];
+}
 }  // namespace dcls_mm_isa

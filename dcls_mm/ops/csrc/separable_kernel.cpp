@@ -37,6 +37,8 @@
 
 namespace {
 
+using dcls_mm_isa::transpose_matrix_impl;
+
 constexpr int64_t kBlock = 16;
 constexpr float kNormEps = 1e-7f;  // dcls_mm.ops.kernel.NORM_EPS
 // dcls_mm.ops.kernel.GAUSSIAN_CUT * float32 eps (2^-9 * 2^-23)
@@ -305,24 +307,6 @@ DCLS_MM_ISA_LEVEL_VARIANTS(contract_backward,
                             float* __restrict dscale),
                            (g, a0, a1, K, L0, L1, r0, nr, c0, nc, m0, m1, dscale))
 
-// dst[j * dst_step + i] = src[i * src_step + j] for i < rows, j < cols: whole
-// lanes x lanes blocks transposed in registers (element by element, the copies between
-// the channel-major tensors and the block layout took a fifth of the backward), the
-// rest one by one.
-template <int level>
-DCLS_MM_INLINE void transpose_matrix_impl(const float* __restrict src, int64_t src_step,
-                                          int64_t rows, int64_t cols, float* __restrict dst,
-                                          int64_t dst_step) {
-  using V = typename dcls_mm_isa::Simd<level>::V;
-  constexpr int64_t L = sizeof(V) / sizeof(float);
-  const int64_t rv = rows / L * L, cv = cols / L * L;
-  for (int64_t i = 0; i < rv; i += L)
-    for (int64_t j = 0; j < cv; j += L)
-      dcls_mm_isa::transpose_block<V>(src + i * src_step + j, src_step, L,
-                                      dst + j * dst_step + i, dst_step, L);
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = i < rv ? cv : 0; j < cols; ++j) dst[j * dst_step + i] = src[i * src_step + j];
-}
 DCLS_MM_ISA_LEVEL_VARIANTS(transpose_matrix,
                            (const float* __restrict src, int64_t src_step, int64_t rows,
                             int64_t cols, float* __restrict dst, int64_t dst_step),

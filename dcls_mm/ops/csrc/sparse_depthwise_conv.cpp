@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -518,15 +519,43 @@ at::Tensor sparse_depthwise_kernel_grad(const at::Tensor& x, const at::Tensor& g
   return out;
 }
 
+// How many of n floats are not zero, a vector at a time (the scalar loop took ~0.4 ms on
+// a 384-channel 23x23 kernel, a quarter of that layer's inference convolution).
+template <typename V>
+DCLS_MM_INLINE int64_t count_nonzero_vectors(const float* __restrict p, int64_t n) {
+  typedef int32_t VI __attribute__((vector_size(sizeof(V))));
+  constexpr int64_t L = sizeof(V) / sizeof(float);
+  int64_t count = 0, i = 0;
+  while (i + L <= n) {
+    // lane counts stay far below 2^31: flushed every 2^20 vectors
+    VI lanes = {};
+    for (const int64_t stop = std::min(n - L + 1, i + (int64_t{1} << 20) * L); i < stop; i += L)
+      lanes -= load<V>(p + i) != 0.0f;  // true is -1
+    int32_t sums[L];
+    std::memcpy(sums, &lanes, sizeof sums);
+    for (int l = 0; l < L; ++l) count += sums[l];
+  }
+  for (; i < n; ++i) count += p[i] != 0.0f;
+  return count;
+}
+
+template <int level>
+DCLS_MM_INLINE void count_nonzero_impl(const float* __restrict p, int64_t n,
+                                       int64_t* __restrict out) {
+  *out = count_nonzero_vectors<typename dcls_mm_isa::Simd<level>::V>(p, n);
+}
+DCLS_MM_ISA_LEVEL_VARIANTS(count_nonzero,
+                           (const float* __restrict p, int64_t n, int64_t* __restrict out),
+                           (p, n, out))
+
 // How many elements of a float32 tensor are not zero (torch.count_nonzero took 0.5 ms on
-// a 384-channel 23x23 kernel, run for every route-key lookup of the sparse routes).
+// a 384-channel 23x23 kernel; this runs for every route-key lookup of the sparse routes).
 int64_t nonzero_count(const at::Tensor& t) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat,
               "dcls_mm::nonzero_count: a float32 CPU tensor expected");
   const at::Tensor c = t.contiguous();
-  const float* p = c.const_data_ptr<float>();
   int64_t count = 0;
-  for (int64_t i = 0; i < c.numel(); ++i) count += p[i] != 0.f;
+  count_nonzero(c.const_data_ptr<float>(), c.numel(), &count);
   return count;
 }
 
