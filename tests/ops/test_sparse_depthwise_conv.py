@@ -35,7 +35,8 @@ def sparse_kernel(C, kh, kw, keep, g):
 
 
 # Output widths 1, 7, 13, 17, 37 and 70 give every count of vectors across a row (1-4, and
-# more than 4) for 16, 8 and 4 lanes; output heights 1-23 every remainder of the row tiles.
+# more than 4) for 16, 8 and 4 lanes; output heights 1-30 full row tiles (up to 24 rows
+# of one vector with AVX-512) and every remainder.
 SHAPES = [
     (16, (9, 10), (5, 5), ((2, 2), (2, 2)), True),      # 'same'
     (20, (7, 7), (17, 17), ((8, 8), (8, 8)), False),    # kernel larger than the map, 16 + 4 ch
@@ -45,6 +46,7 @@ SHAPES = [
     (8, (12, 37), (5, 3), ((2, 2), (1, 1)), True),      # 37 columns
     (16, (19, 60), (11, 11), ((5, 5), (5, 5)), False),  # 60 columns
     (16, (6, 70), (3, 3), ((0, 0), (1, 1)), True),      # 70 columns, no row padding
+    (17, (30, 9), (5, 3), ((2, 2), (1, 1)), True),      # one vector across, 30 rows
 ]
 
 

@@ -87,6 +87,22 @@ inline std::string set_level_for_capability(const std::string& capability) {
   void name params { name##_impl<dcls_mm_isa::kBaseline> args; }
 #endif
 
+// Keeps a loaded vector in a register: GCC otherwise folds the load into each
+// multiply-add that uses it (a memory operand), reading it again per use; unaligned, most
+// of those reads span two cache lines and the loads, not the multiply-adds, bound the loop.
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define DCLS_MM_IN_REGISTER(x) asm("" : "+v"(x))
+#else
+#define DCLS_MM_IN_REGISTER(x) ((void)0)
+#endif
+// Hides how a pointer was computed, so that GCC cannot rewrite a running pointer as
+// base + constant offsets (and keep all those offsets live in registers).
+#if defined(__GNUC__)
+#define DCLS_MM_OPAQUE_POINTER(p) asm("" : "+r"(p))
+#else
+#define DCLS_MM_OPAQUE_POINTER(p) ((void)0)
+#endif
+
 namespace dcls_mm_isa {
 
 // The level's native float vector, a GCC/Clang vector type: 16 floats with AVX-512, 8
