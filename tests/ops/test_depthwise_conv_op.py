@@ -15,6 +15,7 @@ from dcls_mm.utils import dcls_layer_routes
     (16, (10, 3), (3, 4), ((0, 2), (1, 0)), True),      # asymmetric, fewer than 4 columns
     (16, (6, 13), (7, 1), ((3, 3), (0, 0)), False),     # 13 columns, one tap per row
     (32, (5, 15), (3, 5), ((1, 1), (2, 2)), True),      # 15 columns: tiles of 8 + 4 + 2 + 1
+    (16, (4, 40), (3, 12), ((1, 1), (5, 6)), True),     # runs of tap pairs (AVX-512), even kw
 ])
 def test_op_equals_conv2d(C, hw, k, pads, with_bias):
     assert extension.available()
