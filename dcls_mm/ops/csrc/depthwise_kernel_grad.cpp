@@ -74,26 +74,29 @@ DCLS_MM_INLINE void row_taps(const float* __restrict grow, const float* __restri
   for (int64_t ox = 0; ox < lo; ++ox) edge_column<level, TJ>(acc, grow, xrow, s, first, ox);
   int64_t ox = lo;
   if constexpr (level == dcls_mm_isa::kV4) {
-    // stride 1, two output columns at a time: input column u serves tap u of the first
-    // and tap u - 1 of the second, so TJ + 1 loads feed 2 TJ multiply-adds (one column
-    // at a time: TJ + 1 loads for TJ, the loads bound the loop). Each sum still adds its
-    // columns in order (the same bits). AVX-512 only: the two gradient vectors and the
-    // loaded column need registers that the AVX2 copy's tiles (two ymm per sum) lack.
+    // stride 1, kColumns output columns at a time: input column u serves tap u - o of
+    // output column o, so TJ + kColumns - 1 loads (kept in registers) feed kColumns TJ
+    // multiply-adds (one column at a time: TJ + 1 loads for TJ, the loads bound the
+    // loop). Each sum still adds its columns in order (the same bits). AVX-512 only: the
+    // gradient vectors and the loaded column need registers that the AVX2 copy's tiles
+    // (two ymm per sum) lack.
+    constexpr int kColumns = 4;
     if (s.stride_w == 1) {
-      for (; ox + 1 < hi; ox += 2) {
-        V g0[P], g1[P];
-        load16<level>(g0, grow + ox * s.C);
-        load16<level>(g1, grow + (ox + 1) * s.C);
+      for (; ox + kColumns <= hi; ox += kColumns) {
+        V gv[kColumns][P];
+#pragma GCC unroll 4
+        for (int o = 0; o < kColumns; ++o) load16<level>(gv[o], grow + (ox + o) * s.C);
         const float* xp = xrow + (ox + first) * s.C;
-#pragma GCC unroll 9
-        for (int u = 0; u <= TJ; ++u) {
+#pragma GCC unroll 16
+        for (int u = 0; u < TJ + kColumns - 1; ++u) {
           V xv[P];
           load16<level>(xv, xp + u * s.C);
 #pragma GCC unroll 4
           for (int q = 0; q < P; ++q) {
             DCLS_MM_IN_REGISTER(xv[q]);
-            if (u < TJ) acc[u][q] += g0[q] * xv[q];
-            if (u > 0) acc[u - 1][q] += g1[q] * xv[q];
+#pragma GCC unroll 4
+            for (int o = 0; o < kColumns; ++o)
+              if (u - o >= 0 && u - o < TJ) acc[u - o][q] += gv[o][q] * xv[q];
           }
         }
       }
