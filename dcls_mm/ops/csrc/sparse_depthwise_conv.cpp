@@ -41,10 +41,6 @@ using dcls_mm_isa::transpose_block;
 
 constexpr int64_t kBlock = 16;  // channels per work item
 
-struct Tap {
-  int32_t offset;  // i * plane row length + j
-  float weight;
-};
 
 // The forward's unit: up to kMaxRun non-zero taps of one kernel column on consecutive
 // rows (a bilinear element's 2x2 taps, a triangle element's 3x3 or more, give runs of 2
@@ -147,20 +143,22 @@ DCLS_MM_INLINE void column(const float* plane, const Run* runs, const int64_t* n
   if (oy < s.Ho) last_rows<level, WV, R>(plane, runs, n_runs, bias, out, s, oy, col, s.Ho - oy);
 }
 
-// Op::run<level, WV>(s, col, args...) over a plane row's vectors: chunks of
-// kMaxRowVectors, then one chunk of the rest.
-template <int level, typename Op, typename... Args>
+// Op::run<level, WV>(s, col, args...) over a plane row's vectors: chunks of MaxWV, then
+// one chunk of the rest.
+template <int level, int MaxWV, typename Op, typename... Args>
 DCLS_MM_INLINE void over_columns(const Geometry& s, Args... args) {
   constexpr int L = sizeof(typename dcls_mm_isa::Simd<level>::V) / sizeof(float);
   const int64_t vectors = s.Wol / L;
   int64_t v = 0;
-  for (; v + kMaxRowVectors <= vectors; v += kMaxRowVectors)
-    Op::template run<level, kMaxRowVectors>(s, v * L, args...);
-  switch (vectors - v) {
-    case 3: Op::template run<level, 3>(s, v * L, args...); break;
-    case 2: Op::template run<level, 2>(s, v * L, args...); break;
-    case 1: Op::template run<level, 1>(s, v * L, args...); break;
-    default: break;
+  for (; v + MaxWV <= vectors; v += MaxWV) Op::template run<level, MaxWV>(s, v * L, args...);
+  if constexpr (MaxWV > 3) {
+    if (vectors - v == 3) Op::template run<level, 3>(s, v * L, args...);
+  }
+  if constexpr (MaxWV > 2) {
+    if (vectors - v == 2) Op::template run<level, 2>(s, v * L, args...);
+  }
+  if constexpr (MaxWV > 1) {
+    if (vectors - v == 1) Op::template run<level, 1>(s, v * L, args...);
   }
 }
 
@@ -177,7 +175,7 @@ template <int level>
 DCLS_MM_INLINE void channel_impl(const float* __restrict plane, const Run* __restrict runs,
                                  const int64_t* n_runs, float bias, float* __restrict out,
                                  const Geometry& s) {
-  over_columns<level, ForwardColumn>(s, plane, runs, n_runs, bias, out);
+  over_columns<level, kMaxRowVectors, ForwardColumn>(s, plane, runs, n_runs, bias, out);
 }
 DCLS_MM_ISA_LEVEL_VARIANTS(channel,
                            (const float* __restrict plane, const Run* __restrict runs,
@@ -185,86 +183,131 @@ DCLS_MM_ISA_LEVEL_VARIANTS(channel,
                             const Geometry& s),
                            (plane, runs, n_runs, bias, out, s))
 
-// Kernel gradient: the sums of T taps over all output rows of vectors
-// [col, col + WV * lanes), added to sums[0..T).
-//   sums[t] += sum_{oy, ox} g[oy, ox] * plane[oy + i_t, ox + j_t]
-template <int level, int WV, int T>
-DCLS_MM_INLINE void grad_tile(const float* __restrict plane, const float* __restrict gplane,
-                              const Tap* __restrict taps, float* __restrict sums,
-                              const Geometry& s, int64_t col) {
+// v with lane l moved to lane l - shift (lanes wrap around).
+template <typename V, int shift, size_t... I>
+DCLS_MM_INLINE V rotate_lanes(V v, std::index_sequence<I...>) {
+  constexpr int L = sizeof(V) / sizeof(float);
+  typedef int32_t VI __attribute__((vector_size(sizeof(V))));
+  return __builtin_shuffle(v, VI{static_cast<int32_t>((I + shift) % L)...});
+}
+
+// The sum of a vector's lanes, halves added in a tree (lane by lane, GCC extracted each
+// lane: on 14x14 maps that took more time than the multiply-adds).
+template <typename V, int width = sizeof(V) / sizeof(float)>
+DCLS_MM_INLINE float horizontal_sum(V v) {
+  if constexpr (width == 1) {
+    float first;
+    std::memcpy(&first, &v, sizeof first);
+    return first;
+  } else {
+    constexpr auto lanes = std::make_index_sequence<sizeof(V) / sizeof(float)>{};
+    return horizontal_sum<V, width / 2>(v + rotate_lanes<V, width / 2>(v, lanes));
+  }
+}
+
+// Kernel gradient of one run of M taps (rows i .. i + M - 1 of one kernel column) over
+// all output rows of vectors [col, col + WV * lanes), added to sums[0..M):
+//   sums[m] += sum_{oy, ox} g[oy, ox] * plane[oy + i + m, ox + j]
+// Output row oy meets input rows oy + i .. oy + i + M - 1, and the next output row all
+// but the first of them again: a window of M input rows stays in registers and each
+// output row loads one new input row and its gradient row, 2 WV loads for M WV
+// multiply-adds (a tap at a time: a load per multiply-add, most of them unaligned
+// across two cache lines, and the loads bound the loop). Each sum adds the output rows
+// in order.
+template <int level, int WV, int M>
+DCLS_MM_INLINE void grad_run(const float* __restrict plane, const float* __restrict gplane,
+                             int32_t offset, float* __restrict sums, const Geometry& s,
+                             int64_t col) {
   using V = typename dcls_mm_isa::Simd<level>::V;
   constexpr int L = sizeof(V) / sizeof(float);
-  V acc[T][WV] = {};
-  int32_t offsets[T];
-#pragma GCC unroll 16
-  for (int t = 0; t < T; ++t) offsets[t] = taps[t].offset;
-  for (int64_t oy = 0; oy < s.Ho; ++oy) {
-    const float* grow = gplane + oy * s.Wol + col;
-    const float* xrow = plane + oy * s.Wl + col;
-    V gv[WV];
+  V acc[M][WV] = {}, rows[M][WV];
+  const float* xp = plane + offset + col;  // input row oy + i, at output row oy = 0
+  const float* gp = gplane + col;
 #pragma GCC unroll 4
-    for (int v = 0; v < WV; ++v) gv[v] = load<V>(grow + v * L);
-#pragma GCC unroll 16
-    for (int t = 0; t < T; ++t)
+  for (int m = 0; m + 1 < M; ++m)
 #pragma GCC unroll 4
-      for (int v = 0; v < WV; ++v) acc[t][v] += gv[v] * load<V>(xrow + offsets[t] + v * L);
+    for (int v = 0; v < WV; ++v) rows[m][v] = load<V>(xp + m * s.Wl + v * L);
+  xp += (M - 1) * s.Wl;  // the row that output row oy adds to the window
+  for (int64_t oy = 0; oy < s.Ho;) {
+    // M steps per pass, so that the window's slots are compile-time registers: at step
+    // k the window's first row is in slot k
+#pragma GCC unroll 4
+    for (int k = 0; k < M; ++k) {
+      if (oy == s.Ho) break;
+      V gv[WV];
+#pragma GCC unroll 4
+      for (int v = 0; v < WV; ++v) {
+        rows[(k + M - 1) % M][v] = load<V>(xp + v * L);
+        gv[v] = load<V>(gp + v * L);
+      }
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m)
+#pragma GCC unroll 4
+        for (int v = 0; v < WV; ++v) acc[m][v] += gv[v] * rows[(k + m) % M][v];
+      xp += s.Wl;
+      gp += s.Wol;
+      DCLS_MM_OPAQUE_POINTER(xp);
+      DCLS_MM_OPAQUE_POINTER(gp);
+      ++oy;
+    }
   }
-#pragma GCC unroll 16
-  for (int t = 0; t < T; ++t) {
-    V total = acc[t][0];
 #pragma GCC unroll 4
-    for (int v = 1; v < WV; ++v) total += acc[t][v];
-    float sum = 0.f;
-#pragma GCC unroll 16
-    for (int l = 0; l < L; ++l) sum += total[l];
-    sums[t] += sum;
+  for (int m = 0; m < M; ++m) {
+    V total = acc[m][0];
+#pragma GCC unroll 4
+    for (int v = 1; v < WV; ++v) total += acc[m][v];
+    sums[m] += horizontal_sum(total);
   }
 }
 
-// The last `left` (< T) taps as one tile of that many.
-template <int level, int WV, int T>
-DCLS_MM_INLINE void grad_last_taps(const float* plane, const float* gplane, const Tap* taps,
-                                   float* sums, const Geometry& s, int64_t col, int64_t left) {
-  if constexpr (T > 1) {
-    if (left == T - 1) grad_tile<level, WV, T - 1>(plane, gplane, taps, sums, s, col);
-    else grad_last_taps<level, WV, T - 1>(plane, gplane, taps, sums, s, col, left);
-  }
-}
-
-// All taps of one channel over vectors [col, col + WV * lanes): tiles of T taps.
+// Every run of one channel over vectors [col, col + WV * lanes): the runs come sorted by
+// length, n_runs[m - 1] of length m (run_lists); their taps' sums follow in that order.
 template <int level, int WV>
-DCLS_MM_INLINE void grad_column(const float* plane, const float* gplane, const Tap* taps,
-                                int64_t n_taps, float* sums, const Geometry& s, int64_t col) {
-  constexpr int T = kTileSums<level> / WV;
-  int64_t t = 0;
-  for (; t + T <= n_taps; t += T)
-    grad_tile<level, WV, T>(plane, gplane, taps + t, sums + t, s, col);
-  if (t < n_taps)
-    grad_last_taps<level, WV, T>(plane, gplane, taps + t, sums + t, s, col, n_taps - t);
+DCLS_MM_INLINE void grad_column(const float* plane, const float* gplane, const Run* runs,
+                                const int64_t* n_runs, float* sums, const Geometry& s,
+                                int64_t col) {
+  const Run* run = runs;
+  for (const Run* end = run + n_runs[0]; run < end; ++run, sums += 1)
+    grad_run<level, WV, 1>(plane, gplane, run->offset, sums, s, col);
+  for (const Run* end = run + n_runs[1]; run < end; ++run, sums += 2)
+    grad_run<level, WV, 2>(plane, gplane, run->offset, sums, s, col);
+  for (const Run* end = run + n_runs[2]; run < end; ++run, sums += 3)
+    grad_run<level, WV, 3>(plane, gplane, run->offset, sums, s, col);
+  for (const Run* end = run + n_runs[3]; run < end; ++run, sums += 4)
+    grad_run<level, WV, 4>(plane, gplane, run->offset, sums, s, col);
 }
 
 struct GradColumn {
   template <int level, int WV>
   static DCLS_MM_INLINE void run(const Geometry& s, int64_t col, const float* plane,
-                                 const float* gplane, const Tap* taps, int64_t n_taps,
+                                 const float* gplane, const Run* runs, const int64_t* n_runs,
                                  float* sums) {
-    grad_column<level, WV>(plane, gplane, taps, n_taps, sums, s, col);
+    grad_column<level, WV>(plane, gplane, runs, n_runs, sums, s, col);
   }
 };
 
-// One channel of one image: sums[t] += its tap t's gradient (taps in list order).
+// At most this many vectors across a row for the kernel gradient: a run of 4 taps keeps
+// 4 WV sums, 4 WV window rows and WV gradient vectors in registers (3 zmm across: 27 of
+// 32; 2 ymm: 18 of 16, a few spills for the runs of 4, which bilinear and triangle
+// kernels rarely have; with 1 ymm the AVX2 copy ran 10-30% slower on 56x56 maps, every
+// run repeated per vector across).
+template <int level>
+constexpr int kGradRowVectors = level == dcls_mm_isa::kV4 ? 3 : 2;
+
+// One channel of one image: sums[t] += the gradient of its t-th tap in run order.
 template <int level>
 DCLS_MM_INLINE void grad_channel_impl(const float* __restrict plane,
                                       const float* __restrict gplane,
-                                      const Tap* __restrict taps, int64_t n_taps,
+                                      const Run* __restrict runs, const int64_t* n_runs,
                                       float* __restrict sums, const Geometry& s) {
-  over_columns<level, GradColumn>(s, plane, gplane, taps, n_taps, sums);
+  over_columns<level, kGradRowVectors<level>, GradColumn>(s, plane, gplane, runs, n_runs,
+                                                          sums);
 }
 DCLS_MM_ISA_LEVEL_VARIANTS(grad_channel,
                            (const float* __restrict plane, const float* __restrict gplane,
-                            const Tap* __restrict taps, int64_t n_taps,
+                            const Run* __restrict runs, const int64_t* n_runs,
                             float* __restrict sums, const Geometry& s),
-                           (plane, gplane, taps, n_taps, sums, s))
+                           (plane, gplane, runs, n_runs, sums, s))
 
 // Plane rows are whole blocks of this many floats, the widest vector of any copy: the
 // geometry then does not depend on which copy runs (the copy is read again inside each
@@ -289,23 +332,6 @@ Geometry geometry(const char* name, const at::Tensor& x, int64_t kh, int64_t kw,
   return s;
 }
 
-// Each channel's taps where `values` (C, kh, kw) is not zero, row-major (the dense
-// kernels' order), with their value; counts[c] of them from taps + c * kh * kw.
-void tap_lists(const float* values, const Geometry& s, Tap* taps, int64_t* counts) {
-  const int64_t per_channel = s.kh * s.kw;
-  at::parallel_for(0, s.C, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      Tap* list = taps + c * per_channel;
-      int64_t count = 0;
-      for (int64_t i = 0; i < s.kh; ++i)
-        for (int64_t j = 0; j < s.kw; ++j) {
-          const float w = values[(c * s.kh + i) * s.kw + j];
-          if (w != 0.f) list[count++] = Tap{static_cast<int32_t>(i * s.Wl + j), w};
-        }
-      counts[c] = count;
-    }
-  });
-}
 
 // Channels [c0, c0 + cb) of image n of the channels_last (N, rows, cols, C) tensor src
 // into cb planes of `stride` floats, at row top and column left of rows of `length`:
@@ -483,10 +509,16 @@ at::Tensor sparse_depthwise_kernel_grad(const at::Tensor& x, const at::Tensor& g
               grad_out.sizes());
   const at::Tensor mask = support.to(at::kFloat).contiguous();
   const int64_t per_channel = s.kh * s.kw;
-  std::unique_ptr<Tap[]> taps(new Tap[s.C * per_channel]);
-  std::vector<int64_t> counts(static_cast<size_t>(s.C)), first(static_cast<size_t>(s.C + 1));
-  tap_lists(mask.const_data_ptr<float>(), s, taps.get(), counts.data());
-  for (int64_t c = 0; c < s.C; ++c) first[c + 1] = first[c] + counts[c];  // packed sums
+  std::unique_ptr<Run[]> runs(new Run[s.C * per_channel]);  // not zeroed
+  std::vector<int64_t> n_runs(static_cast<size_t>(s.C * kMaxRun));
+  run_lists(mask.const_data_ptr<float>(), s, runs.get(), n_runs.data());
+  // each channel's taps in run order, their sums packed: first[c] is channel c's first
+  std::vector<int64_t> first(static_cast<size_t>(s.C + 1));
+  for (int64_t c = 0; c < s.C; ++c) {
+    int64_t taps = 0;
+    for (int m = 1; m <= kMaxRun; ++m) taps += m * n_runs[c * kMaxRun + m - 1];
+    first[c + 1] = first[c] + taps;
+  }
 
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor gc = grad_out.contiguous(at::MemoryFormat::ChannelsLast);
@@ -507,7 +539,7 @@ at::Tensor sparse_depthwise_kernel_grad(const at::Tensor& x, const at::Tensor& g
       copy_to_planes(gp, n, s.Ho, s.Wo, s.C, c0, cb, gplanes.data(), gplane, s.Wol, 0, 0);
       for (int64_t c = 0; c < cb; ++c)
         grad_channel(planes.data() + c * plane, gplanes.data() + c * gplane,
-                     taps.get() + (c0 + c) * per_channel, counts[c0 + c],
+                     runs.get() + (c0 + c) * per_channel, n_runs.data() + (c0 + c) * kMaxRun,
                      sums.data() + n * first[s.C] + first[c0 + c], s);
     }
   });
@@ -515,13 +547,18 @@ at::Tensor sparse_depthwise_kernel_grad(const at::Tensor& x, const at::Tensor& g
                                                        at::MemoryFormat::Contiguous));
   float* op = out.mutable_data_ptr<float>();
   at::parallel_for(0, s.C, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c)
-      for (int64_t t = 0; t < counts[c]; ++t) {
-        float total = 0.f;
-        for (int64_t n = 0; n < s.N; ++n) total += sums[n * first[s.C] + first[c] + t];
-        const int32_t off = taps[c * per_channel + t].offset;
-        op[(c * s.kh + off / s.Wl) * s.kw + off % s.Wl] = total;
-      }
+    for (int64_t c = begin; c < end; ++c) {
+      const Run* run = runs.get() + c * per_channel;
+      int64_t t = first[c];
+      for (int m = 1; m <= kMaxRun; ++m)
+        for (int64_t r = 0; r < n_runs[c * kMaxRun + m - 1]; ++r, ++run)
+          for (int k = 0; k < m; ++k, ++t) {
+            float total = 0.f;
+            for (int64_t n = 0; n < s.N; ++n) total += sums[n * first[s.C] + t];
+            const int32_t off = run->offset + k * static_cast<int32_t>(s.Wl);
+            op[(c * s.kh + off / s.Wl) * s.kw + off % s.Wl] = total;
+          }
+    }
   });
   return out;
 }
