@@ -229,7 +229,6 @@ DCLS_MM_INLINE void transpose_block(const float* __restrict src, int64_t src_ste
     if (k < stores) store<V>(dst + k * dst_step, block[k]);
 }
 
-
 // dst[j * dst_step + i] = src[i * src_step + j] for i < rows, j < cols: whole
 // lanes x lanes blocks transposed in registers (element by element, the copies between
 // the channel-major tensors and the block layouts of 16 channels took a fifth of a
@@ -244,9 +243,12 @@ DCLS_MM_INLINE void transpose_matrix_impl(const float* __restrict src, int64_t s
   const int64_t rv = rows / L * L, cv = cols / L * L;
   for (int64_t i = 0; i < rv; i += L)
     for (int64_t j = 0; j < cv; j += L)
-      transpose_block<V>(src + i * src_step + j, src_step, L,
-                                      dst + j * dst_step + i, dst_step, L);
+      transpose_block<V>(src + i * src_step + j, src_step, L, dst + j * dst_step + i,
+                         dst_step, L);
+  // the columns past the whole blocks of the first rv rows, then every column of the rest
   for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = i < rv ? cv : 0; j < cols; ++j) dst[j * dst_step + i] = src[i * src_step + j];
+    for (int64_t j = i < rv ? cv : 0; j < cols; ++j)
+      dst[j * dst_step + i] = src[i * src_step + j];
 }
+
 }  // namespace dcls_mm_isa
