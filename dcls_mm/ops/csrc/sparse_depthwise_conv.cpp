@@ -19,7 +19,7 @@
 // (the dense kernels' are aligned) and the copies to and from the planes cost about two
 // passes over the tensors; so it is one candidate of the measured route `conv`
 // (dcls_mm.ops.depthwise), keyed by the kernel's density. The kernel gradient over a
-// support (the taps a DCLS construction reads) works on the same planes.
+// support (the taps a DCLS construction reads) works on the same planes and runs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -41,7 +41,6 @@ using dcls_mm_isa::transpose_block;
 
 constexpr int64_t kBlock = 16;  // channels per work item
 
-
 // The forward's unit: up to kMaxRun non-zero taps of one kernel column on consecutive
 // rows (a bilinear element's 2x2 taps, a triangle element's 3x3 or more, give runs of 2
 // or 3). One load of an input row feeds every tap of the run whose output row is in the
@@ -58,10 +57,11 @@ struct Geometry {
   int64_t Hl, Wl, Wol;  // plane rows and row length, output tile row length
 };
 
-// How many running sums (vectors) a tile keeps in registers: 24 of 32 zmm, 12 of 16 ymm,
-// 8 of 16 xmm (the rest hold a run's up to 4 broadcast weights and the row loaded). More
-// rows per tile means fewer loads per multiply-add (a run of m taps over R rows loads
-// R + m - 1 rows): from 16 to 24 zmm the forward on a 56x56 map took 3-5% less time.
+// How many running sums (vectors) a tile keeps in registers: all the register file holds
+// next to a run's up to 4 broadcast weights and the row loaded (24 of 32 zmm, 12 of 16
+// ymm, 8 of 16 xmm). More rows per tile, fewer row loads per multiply-add (a run of m
+// taps over R rows loads R + m - 1 rows); 24 instead of 16 zmm took 3-5% off the forward
+// on 56x56 maps here.
 template <int level>
 constexpr int kTileSums = level == dcls_mm_isa::kV4 ? 24 : (level == dcls_mm_isa::kV3 ? 12 : 8);
 // at most this many vectors across a row (a tile of fewer columns has more rows)
