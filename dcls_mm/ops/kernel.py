@@ -466,8 +466,9 @@ def gradient_support(P: Tensor, SIG: Optional[Tensor], dilated_kernel_size: Sequ
 
 def has_gradient_support(P: Tensor, interpolation: str) -> bool:
     """Whether :func:`gradient_support` has a rule for these positions: 2-D bilinear or
-    triangle, float32 on the CPU, compiled kernels built (gaussian: every tap of a
-    trained kernel is live)."""
+    triangle, float32 on the CPU, compiled kernels built. Gaussian: none (its support
+    would be the kernel's non-zero taps, ~73% of a 23x23 kernel with spread positions,
+    where the sparse kernel gradient measured no faster than the dense one)."""
     return (P.shape[0] == 2 and P.device.type == 'cpu' and P.dtype == torch.float32
             and interpolation in ('bilinear', 'bilinear_normalized', 'triangle')
             and extension.available())
