@@ -27,7 +27,7 @@
 
 namespace {
 
-using dcls_mm_isa::transpose_matrix_impl;
+using dcls_mm_isa::transpose_matrix;
 
 constexpr int64_t kBlock = 16;  // pairs b per block, one per vector lane (as separable_kernel)
 
@@ -45,11 +45,6 @@ struct Block {
         f0(K * kBlock), f1(K * kBlock), in0(K * kBlock), in1(K * kBlock),
         vals(4 * K * kBlock) {}
 };
-
-DCLS_MM_ISA_LEVEL_VARIANTS(transpose_matrix,
-                           (const float* __restrict src, int64_t src_step, int64_t rows,
-                            int64_t cols, float* __restrict dst, int64_t dst_step),
-                           (src, src_step, rows, cols, dst, dst_step))
 
 // Loads pairs [b0, b0 + nb) (missing lanes: weight 0 at position 0); false if a position
 // is NaN.

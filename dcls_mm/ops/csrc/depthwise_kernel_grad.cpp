@@ -234,6 +234,14 @@ at::Tensor depthwise_kernel_grad(const at::Tensor& x, const at::Tensor& grad_out
 
 }  // namespace
 
+namespace dcls_mm_isa {
+// the one compiled set of copies of transpose_matrix_impl (isa.h), used by every file
+DCLS_MM_ISA_LEVEL_VARIANTS(transpose_matrix,
+                           (const float* __restrict src, int64_t src_step, int64_t rows,
+                            int64_t cols, float* __restrict dst, int64_t dst_step),
+                           (src, src_step, rows, cols, dst, dst_step))
+}  // namespace dcls_mm_isa
+
 TORCH_LIBRARY(dcls_mm, m) {
   m.def(
       "depthwise_kernel_grad(Tensor x, Tensor grad_out, int kh, int kw, int pad_top, "

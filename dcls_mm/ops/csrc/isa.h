@@ -232,8 +232,8 @@ DCLS_MM_INLINE void transpose_block(const float* __restrict src, int64_t src_ste
 // dst[j * dst_step + i] = src[i * src_step + j] for i < rows, j < cols: whole
 // lanes x lanes blocks transposed in registers (element by element, the copies between
 // the channel-major tensors and the block layouts of 16 channels took a fifth of a
-// construction's backward), the rest one by one. Each file compiles its own copies
-// (DCLS_MM_ISA_LEVEL_VARIANTS(transpose_matrix, ...)).
+// construction's backward), the rest one by one. transpose_matrix (declared below,
+// compiled once in depthwise_kernel_grad.cpp) picks the copy for the running level.
 template <int level>
 DCLS_MM_INLINE void transpose_matrix_impl(const float* __restrict src, int64_t src_step,
                                           int64_t rows, int64_t cols, float* __restrict dst,
@@ -250,5 +250,8 @@ DCLS_MM_INLINE void transpose_matrix_impl(const float* __restrict src, int64_t s
     for (int64_t j = i < rv ? cv : 0; j < cols; ++j)
       dst[j * dst_step + i] = src[i * src_step + j];
 }
+
+void transpose_matrix(const float* __restrict src, int64_t src_step, int64_t rows,
+                      int64_t cols, float* __restrict dst, int64_t dst_step);
 
 }  // namespace dcls_mm_isa

@@ -37,7 +37,7 @@
 
 namespace {
 
-using dcls_mm_isa::transpose_matrix_impl;
+using dcls_mm_isa::transpose_matrix;
 
 constexpr int64_t kBlock = 16;
 constexpr float kNormEps = 1e-7f;  // dcls_mm.ops.kernel.NORM_EPS
@@ -306,11 +306,6 @@ DCLS_MM_ISA_LEVEL_VARIANTS(contract_backward,
                             float* __restrict m0, float* __restrict m1,
                             float* __restrict dscale),
                            (g, a0, a1, K, L0, L1, r0, nr, c0, nc, m0, m1, dscale))
-
-DCLS_MM_ISA_LEVEL_VARIANTS(transpose_matrix,
-                           (const float* __restrict src, int64_t src_step, int64_t rows,
-                            int64_t cols, float* __restrict dst, int64_t dst_step),
-                           (src, src_step, rows, cols, dst, dst_step))
 
 // Loads the block [b0, b0 + nb) of a (rows, K) array into [K][B] (missing b's: 0).
 void load_block(const float* src, int64_t b0, int64_t nb, int64_t K, float* dst) {
