@@ -64,8 +64,11 @@ struct Geometry {
 // on 56x56 maps here.
 template <int level>
 constexpr int kTileSums = level == dcls_mm_isa::kV4 ? 24 : (level == dcls_mm_isa::kV3 ? 12 : 8);
-// at most this many vectors across a row (a tile of fewer columns has more rows)
-constexpr int kMaxRowVectors = 4;
+// at most this many vectors across a row (a tile of fewer columns has more rows): with
+// 12 ymm sums, 2 across (6 rows) loads fewer rows per multiply-add than 4 across (3 rows);
+// the AVX2 copy's forward took 4-12% less time with 2 (ConvNeXt shapes, alternating A/B)
+template <int level>
+constexpr int kMaxRowVectors = level == dcls_mm_isa::kV3 ? 2 : 4;
 
 // acc[r] += the run's M taps, for the R output rows from the one whose first input row
 // is at p (vectors [0, WV * lanes) from p).
@@ -175,7 +178,7 @@ template <int level>
 DCLS_MM_INLINE void channel_impl(const float* __restrict plane, const Run* __restrict runs,
                                  const int64_t* n_runs, float bias, float* __restrict out,
                                  const Geometry& s) {
-  over_columns<level, kMaxRowVectors, ForwardColumn>(s, plane, runs, n_runs, bias, out);
+  over_columns<level, kMaxRowVectors<level>, ForwardColumn>(s, plane, runs, n_runs, bias, out);
 }
 DCLS_MM_ISA_LEVEL_VARIANTS(channel,
                            (const float* __restrict plane, const Run* __restrict runs,
