@@ -27,6 +27,7 @@
 
 namespace {
 
+using dcls_mm_isa::rows_to_block16;
 using dcls_mm_isa::transpose_matrix;
 
 constexpr int64_t kBlock = 16;  // pairs b per block, one per vector lane (as separable_kernel)
@@ -51,14 +52,9 @@ struct Block {
 bool load_block(const float* w, const float* P, int64_t total, int64_t K, int64_t b0,
                 int64_t nb, Block& t) {
   const int64_t n = K * kBlock;
-  if (nb < kBlock) {
-    std::fill_n(t.p0.data(), n, 0.0f);
-    std::fill_n(t.p1.data(), n, 0.0f);
-    std::fill_n(t.w.data(), n, 0.0f);
-  }
-  transpose_matrix(P + b0 * K, K, nb, K, t.p0.data(), kBlock);
-  transpose_matrix(P + (total + b0) * K, K, nb, K, t.p1.data(), kBlock);
-  transpose_matrix(w + b0 * K, K, nb, K, t.w.data(), kBlock);
+  rows_to_block16(P + b0 * K, nb, K, t.p0.data());
+  rows_to_block16(P + (total + b0) * K, nb, K, t.p1.data());
+  rows_to_block16(w + b0 * K, nb, K, t.w.data());
   bool nan = false;
   for (int64_t o = 0; o < n; ++o) nan |= (t.p0[o] != t.p0[o]) | (t.p1[o] != t.p1[o]);
   return !nan;
@@ -247,8 +243,7 @@ std::tuple<at::Tensor, at::Tensor> bilinear_kernel_backward(
       const int64_t b0 = blk * kBlock, nb = std::min(kBlock, total - b0);
       if (!load_block(wp, pp, total, K, b0, nb, t)) nan = true;
       geometry(t, K, L0, L1);
-      if (nb < kBlock) std::fill(g.begin(), g.end(), 0.0f);  // (and the trash row stays 0)
-      transpose_matrix(gp + b0 * taps, taps, nb, taps, g.data(), kBlock);
+      rows_to_block16(gp + b0 * taps, nb, taps, g.data());  // (the trash row stays 0)
       gather(t.i0.data(), t.i1.data(), t.f0.data(), t.f1.data(), t.w.data(), t.in0.data(),
              t.in1.data(), K, r0, nr, c0, nc, g.data(), gw, g0, g1);
       transpose_matrix(gw, kBlock, K, nb, dwp + b0 * K, K);

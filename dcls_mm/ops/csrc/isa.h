@@ -9,6 +9,7 @@
 // the running CPU does not support.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -253,5 +254,14 @@ DCLS_MM_INLINE void transpose_matrix_impl(const float* __restrict src, int64_t s
 
 void transpose_matrix(const float* __restrict src, int64_t src_step, int64_t rows,
                       int64_t cols, float* __restrict dst, int64_t dst_step);
+
+// The layout of the kernels that work on 16 channels at a time: rows [0, rows) of a
+// row-major (rows, length) array at src (rows <= 16) into dst[length][16], lane r holding
+// row r; the lanes past rows are set to 0.
+inline void rows_to_block16(const float* __restrict src, int64_t rows, int64_t length,
+                            float* __restrict dst) {
+  if (rows < 16) std::fill_n(dst, length * 16, 0.0f);
+  transpose_matrix(src, length, rows, length, dst, 16);
+}
 
 }  // namespace dcls_mm_isa

@@ -37,6 +37,7 @@
 
 namespace {
 
+using dcls_mm_isa::rows_to_block16;
 using dcls_mm_isa::transpose_matrix;
 
 constexpr int64_t kBlock = 16;
@@ -214,39 +215,38 @@ DCLS_MM_INLINE void dot_tile(const float* __restrict x, int64_t x_outer, int64_t
       dcls_mm_isa::store16<level>(out + (a * out_outer + b * out_inner) * kBlock, acc[a][b]);
 }
 
-// dot_tile over a whole (na x nb) output: TA x TB tiles, the rest with TA = 1 or TB = 1.
+// dot_tile over outputs [a, a + TA) x [0, nb): TB columns at a time, then one at a time.
+template <int level, int TA>
+DCLS_MM_INLINE void dot_rows(const float* x, int64_t x_outer, int64_t x_inner, const float* y,
+                             int64_t y_outer, int64_t y_inner, int64_t n, int64_t a,
+                             int64_t nb, float* out, int64_t out_outer, int64_t out_inner) {
+  constexpr int TB = kTileB<level>;
+  int64_t b = 0;
+  for (; b + TB <= nb; b += TB)
+    dot_tile<level, TA, TB>(x + a * x_outer * kBlock, x_outer, x_inner,
+                            y + b * y_outer * kBlock, y_outer, y_inner, n,
+                            out + (a * out_outer + b * out_inner) * kBlock, out_outer,
+                            out_inner);
+  for (; b < nb; ++b)
+    dot_tile<level, TA, 1>(x + a * x_outer * kBlock, x_outer, x_inner,
+                           y + b * y_outer * kBlock, y_outer, y_inner, n,
+                           out + (a * out_outer + b * out_inner) * kBlock, out_outer,
+                           out_inner);
+}
+
+// dot_tile over a whole (na x nb) output: TA rows at a time, then one at a time.
 template <int level>
 DCLS_MM_INLINE void dots(const float* x, int64_t x_outer, int64_t x_inner, const float* y,
                          int64_t y_outer, int64_t y_inner, int64_t n, int64_t na, int64_t nb,
                          float* out, int64_t out_outer, int64_t out_inner) {
-  constexpr int TA = kTileA<level>, TB = kTileB<level>;
+  constexpr int TA = kTileA<level>;
   int64_t a = 0;
-  for (; a + TA <= na; a += TA) {
-    int64_t b = 0;
-    for (; b + TB <= nb; b += TB)
-      dot_tile<level, TA, TB>(x + a * x_outer * kBlock, x_outer, x_inner,
-                              y + b * y_outer * kBlock, y_outer, y_inner, n,
-                              out + (a * out_outer + b * out_inner) * kBlock, out_outer,
-                              out_inner);
-    for (; b < nb; ++b)
-      dot_tile<level, TA, 1>(x + a * x_outer * kBlock, x_outer, x_inner,
-                             y + b * y_outer * kBlock, y_outer, y_inner, n,
-                             out + (a * out_outer + b * out_inner) * kBlock, out_outer,
-                             out_inner);
-  }
-  for (; a < na; ++a) {
-    int64_t b = 0;
-    for (; b + TB <= nb; b += TB)
-      dot_tile<level, 1, TB>(x + a * x_outer * kBlock, x_outer, x_inner,
-                             y + b * y_outer * kBlock, y_outer, y_inner, n,
-                             out + (a * out_outer + b * out_inner) * kBlock, out_outer,
-                             out_inner);
-    for (; b < nb; ++b)
-      dot_tile<level, 1, 1>(x + a * x_outer * kBlock, x_outer, x_inner,
-                            y + b * y_outer * kBlock, y_outer, y_inner, n,
-                            out + (a * out_outer + b * out_inner) * kBlock, out_outer,
-                            out_inner);
-  }
+  for (; a + TA <= na; a += TA)
+    dot_rows<level, TA>(x, x_outer, x_inner, y, y_outer, y_inner, n, a, nb, out, out_outer,
+                        out_inner);
+  for (; a < na; ++a)
+    dot_rows<level, 1>(x, x_outer, x_inner, y, y_outer, y_inner, n, a, nb, out, out_outer,
+                       out_inner);
 }
 
 // out[i][j][c] = sum_k (scale[k][c] a0[k][r0 + i][c]) a1[k][c0 + j][c]; out is
@@ -307,12 +307,6 @@ DCLS_MM_ISA_LEVEL_VARIANTS(contract_backward,
                             float* __restrict dscale),
                            (g, a0, a1, K, L0, L1, r0, nr, c0, nc, m0, m1, dscale))
 
-// Loads the block [b0, b0 + nb) of a (rows, K) array into [K][B] (missing b's: 0).
-void load_block(const float* src, int64_t b0, int64_t nb, int64_t K, float* dst) {
-  if (nb < kBlock) std::fill_n(dst, K * kBlock, 0.0f);
-  transpose_matrix(src + b0 * K, K, nb, K, dst, kBlock);
-}
-
 void check_inputs(const at::Tensor& weight, const at::Tensor& P, const at::Tensor& SIG,
                   int64_t L0, int64_t L1, int64_t interp, int64_t r0, int64_t nr, int64_t c0,
                   int64_t nc) {
@@ -341,11 +335,11 @@ void load_geometry(const Shape& s, const float* w, const float* P, const float* 
                    int64_t b0, int64_t nb, Scratch& t, const Profiles& a, bool evaluated) {
   const float offset = s.interp == kGaussian ? 0.27f : 1.0f;
   const int64_t plane = s.nb * s.K;
-  load_block(w, b0, nb, s.K, t.w.data());
-  load_block(P, b0, nb, s.K, t.pos0.data());
-  load_block(P + plane, b0, nb, s.K, t.pos1.data());
-  load_block(SIG, b0, nb, s.K, t.wid0.data());
-  load_block(SIG + plane, b0, nb, s.K, t.wid1.data());
+  rows_to_block16(w + b0 * s.K, nb, s.K, t.w.data());
+  rows_to_block16(P + b0 * s.K, nb, s.K, t.pos0.data());
+  rows_to_block16(P + plane + b0 * s.K, nb, s.K, t.pos1.data());
+  rows_to_block16(SIG + b0 * s.K, nb, s.K, t.wid0.data());
+  rows_to_block16(SIG + plane + b0 * s.K, nb, s.K, t.wid1.data());
   const float half0 = static_cast<float>(s.L0 / 2), half1 = static_cast<float>(s.L1 / 2);
   for (int64_t e = 0; e < s.K * kBlock; ++e) {
     t.pos0[e] += half0;
@@ -610,13 +604,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_kernel_backward(
       const Profiles a =
           profiles_at(have ? kp + blk * profile_floats(s) : t.own.data(), s);
       load_geometry(s, wp, pp, sp, b0, nb, t, a, have);
-      load_block(sp, b0, nb, K, sig0.data());
-      load_block(sp + plane, b0, nb, K, sig1.data());
-      if (nb < kBlock) std::fill(g.begin(), g.end(), 0.0f);
-      transpose_matrix(gp + b0 * nr * nc, nr * nc, nb, nr * nc, g.data(), kBlock);
+      rows_to_block16(sp + b0 * K, nb, K, sig0.data());
+      rows_to_block16(sp + plane + b0 * K, nb, K, sig1.data());
+      rows_to_block16(gp + b0 * nr * nc, nb, nr * nc, g.data());
       if (masked) {
-        if (nb < kBlock) std::fill(kern.begin(), kern.end(), 0.0f);
-        transpose_matrix(op + b0 * nr * nc, nr * nc, nb, nr * nc, kern.data(), kBlock);
+        rows_to_block16(op + b0 * nr * nc, nb, nr * nc, kern.data());
         zero_where_zero(kern.data(), nr * nc * kBlock, g.data());
       }
       contract_backward(g.data(), a.a0, a.a1, K, L0, L1, r0, nr, c0, nc, m0.data(),
