@@ -146,12 +146,14 @@ DCLS_MM_INLINE void column(const float* plane, const Run* runs, const int64_t* n
   if (oy < s.Ho) last_rows<level, WV, R>(plane, runs, n_runs, bias, out, s, oy, col, s.Ho - oy);
 }
 
-// Op::run<level, WV>(s, col, args...) over a plane row's vectors: chunks of MaxWV, then
-// one chunk of the rest.
+// Op::run<level, WV>(s, col, args...) over the vectors that hold a row's Wo output
+// columns: chunks of MaxWV, then one chunk of the rest. Not over all of the Wol columns:
+// with 8 lanes a 56-wide map is 7 vectors, not 8 (the tile rows' last columns are then
+// never written, and the copies never read them).
 template <int level, int MaxWV, typename Op, typename... Args>
 DCLS_MM_INLINE void over_columns(const Geometry& s, Args... args) {
   constexpr int L = sizeof(typename dcls_mm_isa::Simd<level>::V) / sizeof(float);
-  const int64_t vectors = s.Wol / L;
+  const int64_t vectors = (s.Wo + L - 1) / L;
   int64_t v = 0;
   for (; v + MaxWV <= vectors; v += MaxWV) Op::template run<level, MaxWV>(s, v * L, args...);
   if constexpr (MaxWV > 3) {
