@@ -121,13 +121,15 @@ def test_op_dense_and_column_kernels(each_isa, cap):
 @pytest.mark.parametrize('cap', ['AVX512', 'AVX2', 'DEFAULT'])
 def test_kernels_taller_than_32_rows(each_isa, cap):
     """Tap rows are read 32 at a time: a 37-row kernel whose full columns cross row 32
-    (runs split there), with 18 columns (a partial last vector of columns, at the end of
+    (column 5's taps, non-zero from row 30 to 36, make runs that end at row 31 and start
+    at 32), with 18 columns (a partial last vector of columns, at the end of
     the tensor too), forward and kernel gradient."""
     each_isa(cap)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 17, 40, 9, generator=g)
-    kernel = torch.randn(17, 1, 37, 18, generator=g) * (torch.rand(17, 1, 37, 18, generator=g) < 0.5)
-    kernel[:, :, 28:37, 5] = 1.5  # a column of 9 taps across row 32
+    keep = torch.rand(17, 1, 37, 18, generator=g) < 0.5
+    kernel = torch.randn(17, 1, 37, 18, generator=g) * keep
+    kernel[:, :, 30:37, 5] = 1.5  # a column of 7 taps across row 32
     kernel[-1, :, -1, -1] = -2.0  # the tensor's last float
     ref = F.conv2d(F.pad(x, (9, 8, 18, 18)), kernel, None, 1, 0, 1, 17)
     got = torch.ops.dcls_mm.sparse_depthwise_conv(x, kernel, None, 18, 18, 9, 8)

@@ -99,9 +99,9 @@ DCLS_MM_INLINE void add_run(typename dcls_mm_isa::Simd<level>::V (&acc)[R][WV],
 
 // Output rows [oy, oy + R) x vectors [col, col + WV * lanes) of one channel's plane.
 template <int level, int WV, int R>
-DCLS_MM_INLINE void tile(const float* __restrict plane, const Run* __restrict runs, const int64_t* n_runs,
-                         float bias, float* __restrict out, const Geometry& s, int64_t oy,
-                         int64_t col) {
+DCLS_MM_INLINE void tile(const float* __restrict plane, const Run* __restrict runs,
+                         const int64_t* n_runs, float bias, float* __restrict out,
+                         const Geometry& s, int64_t oy, int64_t col) {
   using V = typename dcls_mm_isa::Simd<level>::V;
   constexpr int L = sizeof(V) / sizeof(float);
   V acc[R][WV] = {};
@@ -127,8 +127,8 @@ DCLS_MM_INLINE void tile(const float* __restrict plane, const Run* __restrict ru
 // The last `rows` (< R) output rows from oy, as one tile of that many rows (a tile of
 // fewer rows would leave the multiply-adds waiting on each other on small maps).
 template <int level, int WV, int R>
-DCLS_MM_INLINE void last_rows(const float* plane, const Run* runs, const int64_t* n_runs, float bias,
-                              float* out, const Geometry& s, int64_t oy, int64_t col,
+DCLS_MM_INLINE void last_rows(const float* plane, const Run* runs, const int64_t* n_runs,
+                              float bias, float* out, const Geometry& s, int64_t oy, int64_t col,
                               int64_t rows) {
   if constexpr (R > 1) {
     if (rows == R - 1) tile<level, WV, R - 1>(plane, runs, n_runs, bias, out, s, oy, col);
@@ -148,8 +148,9 @@ DCLS_MM_INLINE void column(const float* plane, const Run* runs, const int64_t* n
 
 // Op::run<level, WV>(s, col, args...) over the vectors that hold a row's Wo output
 // columns: chunks of MaxWV, then one chunk of the rest. Not over all of the Wol columns:
-// with 8 lanes a 56-wide map is 7 vectors, not 8 (the tile rows' last columns are then
-// never written, and the copies never read them).
+// with 8 lanes a 56-wide map is 7 vectors, not 8. The tile rows' columns past them are
+// then never written (the copy back loads whole vectors but stores only the map's
+// columns, whichever copy runs it; the kernel gradient's are zero).
 template <int level, int MaxWV, typename Op, typename... Args>
 DCLS_MM_INLINE void over_columns(const Geometry& s, Args... args) {
   constexpr int L = sizeof(typename dcls_mm_isa::Simd<level>::V) / sizeof(float);
@@ -425,7 +426,8 @@ DCLS_MM_INLINE void column_bits_impl(const float* __restrict k, int64_t kh, int6
       }
       int32_t out[L];
       std::memcpy(out, &found, sizeof out);
-      for (int64_t l = 0; l < lanes; ++l) bits[i0 / 32 * kw + j0 + l] = static_cast<uint32_t>(out[l]);
+      for (int64_t l = 0; l < lanes; ++l)
+        bits[i0 / 32 * kw + j0 + l] = static_cast<uint32_t>(out[l]);
     }
   }
 }
