@@ -27,6 +27,7 @@
 
 namespace {
 
+using dcls_mm_isa::Floats;
 using dcls_mm_isa::rows_to_block16;
 using dcls_mm_isa::transpose_matrix;
 
@@ -38,9 +39,9 @@ constexpr int64_t kBlock = 16;  // pairs b per block, one per vector lane (as se
 // values of its 4 taps, [corner][K][B] (computed here, apart from the scatter's additions,
 // so that the compiler cannot fuse a multiply into an addition: same rounding as PyTorch).
 struct Block {
-  std::vector<float> p0, p1, w;  // loaded
+  Floats p0, p1, w;  // loaded
   std::vector<int32_t> i0, i1;
-  std::vector<float> f0, f1, in0, in1, vals;
+  Floats f0, f1, in0, in1, vals;
   explicit Block(int64_t K)
       : p0(K * kBlock), p1(K * kBlock), w(K * kBlock), i0(K * kBlock), i1(K * kBlock),
         f0(K * kBlock), f1(K * kBlock), in0(K * kBlock), in1(K * kBlock),
@@ -203,7 +204,7 @@ at::Tensor bilinear_kernel(const at::Tensor& weight, const at::Tensor& P, int64_
   std::atomic<bool> nan{false};
   at::parallel_for(0, (total + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
     Block t(K);
-    std::vector<float> kern((taps + 1) * kBlock);
+    Floats kern((taps + 1) * kBlock);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t b0 = blk * kBlock, nb = std::min(kBlock, total - b0);
       if (!load_block(wp, pp, total, K, b0, nb, t)) nan = true;
@@ -237,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor> bilinear_kernel_backward(
   std::atomic<bool> nan{false};
   at::parallel_for(0, (total + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
     Block t(K);
-    std::vector<float> g((taps + 1) * kBlock, 0.0f), out(3 * K * kBlock);
+    Floats g((taps + 1) * kBlock, 0.0f), out(3 * K * kBlock);
     float *gw = out.data(), *g0 = gw + K * kBlock, *g1 = g0 + K * kBlock;
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t b0 = blk * kBlock, nb = std::min(kBlock, total - b0);

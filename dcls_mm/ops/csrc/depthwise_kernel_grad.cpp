@@ -27,6 +27,7 @@
 namespace {
 
 using dcls_mm_isa::Block16;
+using dcls_mm_isa::Floats;
 using dcls_mm_isa::fma16;
 using dcls_mm_isa::load16;
 using dcls_mm_isa::store16;
@@ -215,7 +216,7 @@ at::Tensor depthwise_kernel_grad(const at::Tensor& x, const at::Tensor& grad_out
   const int64_t groups = std::min(kh, ceil_div(2 * at::get_num_threads(), blocks));
   const int64_t rows = ceil_div(kh, groups);
   at::parallel_for(0, blocks * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> sums(rows * kw * kChannelBlock);
+    Floats sums(rows * kw * kChannelBlock);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t c0 = (item / groups) * kChannelBlock;
       const int64_t ky0 = (item % groups) * rows, ky1 = std::min(kh, ky0 + rows);

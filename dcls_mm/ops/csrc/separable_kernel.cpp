@@ -37,6 +37,7 @@
 
 namespace {
 
+using dcls_mm_isa::Floats;
 using dcls_mm_isa::rows_to_block16;
 using dcls_mm_isa::transpose_matrix;
 
@@ -115,9 +116,9 @@ Profiles profiles_at(float* base, const Shape& s) {
 
 // Per-thread scratch for one block of kBlock b's, every array with b innermost.
 struct Scratch {
-  std::vector<float> pos0, pos1, wid0, wid1;  // [K][B] grid positions, widths
-  std::vector<float> scale, w;                // [K][B]
-  std::vector<float> own;                     // profiles when none are kept
+  Floats pos0, pos1, wid0, wid1;  // [K][B] grid positions, widths
+  Floats scale, w;                // [K][B]
+  Floats own;                     // profiles when none are kept
   // own_profiles: the block's profiles live here (else in the kept tensor)
   Scratch(const Shape& s, bool own_profiles)
       : pos0(s.K * kBlock), pos1(s.K * kBlock), wid0(s.K * kBlock), wid1(s.K * kBlock),
@@ -402,7 +403,7 @@ std::tuple<at::Tensor, at::Tensor> separable_kernel(
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
     Scratch t(s, !keep_profiles);
-    std::vector<float> kern(nr * nc * kBlock), sa0(s.K * nr * kBlock);
+    Floats kern(nr * nc * kBlock), sa0(s.K * nr * kBlock);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t b0 = blk * kBlock, nb = std::min(kBlock, s.nb - b0);
       const Profiles a =
@@ -594,7 +595,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_kernel_backward(
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
     Scratch t(s, !have);
-    std::vector<float> g(nr * nc * kBlock), kern(masked ? nr * nc * kBlock : 0),
+    Floats g(nr * nc * kBlock), kern(masked ? nr * nc * kBlock : 0),
         m0(K * L0 * kBlock), m1(K * L1 * kBlock),
         dscale(K * kBlock), sig0(K * kBlock), sig1(K * kBlock), out(6 * K * kBlock);
     float *dp0 = out.data(), *dp1 = dp0 + K * kBlock, *ds0 = dp1 + K * kBlock,

@@ -35,6 +35,7 @@
 
 namespace {
 
+using dcls_mm_isa::Floats;
 using dcls_mm_isa::load;
 using dcls_mm_isa::store;
 using dcls_mm_isa::transpose_block;
@@ -331,8 +332,10 @@ Geometry geometry(const char* name, const at::Tensor& x, int64_t kh, int64_t kw,
              kh, kw, pad_top, pad_left, 0, 0, 0};
   TORCH_CHECK(s.Ho > 0 && s.Wo > 0, name, ": the padded input is smaller than the kernel");
   s.Wol = (s.Wo + kRowBlock - 1) / kRowBlock * kRowBlock;  // the extra columns are dropped
-  // + kRowBlock: room for the copies' last block of pixels, stored whole (zeros past the map)
-  s.Wl = s.Wol + s.kw - 1 + kRowBlock;
+  // + kRowBlock: room for the copies' last block of pixels, stored whole (zeros past the
+  // map); rounded up to whole blocks, so that every row of the (cache-line aligned) planes
+  // starts a cache line
+  s.Wl = (s.Wol + s.kw - 1 + 2 * kRowBlock - 1) / kRowBlock * kRowBlock;
   s.Hl = s.Ho + s.kh - 1;
   TORCH_CHECK(s.Hl * s.Wl <= INT32_MAX, name, ": the padded map is too large");
   return s;
@@ -516,8 +519,8 @@ at::Tensor sparse_depthwise_conv(const at::Tensor& x, const at::Tensor& kernel,
   const int64_t plane = s.Hl * s.Wl, out_plane = s.Ho * s.Wol;
   at::parallel_for(0, s.N * blocks, 1, [&](int64_t begin, int64_t end) {
     // the padding stays zero: every item writes the same interior
-    std::vector<float> planes(static_cast<size_t>(kBlock * plane), 0.f);
-    std::vector<float> tiles(static_cast<size_t>(kBlock * out_plane));
+    Floats planes(static_cast<size_t>(kBlock * plane), 0.f);
+    Floats tiles(static_cast<size_t>(kBlock * out_plane));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / blocks, c0 = (item % blocks) * kBlock;
       const int64_t cb = std::min(kBlock, s.C - c0);
@@ -573,8 +576,8 @@ at::Tensor sparse_depthwise_kernel_grad(const at::Tensor& x, const at::Tensor& g
   const int64_t plane = s.Hl * s.Wl, gplane = s.Ho * s.Wol;
   at::parallel_for(0, s.N * blocks, 1, [&](int64_t begin, int64_t end) {
     // padding and the columns past Wo stay zero: every item writes the same interior
-    std::vector<float> planes(static_cast<size_t>(kBlock * plane), 0.f);
-    std::vector<float> gplanes(static_cast<size_t>(kBlock * gplane), 0.f);
+    Floats planes(static_cast<size_t>(kBlock * plane), 0.f);
+    Floats gplanes(static_cast<size_t>(kBlock * gplane), 0.f);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / blocks, c0 = (item % blocks) * kBlock;
       const int64_t cb = std::min(kBlock, s.C - c0);
