@@ -135,6 +135,31 @@ def _same_values(saved: Sequence[Tensor], params: Sequence[Tensor]) -> bool:
         and np.array_equal(_bits(a), _bits(b)) for a, b in zip(saved, params))
 
 
+#: input shapes whose forward window a layer's inference memo keeps (bounded: detectors
+#: see a new size with nearly every image; the kernels, per window, are few anyway)
+_FORWARD_PLANS = 64
+
+
+class _InferenceMemo:
+    """What a layer derives from its parameters without autograd, kept while they hold
+    the same values (:meth:`_DclsNd._inference_memo`).
+
+    Attributes:
+        params: copies of the parameters when the memo was made.
+        kernels: window -> kernel built by :meth:`_DclsNd.construct_kernel`.
+        forward: :meth:`_DclsNd._window_key` of an input -> (window, kernel) of the
+            layer's forward.
+    """
+
+    __slots__ = ('params', 'kernels', 'forward')
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        # copies: a version counter misses `.data` updates, the values cannot
+        self.params = [p.detach().clone() for p in params]
+        self.kernels: dict = {}
+        self.forward: dict = {}
+
+
 def _dcls_forward(module: '_DclsNd', x: Tensor) -> Tensor:
     """A DCLS layer's forward (see :meth:`_DclsNd.forward`).
 
@@ -143,9 +168,22 @@ def _dcls_forward(module: '_DclsNd', x: Tensor) -> Tensor:
         x: its input.
     """
     module._check_input(x)
-    window = module.kernel_window(x)
-    kernel = module.construct_kernel(window)
-    return module.conv(x, kernel, window, module.construction_support(kernel, window))
+    memo = module._inference_memo()
+    if memo is None:
+        window = module.kernel_window(x)
+        kernel = module.construct_kernel(window)
+        return module.conv(x, kernel, window, module.construction_support(kernel, window))
+    # inference: the window and the kernel depend only on the parameters' values and on
+    # _window_key; reading the positions for the window took ~0.1 ms per layer call
+    key = module._window_key(x)
+    plan = memo.forward.get(key)
+    if plan is None:
+        if len(memo.forward) >= _FORWARD_PLANS:  # e.g. detection: a size per image
+            memo.forward.clear()
+        window = module.kernel_window(x)
+        plan = memo.forward[key] = (window, module.construct_kernel(window))
+    window, kernel = plan
+    return module.conv(x, kernel, window)
 
 
 # torch.fx (torchvision's create_feature_extractor, timm's FeatureGraphNet) records the
@@ -309,23 +347,17 @@ class _DclsNd(nn.Module):
 
         Without autograd (inference, on the CPU) the kernel is reused while the parameters
         hold the same values as when it was built (compared bit for bit, so updates
-        through ``.data``, e.g. an EMA / mean-teacher model, are seen too).
+        through ``.data``, e.g. an EMA / mean-teacher model, are seen too); so are the
+        forward's window and kernel per input shape.
 
         Args:
             window: optional ``((start, stop), ...)`` per learned dim: only those taps
                 (see :func:`dcls_mm.ops.construct_kernel`; :meth:`kernel_window` says
                 which taps an input meets).
         """
-        # CPU only: comparing values on a GPU would synchronise the device at every layer,
-        # and building the kernel there is cheap and asynchronous anyway. Skipped under
-        # torch.compile, which traces the construction instead.
-        memo = (not torch.is_grad_enabled() and self.weight.device.type == 'cpu'
-                and not torch.compiler.is_compiling())
-        params = [p for p in (self.weight, self.P, self.SIG) if p is not None]
-        if memo:
-            cached = self.__dict__.get('_kernel_memo')
-            if cached is not None and cached[1] == window and _same_values(cached[0], params):
-                return cached[2]
+        memo = self._inference_memo()
+        if memo is not None and window in memo.kernels:
+            return memo.kernels[window]
         dtype = self.weight.dtype
         build_dtype = dtype if dtype == torch.float64 else torch.float32
         device_type = self.weight.device.type
@@ -335,10 +367,28 @@ class _DclsNd(nn.Module):
                               for p in (self.weight, self.P, self.SIG))
             kernel = construct_kernel(weight, P, SIG, self.dilated_kernel_size, self.interpolation,
                                       grids, window).to(dtype)
-        if memo:
-            # copies: a version counter misses `.data` updates, the values cannot
-            self.__dict__['_kernel_memo'] = ([p.detach().clone() for p in params], window, kernel)
+        if memo is not None:
+            memo.kernels[window] = kernel
         return kernel
+
+    def _inference_memo(self) -> Optional[_InferenceMemo]:
+        """The memo of what was built from the parameters' current values, a new one when
+        they changed; ``None`` with autograd, off the CPU (comparing values on a GPU would
+        synchronise the device at every layer, and building there is cheap and
+        asynchronous anyway) and while tracing (``torch.compile`` traces the
+        construction instead)."""
+        if torch.is_grad_enabled() or self.weight.device.type != 'cpu' or tracing():
+            return None
+        params = [p for p in (self.weight, self.P, self.SIG) if p is not None]
+        memo = self.__dict__.get('_inference_memo_')
+        if memo is None or not _same_values(memo.params, params):
+            memo = self.__dict__['_inference_memo_'] = _InferenceMemo(params)
+        return memo
+
+    def _window_key(self, x: Tensor) -> tuple:
+        """Everything besides the parameters' values that :meth:`kernel_window` of input
+        ``x`` depends on."""
+        return tuple(x.shape[-self.conv_dims:])
 
     def _check_input(self, x: Tensor) -> None:
         n = self.conv_dims
@@ -551,6 +601,10 @@ class Dcls2d(_DclsEveryDim):
         if window == [(0, self.kernel_size[0]), (0, self.kernel_size[1])]:
             return None
         return tuple(window)
+
+    def _window_key(self, x: Tensor) -> tuple:
+        # set_impl may switch the path (only the fast one crops)
+        return (*super()._window_key(x), self.uses_fast_path, self.stride, self.padding)
 
     def window_padding(self, window: Optional[Window]) -> Tuple[Tuple[int, int], ...]:
         """The padding that gives a convolution with the ``window`` of the kernel the same

@@ -3,7 +3,7 @@ import copy
 
 import torch
 
-from dcls_mm.ops import Dcls2d
+from dcls_mm.ops import Dcls2d, set_impl
 
 
 def test_kernel_reused_without_grad_and_rebuilt_after_any_change():
@@ -32,3 +32,59 @@ def test_kernel_reused_without_grad_and_rebuilt_after_any_change():
     m64 = copy.deepcopy(m).double()
     with torch.no_grad():
         assert m64.construct_kernel().dtype == torch.float64
+
+
+def _reference(m, x):
+    """The layer's output by F.conv2d with its whole kernel built afresh (with autograd:
+    no memo)."""
+    with torch.enable_grad():
+        kernel = m.construct_kernel().detach()
+    return torch.nn.functional.conv2d(x, kernel, m.bias, padding=m.padding[0][0], groups=m.groups)
+
+
+def test_forward_reads_the_positions_once_per_input_shape(monkeypatch):
+    torch.manual_seed(0)
+    m = Dcls2d(16, 16, 6, padding=8, dilated_kernel_size=17, groups=16,
+               interpolation='gaussian').eval()
+    with torch.no_grad():
+        m.P.mul_(0.1)  # near the centre: the forward crops the kernel to a few taps
+    calls = []
+    window = Dcls2d.kernel_window
+    monkeypatch.setattr(Dcls2d, 'kernel_window',
+                        lambda self, x: calls.append(tuple(x.shape)) or window(self, x))
+    small, large = torch.randn(2, 16, 5, 5), torch.randn(1, 16, 20, 20)
+    with torch.no_grad():
+        for x in (small, small, large, small, large):
+            torch.testing.assert_close(m(x), _reference(m, x), rtol=1e-5, atol=1e-6)
+        assert m.kernel_window(large) is not None
+    assert calls == [small.shape, large.shape, large.shape]  # once per input shape
+    calls.clear()
+    # spread through .data (no version bump): the old window would drop taps
+    m.P.data.uniform_(-8, 8)
+    with torch.no_grad():
+        assert window(m, large) is None
+        torch.testing.assert_close(m(large), _reference(m, large), rtol=1e-5, atol=1e-6)
+    assert calls == [large.shape]
+
+
+def test_forward_memo_follows_set_impl():
+    torch.manual_seed(0)
+    m = Dcls2d(16, 16, 6, padding=8, dilated_kernel_size=17, groups=16,
+               interpolation='bilinear').eval()
+    x = torch.randn(1, 16, 6, 6)  # smaller than the kernel: the fast path crops
+    with torch.no_grad():
+        assert m.kernel_window(x) is not None
+        for impl in ('auto', 'plain', 'auto'):
+            set_impl(m, impl)
+            torch.testing.assert_close(m(x), _reference(m, x), rtol=1e-5, atol=1e-6)
+
+
+def test_forward_memo_stays_bounded_over_many_input_sizes():
+    from dcls_mm.ops import modules
+    m = Dcls2d(16, 16, 6, padding=8, dilated_kernel_size=17, groups=16).eval()
+    with torch.no_grad():
+        for size in range(4, 4 + modules._FORWARD_PLANS + 10):
+            x = torch.randn(1, 16, size, 5)
+            torch.testing.assert_close(m(x), _reference(m, x), rtol=1e-5, atol=1e-6)
+        memo = m._inference_memo()
+    assert 0 < len(memo.forward) <= modules._FORWARD_PLANS
