@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
 import textwrap
 import warnings
 from typing import Callable, Optional, Sequence, Tuple, Union
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import init
 
-from .depthwise import depthwise_conv2d, tracing, used_taps
+from . import routes
+from .depthwise import depthwise_conv2d, depthwise_conv2d_plan, tracing, used_taps
 from .introspect import dcls_layers
 from .kernel import (SIGMA_INIT, WITH_SIGMA, Window, canonical_interpolation, construct_kernel,
                      gradient_support, has_gradient_support, support_radius)
@@ -135,7 +137,7 @@ def _same_values(saved: Sequence[Tensor], params: Sequence[Tensor]) -> bool:
         and np.array_equal(_bits(a), _bits(b)) for a, b in zip(saved, params))
 
 
-#: input shapes whose forward window a layer's inference memo keeps (bounded: detectors
+#: input shapes whose forward plan a layer's inference memo keeps (bounded: detectors
 #: see a new size with nearly every image; the kernels, per window, are few anyway)
 _FORWARD_PLANS = 64
 
@@ -147,7 +149,8 @@ class _InferenceMemo:
     Attributes:
         params: copies of the parameters when the memo was made.
         kernels: window -> kernel built by :meth:`_DclsNd.construct_kernel`.
-        forward: :meth:`_DclsNd._window_key` of an input -> (window, kernel) of the
+        forward: an input's key (its :meth:`_DclsNd._window_key`, shape, dtype, ...)
+            -> (window, kernel, convolution from :meth:`_DclsNd._conv_plan`) of the
             layer's forward.
     """
 
@@ -175,15 +178,21 @@ def _dcls_forward(module: '_DclsNd', x: Tensor) -> Tensor:
         return module.conv(x, kernel, window, module.construction_support(kernel, window))
     # inference: the window and the kernel depend only on the parameters' values and on
     # _window_key; reading the positions for the window took ~0.1 ms per layer call
-    key = module._window_key(x)
+    # (and the route: the first call's convolution is kept for inputs of its shape)
+    key = (module._window_key(x), x.shape, x.dtype, torch.is_autocast_enabled(x.device.type),
+           os.environ.get(routes.ENV_FORCE))
     plan = memo.forward.get(key)
     if plan is None:
         if len(memo.forward) >= _FORWARD_PLANS:  # e.g. detection: a size per image
             memo.forward.clear()
         window = module.kernel_window(x)
-        plan = memo.forward[key] = (window, module.construct_kernel(window))
-    window, kernel = plan
-    return module.conv(x, kernel, window)
+        kernel = module.construct_kernel(window)
+        y, conv = module._conv_plan(x, kernel, window)
+        memo.forward[key] = (window, kernel, conv)
+        return y
+    window, kernel, conv = plan
+    # the bias at call time (not in the memo's values; a copied module has its own)
+    return module.conv(x, kernel, window) if conv is None else conv(x, module.bias)
 
 
 # torch.fx (torchvision's create_feature_extractor, timm's FeatureGraphNet) records the
@@ -389,6 +398,12 @@ class _DclsNd(nn.Module):
         """Everything besides the parameters' values that :meth:`kernel_window` of input
         ``x`` depends on."""
         return tuple(x.shape[-self.conv_dims:])
+
+    def _conv_plan(self, x: Tensor, kernel: Tensor,
+                   window: Optional[Window]) -> Tuple[Tensor, Optional[Callable]]:
+        """Without autograd: :meth:`conv` of ``x`` and a function ``f(x, bias)`` computing
+        it again for inputs of ``x``'s shape and dtype (``None``: call :meth:`conv`)."""
+        return self.conv(x, kernel, window), None
 
     def _check_input(self, x: Tensor) -> None:
         n = self.conv_dims
@@ -605,6 +620,13 @@ class Dcls2d(_DclsEveryDim):
     def _window_key(self, x: Tensor) -> tuple:
         # set_impl may switch the path (only the fast one crops)
         return (*super()._window_key(x), self.uses_fast_path, self.stride, self.padding)
+
+    def _conv_plan(self, x: Tensor, kernel: Tensor,
+                   window: Optional[Window]) -> Tuple[Tensor, Optional[Callable]]:
+        if not self.uses_fast_path or x.dim() != 4 or torch.is_autocast_enabled(x.device.type):
+            return super()._conv_plan(x, kernel, window)
+        return depthwise_conv2d_plan(x, kernel, self.stride, self.window_padding(window),
+                                     self.bias)
 
     def window_padding(self, window: Optional[Window]) -> Tuple[Tuple[int, int], ...]:
         """The padding that gives a convolution with the ``window`` of the kernel the same

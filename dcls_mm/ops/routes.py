@@ -205,26 +205,34 @@ def run(op: str, shape_key: str, candidates: Mapping[str, Callable[[], object]],
     Returns:
         The chosen route's result.
     """
+    return choose(op, shape_key, candidates, device)[1]
+
+
+def choose(op: str, shape_key: str, candidates: Mapping[str, Callable[[], object]],
+           device: Optional[torch.device] = None) -> Tuple[str, object]:
+    """Like :func:`run`, and also the name of the route that computed the result (for a
+    caller that keeps the route for later calls with the same shape)."""
     key = f'{op} {shape_key}'
     device = _CPU if device is None else device
     route = _decided.get((key, device))
     if route is not None and route in candidates and ENV_FORCE not in os.environ:
         # decided earlier in this process: this runs once per layer call, so it must not
         # read the cache file, /proc/cpuinfo or the GPU's properties again
-        return candidates[route]()
+        return route, candidates[route]()
     force = forced(op)
     if force in candidates:
         _used[key, device] = f'{force} (forced)'
-        return candidates[force]()
+        return force, candidates[force]()
     if len(candidates) == 1:
-        _used[key, device] = f'{next(iter(candidates))} (only one available)'
-        return next(iter(candidates.values()))()
+        route = next(iter(candidates))
+        _used[key, device] = f'{route} (only one available)'
+        return route, candidates[route]()
     machine = machine_key(device)
     with _lock:
         entry = _known(machine, key)
     if entry is not None and entry['route'] in candidates:
         _used[key, device] = _decided[key, device] = entry['route']
-        return candidates[entry['route']]()
+        return entry['route'], candidates[entry['route']]()
     route, times, result = measure(candidates, device)
     _used[key, device] = _decided[key, device] = route
     entry = dict(route=route, seconds={k: round(v, 6) for k, v in times.items()})
@@ -233,7 +241,7 @@ def run(op: str, shape_key: str, candidates: Mapping[str, Callable[[], object]],
         path = cache_path()
         if path is not None:
             _write(path, machine, key, entry)
-    return result
+    return route, result
 
 
 def _device_key(device) -> torch.device:

@@ -88,3 +88,27 @@ def test_forward_memo_stays_bounded_over_many_input_sizes():
             torch.testing.assert_close(m(x), _reference(m, x), rtol=1e-5, atol=1e-6)
         memo = m._inference_memo()
     assert 0 < len(memo.forward) <= modules._FORWARD_PLANS
+
+
+def test_forward_plan_reads_the_bias_and_follows_forced_routes(monkeypatch):
+    from dcls_mm.ops import extension, routes
+    torch.manual_seed(0)
+    m = Dcls2d(16, 16, 6, padding=8, dilated_kernel_size=17, groups=16).eval()
+    with torch.no_grad():
+        m.P.uniform_(-8, 8)
+    x = torch.randn(2, 16, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), _reference(m, x), rtol=1e-5, atol=1e-6)
+        m.bias.add_(1.)  # the bias is not among the memo's values
+        torch.testing.assert_close(m(x), _reference(m, x), rtol=1e-5, atol=1e-6)
+        copied = copy.deepcopy(m)  # the memo comes along: its plan must use the copy's bias
+        copied.bias.data.mul_(-3.)
+        torch.testing.assert_close(copied(x), _reference(copied, x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m(x), _reference(m, x), rtol=1e-5, atol=1e-6)
+    names = ['onednn'] + (['direct', 'sparse'] if extension.available() else [])
+    for name in names:
+        monkeypatch.setattr(routes, '_used', {})
+        monkeypatch.setenv(routes.ENV_FORCE, f'conv={name}')
+        with torch.no_grad():
+            torch.testing.assert_close(m(x), _reference(m, x), rtol=1e-5, atol=1e-6)
+        assert f'{name} (forced)' in routes._used.values()
