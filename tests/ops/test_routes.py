@@ -140,3 +140,19 @@ def test_reports_are_kept_per_device(fresh, monkeypatch):
     assert routes.chosen('op', 'shape A') == 'fast'
     assert routes.decisions() == {'op shape A': 'fast'}
     assert routes.decisions(other) == {'op shape A': 'slow (forced)'}
+
+
+def test_choose_names_the_route_that_computed_the_result(fresh, monkeypatch):
+    calls = []
+    # measured: the name of the fastest candidate (whose result each candidate returns)
+    assert routes.choose('op', 'shape C', _candidates(calls, slow='other')) == ('fast', 'fast')
+    calls.clear()
+    assert routes.choose('op', 'shape C', _candidates(calls, slow='other')) == ('fast', 'fast')
+    assert calls == ['fast']
+    # forced, and the only candidate
+    monkeypatch.setenv('DCLS_MM_ROUTES', 'op=other')
+    assert routes.choose('op', 'shape C', _candidates(calls, slow='other')) == ('other', 'other')
+    monkeypatch.delenv('DCLS_MM_ROUTES')
+    only = {'other': _candidates(calls, slow='other')['other']}
+    assert routes.choose('op', 'shape D', only) == ('other', 'other')
+    assert routes.chosen('op', 'shape D') == 'other (only one available)'
