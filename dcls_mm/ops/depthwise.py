@@ -462,6 +462,19 @@ def conv_route(x_shape: Sequence[int], kernel_hw: Sequence[int], stride: Sequenc
     return routes.chosen('conv', key, device) or 'not measured yet'
 
 
+def _crop_to_used_taps(x: Tensor, kernel: Tensor, stride: Tuple[int, int],
+                       padding: Sequence[Sequence[int]]
+                       ) -> Tuple[Tensor, Tuple[int, int, int, int],
+                                  Tuple[Tuple[int, int], Tuple[int, int]]]:
+    """``kernel`` cropped to the taps that ``x`` meets, those taps ``(r0, r1, c0, c1)`` and
+    the padding that goes with the crop (:func:`used_taps`)."""
+    taps, padding = used_taps(tuple(x.shape[-2:]), tuple(kernel.shape[-2:]), stride, padding)
+    r0, r1, c0, c1 = taps
+    if taps != (0, kernel.shape[-2], 0, kernel.shape[-1]):
+        kernel = kernel[:, :, r0:r1, c0:c1]
+    return kernel, taps, padding
+
+
 def depthwise_conv2d(x: Tensor, kernel: Tensor, stride: Sequence[int] = (1, 1),
                      padding: Sequence[Sequence[int]] = ((0, 0), (0, 0)),
                      bias: Optional[Tensor] = None,
@@ -488,13 +501,10 @@ def depthwise_conv2d(x: Tensor, kernel: Tensor, stride: Sequence[int] = (1, 1),
         too: that backward goes through PyTorch's own convolution ops (slower).
     """
     stride = tuple(stride)
-    (r0, r1, c0, c1), padding = used_taps(tuple(x.shape[-2:]), tuple(kernel.shape[-2:]), stride,
-                                      padding)
+    full_shape = tuple(kernel.shape)
+    kernel, taps, padding = _crop_to_used_taps(x, kernel, stride, padding)
     if grad_support is not None:
-        grad_support = functools.partial(_cropped_support, grad_support, tuple(kernel.shape),
-                                         (r0, r1, c0, c1))
-    if (r0, r1, c0, c1) != (0, kernel.shape[-2], 0, kernel.shape[-1]):
-        kernel = kernel[:, :, r0:r1, c0:c1]
+        grad_support = functools.partial(_cropped_support, grad_support, full_shape, taps)
     if not torch.is_grad_enabled() or not any(
             t is not None and t.requires_grad for t in (x, kernel, bias)):
         return _conv(x, kernel, bias, stride, padding)
@@ -516,10 +526,7 @@ def depthwise_conv2d_plan(x: Tensor, kernel: Tensor, stride: Sequence[int] = (1,
         ``(y, f)``: the output and the function.
     """
     stride = tuple(stride)
-    (r0, r1, c0, c1), padding = used_taps(tuple(x.shape[-2:]), tuple(kernel.shape[-2:]), stride,
-                                      padding)
-    if (r0, r1, c0, c1) != (0, kernel.shape[-2], 0, kernel.shape[-1]):
-        kernel = kernel[:, :, r0:r1, c0:c1]
+    kernel, _, padding = _crop_to_used_taps(x, kernel, stride, padding)
     with torch.no_grad():
         fn, y = _conv_route(x, kernel, bias, stride, padding)
     return y, fn
