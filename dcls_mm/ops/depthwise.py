@@ -9,7 +9,10 @@ same convolution exactly, with three cheaper pieces:
   on GPUs), the compiled direct sum over the taps (CPU), the compiled sum over each
   channel's non-zero taps (CPU; trained DCLS kernels are mostly zeros) or a Triton
   kernel (GPU, :mod:`dcls_mm.ops.triton_conv`), whichever was measured faster for the
-  shape and the kernel's share of non-zero taps;
+  shape and the kernel's share of non-zero taps (not a candidate: ``torch.fft``, which
+  took 2.7-6.4x the sparse route's time at the ConvNeXt shapes, 17x17 and 23x23, on a
+  2-core AVX-512 CPU, nor oneDNN's blocked ``nChw16c`` layout, whose depthwise
+  convolution with 17x17 and 23x23 kernels took 20-42x its channels_last time);
 - input gradient: for stride 1 the same forward with the flipped kernel, else
   ``F.conv_transpose2d`` with the same kernel, also channels_last;
 - kernel gradient: a cross-correlation of the (padded) input with the output gradient,
