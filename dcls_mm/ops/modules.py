@@ -484,6 +484,14 @@ class _DclsNd(nn.Module):
         """
         return _dcls_forward(self, x)
 
+    def __getstate__(self) -> dict:
+        # a pickle (torch.save of the module, multiprocessing) or a deep copy starts
+        # without the inference memo: it is derived from the parameters, and its
+        # forward plans are local functions, which pickle cannot store
+        state = super().__getstate__()
+        state.pop('_inference_memo_', None)
+        return state
+
     def __prepare_scriptable__(self):
         # torch.jit.script calls this first: one clear line instead of TorchScript's
         # errors on the property, the kernel memo and the custom autograd function

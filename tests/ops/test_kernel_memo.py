@@ -101,7 +101,7 @@ def test_forward_plan_reads_the_bias_and_follows_forced_routes(monkeypatch):
         torch.testing.assert_close(m(x), _reference(m, x), rtol=1e-5, atol=1e-6)
         m.bias.add_(1.)  # the bias is not among the memo's values
         torch.testing.assert_close(m(x), _reference(m, x), rtol=1e-5, atol=1e-6)
-        copied = copy.deepcopy(m)  # the memo comes along: its plan must use the copy's bias
+        copied = copy.deepcopy(m)  # with its own bias (and no memo: see the pickle test)
         copied.bias.data.mul_(-3.)
         torch.testing.assert_close(copied(x), _reference(copied, x), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(m(x), _reference(m, x), rtol=1e-5, atol=1e-6)
@@ -112,3 +112,32 @@ def test_forward_plan_reads_the_bias_and_follows_forced_routes(monkeypatch):
         with torch.no_grad():
             torch.testing.assert_close(m(x), _reference(m, x), rtol=1e-5, atol=1e-6)
         assert f'{name} (forced)' in routes._used.values()
+
+
+def test_module_pickles_and_copies_after_inference(tmp_path):
+    """The memo (its plans are local functions) is left out of pickles and copies: after
+    an inference call torch.save of the whole module failed with "Can't pickle local
+    object"."""
+    import pickle
+    torch.manual_seed(0)
+    m = Dcls2d(16, 16, 6, padding=8, dilated_kernel_size=17, groups=16,
+               interpolation='bilinear').eval()
+    with torch.no_grad():
+        m.P.uniform_(-8, 8)
+    x = torch.randn(2, 16, 12, 12)
+    with torch.no_grad():
+        y = m(x)
+    assert '_inference_memo_' in m.__dict__
+    path = tmp_path / 'layer.pt'
+    torch.save(m, path)
+    for clone in (torch.load(path, weights_only=False), pickle.loads(pickle.dumps(m)),
+                  copy.deepcopy(m)):
+        assert '_inference_memo_' not in clone.__dict__
+        with torch.no_grad():
+            torch.testing.assert_close(clone(x), y, rtol=0, atol=0)
+            clone.bias.add_(1.)
+            torch.testing.assert_close(clone(x), _reference(clone, x), rtol=1e-5, atol=1e-6)
+    # the original keeps its memo, and its output
+    assert '_inference_memo_' in m.__dict__
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), y, rtol=0, atol=0)
