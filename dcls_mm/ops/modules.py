@@ -147,6 +147,7 @@ class _InferenceMemo:
     the same values (:meth:`_DclsNd._inference_memo`).
 
     Attributes:
+        spec: what else the kernel depends on (interpolation, dilated kernel size).
         params: copies of the parameters when the memo was made.
         kernels: window -> kernel built by :meth:`_DclsNd.construct_kernel`.
         forward: an input's key (its :meth:`_DclsNd._window_key`, shape, dtype, ...)
@@ -154,9 +155,10 @@ class _InferenceMemo:
             layer's forward.
     """
 
-    __slots__ = ('params', 'kernels', 'forward')
+    __slots__ = ('spec', 'params', 'kernels', 'forward')
 
-    def __init__(self, params: Sequence[Tensor]) -> None:
+    def __init__(self, spec: tuple, params: Sequence[Tensor]) -> None:
+        self.spec = spec
         # copies: a version counter misses `.data` updates, the values cannot
         self.params = [p.detach().clone() for p in params]
         self.kernels: dict = {}
@@ -179,7 +181,7 @@ def _dcls_forward(module: '_DclsNd', x: Tensor) -> Tensor:
     # inference: the window, the kernel and the convolution's route depend only on the
     # parameters' values and on this key; finding them again took 0.1-0.3 ms a layer call
     key = (module._window_key(x), x.shape, x.dtype, torch.is_autocast_enabled(x.device.type),
-           os.environ.get(routes.ENV_FORCE))
+           os.environ.get(routes.ENV_FORCE), None if module.bias is None else module.bias.dtype)
     plan = memo.forward.get(key)
     if plan is None:
         if len(memo.forward) >= _FORWARD_PLANS:  # e.g. detection: a size per image
@@ -355,8 +357,9 @@ class _DclsNd(nn.Module):
 
         Without autograd (inference, on the CPU) the kernel is reused while the parameters
         hold the same values as when it was built (compared bit for bit, so updates
-        through ``.data``, e.g. an EMA / mean-teacher model, are seen too); so are the
-        forward's window and kernel per input shape.
+        through ``.data``, e.g. an EMA / mean-teacher model, are seen too) and the
+        interpolation is the same; so are the forward's window and kernel per input
+        shape. What this method returns is then a copy, free to change.
 
         Args:
             window: optional ``((start, stop), ...)`` per learned dim: only those taps
@@ -364,8 +367,11 @@ class _DclsNd(nn.Module):
                 which taps an input meets).
         """
         memo = self._inference_memo()
+        if window is not None:
+            window = tuple(tuple(int(i) for i in w) for w in window)  # a dict key
         if memo is not None and window in memo.kernels:
-            return memo.kernels[window]
+            # a copy: the caller may change it in place, the memo's must stay as built
+            return memo.kernels[window].clone()
         dtype = self.weight.dtype
         build_dtype = dtype if dtype == torch.float64 else torch.float32
         device_type = self.weight.device.type
@@ -377,6 +383,7 @@ class _DclsNd(nn.Module):
                                       grids, window).to(dtype)
         if memo is not None:
             memo.kernels[window] = kernel
+            return kernel.clone()
         return kernel
 
     def _inference_memo(self) -> Optional[_InferenceMemo]:
@@ -387,10 +394,11 @@ class _DclsNd(nn.Module):
         construction instead)."""
         if torch.is_grad_enabled() or self.weight.device.type != 'cpu' or tracing():
             return None
+        spec = (self.interpolation, tuple(self.dilated_kernel_size))
         params = [p for p in (self.weight, self.P, self.SIG) if p is not None]
         memo = self.__dict__.get('_inference_memo_')
-        if memo is None or not _same_values(memo.params, params):
-            memo = self.__dict__['_inference_memo_'] = _InferenceMemo(params)
+        if memo is None or memo.spec != spec or not _same_values(memo.params, params):
+            memo = self.__dict__['_inference_memo_'] = _InferenceMemo(spec, params)
         return memo
 
     def _window_key(self, x: Tensor) -> tuple:

@@ -3,17 +3,22 @@ import copy
 
 import torch
 
-from dcls_mm.ops import Dcls2d, set_impl
+from dcls_mm.ops import Dcls1d, Dcls2d, Dcls2dK1d, set_impl
 
 
-def test_kernel_reused_without_grad_and_rebuilt_after_any_change():
+def test_kernel_reused_without_grad_and_rebuilt_after_any_change(monkeypatch):
+    from dcls_mm.ops import modules
+    builds = []
+    build = modules.construct_kernel
+    monkeypatch.setattr(modules, 'construct_kernel',
+                        lambda *args: builds.append(1) or build(*args))
     m = Dcls2d(4, 4, 3, dilated_kernel_size=7, groups=4, padding='same', interpolation='gauss')
     with torch.no_grad():
         k1 = m.construct_kernel()
-        assert m.construct_kernel() is k1
+        assert torch.equal(m.construct_kernel(), k1) and len(builds) == 1
         m.P[0].add_(0.25)                      # in-place update (optimizer step)
         k2 = m.construct_kernel()
-        assert k2 is not k1 and not torch.equal(k2, k1)
+        assert len(builds) == 2 and not torch.equal(k2, k1)
         m.SIG.mul_(2)
         k3 = m.construct_kernel()
         assert not torch.equal(k3, k2)
@@ -141,3 +146,61 @@ def test_module_pickles_and_copies_after_inference(tmp_path):
     assert '_inference_memo_' in m.__dict__
     with torch.no_grad():
         torch.testing.assert_close(m(x), y, rtol=0, atol=0)
+
+
+def _no_memo(m, x):
+    """The layer's output with autograd, which bypasses the memo."""
+    with torch.enable_grad():
+        return m(x).detach()
+
+
+def test_memo_follows_the_interpolation():
+    """A new interpolation (or the reference package's `version` name for it) after an
+    inference call: the memo's kernel was the old one's."""
+    torch.manual_seed(0)
+    for m, x in ((Dcls2d(8, 8, 4, padding=3, dilated_kernel_size=7, groups=8),
+                  torch.randn(1, 8, 9, 9)),
+                 (Dcls1d(4, 6, 3, padding=3, dilated_kernel_size=7), torch.randn(2, 4, 11))):
+        with torch.no_grad():
+            m.SIG.fill_(0.6)
+            before = m(x)
+        m.version = 'max'  # = interpolation 'triangle'
+        with torch.no_grad():
+            after = m(x)
+        torch.testing.assert_close(after, _no_memo(m, x), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(after, before)
+
+
+def test_construct_kernel_without_grad_returns_a_copy():
+    """Changing the kernel construct_kernel returned must not change later outputs."""
+    torch.manual_seed(0)
+    for m in (Dcls2d(16, 16, 6, padding=8, dilated_kernel_size=17, groups=16),
+              Dcls2d(4, 8, 3, padding=3, dilated_kernel_size=7),
+              Dcls2dK1d(4, 4, 3, padding=(3, 0), dilated_kernel_size=7)):
+        x = torch.randn(2, m.in_channels, 12, 12)
+        with torch.no_grad():
+            y = m(x)
+            m.construct_kernel().zero_()
+            torch.testing.assert_close(m(x), y, rtol=0, atol=0)
+        torch.testing.assert_close(y, _no_memo(m, x), rtol=1e-5, atol=1e-6)
+
+
+def test_construct_kernel_takes_a_window_of_lists_without_grad():
+    m = Dcls2d(4, 4, 3, padding=3, dilated_kernel_size=7, groups=4)
+    expected = m.construct_kernel(((1, 6), (2, 5))).detach()
+    with torch.no_grad():
+        torch.testing.assert_close(m.construct_kernel([[1, 6], [2, 5]]), expected)
+
+
+def test_forward_plan_follows_the_bias_dtype():
+    """A bias replaced by one of another dtype after the plan was made (the compiled
+    routes take float32 only: the plan made with a float32 bias must not be reused)."""
+    torch.manual_seed(0)
+    m = Dcls2d(16, 16, 6, padding=8, dilated_kernel_size=17, groups=16)
+    x = torch.randn(2, 16, 12, 12)
+    with torch.no_grad():
+        m(x)
+    m.bias = torch.nn.Parameter(m.bias.detach().bfloat16())
+    with torch.no_grad():
+        y = m(x)
+    torch.testing.assert_close(y, _no_memo(m, x), rtol=1e-5, atol=1e-6)

@@ -166,8 +166,13 @@ def test_no_grad_kernel_sees_data_updates(impl):
             update()
             fresh.load_state_dict(m.state_dict())
             torch.testing.assert_close(m(x), fresh(x), rtol=0, atol=0)
-        # unchanged values: the kernel is reused, not rebuilt
-        assert m.construct_kernel() is m.construct_kernel()
+        # unchanged values: the kernels are reused, not rebuilt
+        memo = m.__dict__['_inference_memo_']
+        kernels = dict(memo.kernels)
+        m.construct_kernel()
+        m(x)
+        assert m.__dict__['_inference_memo_'] is memo
+        assert kernels and all(memo.kernels[w] is k for w, k in kernels.items())
 
 
 def test_dense_reference_of_the_data_update_case():
