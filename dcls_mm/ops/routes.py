@@ -17,13 +17,15 @@ Environment:
 - ``DCLS_MM_ROUTES``: force routes, e.g. ``kernel_grad=fft`` or
   ``kernel_grad=direct,construct=torch`` (tests, comparisons). A forced route that is
   not available for a call (e.g. ``direct`` without the compiled kernels, or for
-  float64) falls back to measuring among the available ones.
+  float64) falls back to measuring among the available ones (one warning per op and
+  route: it may be a typo).
 - ``DCLS_MM_ROUTE_CACHE``: path of the JSON cache file (default
   ``~/.cache/dcls-mm/routes.json``, ``$XDG_CACHE_HOME`` honoured); ``0`` or empty: no
   disk cache (measure once per process).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -38,6 +40,11 @@ import torch
 
 from dcls_mm.utils.fileio import atomic_open
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock between processes
+    fcntl = None
+
 ENV_FORCE = 'DCLS_MM_ROUTES'
 ENV_CACHE = 'DCLS_MM_ROUTE_CACHE'
 #: timed runs per candidate after one warm-up run (the minimum counts). With 2, a noisy
@@ -50,6 +57,7 @@ _memory: Dict[str, Dict[str, dict]] = {}  # machine key -> {op|shape: entry}
 _loaded_from: Dict[str, bool] = {}       # cache path -> loaded
 _used: Dict[tuple, str] = {}             # (op|shape, device) -> route as reported (forced...)
 _decided: Dict[tuple, str] = {}          # (op|shape, device) -> route measured or cached
+_unavailable_warned: set = set()         # (op, forced route) warned about
 _CPU = torch.device('cpu')
 
 
@@ -65,13 +73,13 @@ def forced(op: str) -> Optional[str]:
     spec = os.environ.get(ENV_FORCE, '').strip()
     if not spec:
         return None
-    for item in spec.split(','):
+    routes = {}
+    for item in spec.split(','):  # every item checked, whichever op is asked for
         name, sep, route = item.strip().partition('=')
-        if not sep or not name or not route:
+        if not sep or not name.strip() or not route.strip():
             raise ValueError(f'{ENV_FORCE} must look like "op=route[,op=route]", got {spec!r}')
-        if name.strip() == op:
-            return route.strip()
-    return None
+        routes.setdefault(name.strip(), route.strip())
+    return routes.get(op)
 
 
 def cache_path() -> Optional[Path]:
@@ -127,7 +135,8 @@ def _read(path: Path, warn: bool = True) -> Dict[str, Dict[str, dict]]:
         return data
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as err:  # json.JSONDecodeError is a ValueError
+    # json.JSONDecodeError is a ValueError; deeply nested junk raises RecursionError
+    except (OSError, ValueError, RecursionError) as err:
         if not warn:
             return {}
         warnings.warn(f'dcls_mm: ignoring the unreadable route cache {path} '
@@ -136,16 +145,34 @@ def _read(path: Path, warn: bool = True) -> Dict[str, Dict[str, dict]]:
         return {}
 
 
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """Holds an exclusive lock on ``path`` + ``.lock`` between processes (POSIX; elsewhere
+    nothing): processes measuring at once, e.g. the ranks of a distributed job on one
+    machine, each read-merge-write the cache file, and without it the last rename lost
+    the others' entries (198 of 300 kept in a two-process test)."""
+    if fcntl is None:
+        yield
+        return
+    with open(f'{path}.lock', 'a') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _write(path: Path, machine: str, key: str, entry: dict) -> None:
-    """Merge one entry into the file: read, update, write a temp file, rename (atomic, so
-    concurrent processes never see a half-written file)."""
+    """Merge one entry into the file under a lock: read, update, write a temp file,
+    rename (atomic, so concurrent readers never see a half-written file)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # an unreadable file was reported when it was loaded: start it afresh
-        data = _read(path, warn=False)
-        data.setdefault(machine, {})[key] = entry
-        with atomic_open(path, 'w') as f:
-            json.dump(data, f, indent=1, sort_keys=True)
+        with _file_lock(path):
+            # an unreadable file was reported when it was loaded: start it afresh
+            data = _read(path, warn=False)
+            data.setdefault(machine, {})[key] = entry
+            with atomic_open(path, 'w') as f:
+                json.dump(data, f, indent=1, sort_keys=True)
     except OSError as err:  # a read-only home must not break training
         warnings.warn(f'dcls_mm: could not write the route cache {path} ({err})',
                       RuntimeWarning, stacklevel=3)
@@ -223,6 +250,11 @@ def choose(op: str, shape_key: str, candidates: Mapping[str, Callable[[], object
     if force in candidates:
         _used[key, device] = f'{force} (forced)'
         return force, candidates[force]()
+    if force is not None and (op, force) not in _unavailable_warned:
+        _unavailable_warned.add((op, force))  # once: a typo, or a route this call lacks
+        warnings.warn(f'dcls_mm: {ENV_FORCE} forces {op}={force}, which is not available '
+                      f'here (available: {", ".join(candidates)}); choosing among those',
+                      RuntimeWarning, stacklevel=3)
     if len(candidates) == 1:
         route = next(iter(candidates))
         _used[key, device] = f'{route} (only one available)'

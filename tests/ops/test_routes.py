@@ -18,6 +18,7 @@ def fresh(monkeypatch, tmp_path):
     monkeypatch.setattr(routes, '_loaded_from', {})
     monkeypatch.setattr(routes, '_decided', {})
     monkeypatch.setattr(routes, '_used', {})
+    monkeypatch.setattr(routes, '_unavailable_warned', set())
     return path
 
 
@@ -69,7 +70,8 @@ def test_cache_of_another_machine_is_not_used(fresh):
     assert data['some other CPU | torch 0'] == {'op shape A': {'route': 'slow'}}
 
 
-@pytest.mark.parametrize('content', ['{not json', '[1, 2]', '{"m": {"k": {"no_route": 1}}}'])
+@pytest.mark.parametrize('content', ['{not json', '[1, 2]', '{"m": {"k": {"no_route": 1}}}',
+                                     '[' * 100000 + ']' * 100000])  # RecursionError
 def test_corrupt_cache_is_ignored_with_one_warning(fresh, content):
     fresh.write_text(content)
     calls = []
@@ -91,11 +93,33 @@ def test_forced_route_and_disabled_cache(fresh, monkeypatch):
     monkeypatch.setenv('DCLS_MM_ROUTES', 'op=gpu_only')
     monkeypatch.setenv('DCLS_MM_ROUTE_CACHE', '0')
     assert routes.cache_path() is None
-    assert routes.run('op', 'shape A', _candidates(calls)) == 'fast'
+    with pytest.warns(RuntimeWarning, match='forces op=gpu_only, which is not available'):
+        assert routes.run('op', 'shape A', _candidates(calls)) == 'fast'
     assert not fresh.exists()
-    monkeypatch.setenv('DCLS_MM_ROUTES', 'op')
-    with pytest.raises(ValueError, match='DCLS_MM_ROUTES must look like'):
-        routes.run('op', 'shape A', _candidates(calls))
+    # malformed items raise whichever op is asked for, also after the one asked for
+    for spec in ('op', 'op=slow,kernel_grad', 'op=slow,', 'other=x,=y'):
+        monkeypatch.setenv('DCLS_MM_ROUTES', spec)
+        with pytest.raises(ValueError, match='DCLS_MM_ROUTES must look like'):
+            routes.run('op', 'shape A', _candidates(calls))
+
+
+def _write_entries(name, count):
+    for i in range(count):
+        routes._write(routes.cache_path(), 'machine', f'{name} {i}', {'route': 'fast'})
+
+
+def test_processes_writing_at_once_keep_every_entry(fresh):
+    """Each process reads, merges and renames the cache file: without a lock between
+    processes the last rename dropped the other's new entries."""
+    import multiprocessing
+    context = multiprocessing.get_context('fork')
+    workers = [context.Process(target=_write_entries, args=(name, 100)) for name in 'AB']
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+        assert w.exitcode == 0
+    assert len(json.loads(fresh.read_text())['machine']) == 200
 
 
 def test_single_candidate_is_not_measured(fresh):
