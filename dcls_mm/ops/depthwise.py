@@ -58,8 +58,10 @@ def _smooth_size(n: int) -> int:
 
 
 def _used_range(size: int, kernel: int, pad_before: int, stride: int, out: int) -> Tuple[int, int]:
-    """Kernel taps ``[lo, hi)`` along one dim that meet at least one input sample."""
-    lo = max(0, pad_before - stride * (out - 1))
+    """Kernel taps ``[lo, hi)`` along one dim that meet at least one input sample; when
+    none does (every window lies in the padding: the output is the bias), the last tap,
+    so that the crop keeps one."""
+    lo = min(max(0, pad_before - stride * (out - 1)), kernel - 1)
     hi = min(kernel, pad_before + size)
     return lo, max(hi, lo + 1)
 
@@ -465,6 +467,16 @@ def conv_route(x_shape: Sequence[int], kernel_hw: Sequence[int], stride: Sequenc
     return routes.chosen('conv', key, device) or 'not measured yet'
 
 
+def _cut_leading(x: Tensor, padding: Sequence[Sequence[int]]
+                 ) -> Tuple[Tensor, Tuple[Tuple[int, int], Tuple[int, int]]]:
+    """Negative top/left padding (which, as in ``F.pad``, drops leading rows/columns) as
+    a slice of ``x``: the routes and gradients take padding >= 0 there."""
+    (pt, pb), (pl, pr) = padding
+    if pt < 0 or pl < 0:
+        x = x[:, :, max(-pt, 0):, max(-pl, 0):]
+    return x, ((max(pt, 0), pb), (max(pl, 0), pr))
+
+
 def _crop_to_used_taps(x: Tensor, kernel: Tensor, stride: Tuple[int, int],
                        padding: Sequence[Sequence[int]]
                        ) -> Tuple[Tensor, Tuple[int, int, int, int],
@@ -505,6 +517,7 @@ def depthwise_conv2d(x: Tensor, kernel: Tensor, stride: Sequence[int] = (1, 1),
     """
     stride = tuple(stride)
     full_shape = tuple(kernel.shape)
+    x, padding = _cut_leading(x, padding)
     kernel, taps, padding = _crop_to_used_taps(x, kernel, stride, padding)
     if grad_support is not None:
         grad_support = functools.partial(_cropped_support, grad_support, full_shape, taps)
@@ -529,9 +542,14 @@ def depthwise_conv2d_plan(x: Tensor, kernel: Tensor, stride: Sequence[int] = (1,
         ``(y, f)``: the output and the function.
     """
     stride = tuple(stride)
+    (pt, _), (pl, _) = padding
+    x, padding = _cut_leading(x, padding)
     kernel, _, padding = _crop_to_used_taps(x, kernel, stride, padding)
     with torch.no_grad():
         fn, y = _conv_route(x, kernel, bias, stride, padding)
+    if pt < 0 or pl < 0:
+        route = fn
+        fn = lambda x, b: route(x[:, :, max(-pt, 0):, max(-pl, 0):], b)  # noqa: E731
     return y, fn
 
 

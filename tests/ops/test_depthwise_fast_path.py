@@ -104,6 +104,10 @@ def test_fast_path_is_chosen_automatically_and_can_be_forced_off():
     ((10, 9), (5, 6), (2, 1), ((1, 3), (0, 2))),    # asymmetric padding, mixed stride
     ((11, 11), (3, 3), (2, 2), ((0, 0), (0, 0))),   # trailing row/col unused
     ((6, 5), (3, 3), (1, 1), ((4, 4), (4, 4))),     # padding larger than the kernel
+    ((1, 8), (1, 1), (3, 3), ((1, 1), (1, 1))),     # no tap meets a row: the bias alone
+    ((1, 1), (2, 2), (4, 4), ((2, 2), (2, 2))),     # no tap meets the map at all
+    ((8, 9), (3, 3), (1, 1), ((-1, 1), (1, 1))),    # negative top padding (F.pad's crop)
+    ((8, 9), (3, 3), (1, 2), ((-2, -1), (-3, 2))),  # negative top, bottom and left
 ])
 @pytest.mark.parametrize('with_bias', [False, True])
 def test_depthwise_conv2d_function(hw, k, stride, pads, with_bias):
@@ -138,3 +142,35 @@ def test_fast_path_under_torch_compile_and_export():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     exported = torch.export.export(m, (x.detach(),))
     torch.testing.assert_close(exported.module()(x.detach()), m(x.detach()), rtol=1e-5, atol=1e-5)
+
+
+def test_depthwise_conv2d_float32_with_negative_leading_padding():
+    """float32, so that the compiled routes run (the kernel-gradient fixture forces
+    `direct`, which takes no negative top/left padding: the input is sliced instead)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 8, 9, requires_grad=True)
+    kernel = torch.randn(16, 1, 3, 3, requires_grad=True)
+    bias = torch.randn(16, requires_grad=True)
+    pads = ((-1, 1), (-2, 1))
+    got = depthwise_conv2d(x, kernel, (1, 1), pads, bias)
+    inputs64 = [t.detach().double().requires_grad_() for t in (x, kernel, bias)]
+    ref = F.conv2d(F.pad(inputs64[0], (-2, 1, -1, 1)), inputs64[1], inputs64[2], groups=16)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    gy = torch.randn(ref.shape, dtype=torch.float64)
+    grads = torch.autograd.grad(got, (x, kernel, bias), gy.float())
+    for g, r in zip(grads, torch.autograd.grad(ref, inputs64, gy)):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_whose_windows_all_lie_in_the_padding():
+    """Stride 4, padding 2, a 2x2 dilated kernel on a 1x1 map: no tap meets the input
+    (the crop used to leave an empty window: ValueError)."""
+    torch.manual_seed(0)
+    m = Dcls2d(4, 4, 2, stride=4, padding=2, dilated_kernel_size=2, groups=4)
+    x = torch.randn(1, 4, 1, 1, requires_grad=True)
+    y = m(x)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), y.detach())
+    torch.testing.assert_close(y, m.bias.detach().view(1, 4, 1, 1).expand_as(y))
+    set_impl(m, 'plain')
+    torch.testing.assert_close(y, m(x))
