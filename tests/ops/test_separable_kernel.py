@@ -273,3 +273,14 @@ def test_gaussian_tails_below_the_cut_are_zero_and_pass_no_gradient(monkeypatch,
     uncut = torch.autograd.grad(dense_formula(*ref_in, (23, 23), 'gaussian'), ref_in,
                                 on_cut.double())
     assert all(g.abs().max() > 0 for g in uncut)
+
+@pytest.mark.parametrize('interpolation', ['gaussian', 'triangle'])
+@pytest.mark.parametrize('bad', ['P', 'SIG'])
+def test_a_nan_position_or_width_gives_a_nan_kernel(route, interpolation, bad):
+    """A diverged element shows up as NaN, on either route (the compiled triangle once
+    dropped it: `d > 0 ? d : 0` is 0 for NaN, while relu keeps NaN)."""
+    w, P, SIG = (t.float() for t in make((3, 1), 4, (7, 7)))
+    {'P': P, 'SIG': SIG}[bad][0, 1, 0, 2] = float('nan')
+    kernel = construct_kernel(w, P, SIG, (7, 7), interpolation)
+    assert kernel[1].isnan().any()
+    assert not kernel[[0, 2]].isnan().any()  # the other channels are untouched

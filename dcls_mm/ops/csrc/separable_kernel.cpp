@@ -160,7 +160,7 @@ DCLS_MM_INLINE void profiles_impl(const float* __restrict pos, const float* __re
         for (int q = 0; q < B::P; ++q) {
           const V u = static_cast<float>(i) - p[q];
           const V d = w[q] - (u < 0.0f ? -u : u);
-          v[q] = d > 0.0f ? d : V{};
+          v[q] = d <= 0.0f ? V{} : d;  // NaN (position or width) stays NaN, as relu
           acc[q] += v[q];
         }
         dcls_mm_isa::store16<level>(ak + i * kBlock, v);
