@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from dcls_mm.ops import (Dcls1d, Dcls2_1d, Dcls2d, Dcls2dK1d, Dcls3_1d, Dcls3d,
@@ -195,7 +195,10 @@ small_int = st.integers(min_value=-2, max_value=6)
 size_arg = st.one_of(small_int, st.lists(small_int, min_size=1, max_size=4).map(tuple))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomized: the same 150 examples in every run, so that CI does not fail on whichever
+# case a random draw found first (a new case is a new test, written out below if needed)
+@settings(max_examples=150, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(name=st.sampled_from(sorted(_CLASSES)),
        in_channels=st.integers(-1, 5), out_channels=st.integers(-1, 5),
        kernel_count=st.integers(-1, 4), groups=st.integers(-1, 4),
@@ -206,6 +209,10 @@ size_arg = st.one_of(small_int, st.lists(small_int, min_size=1, max_size=4).map(
                                 'spline']),
        batch=st.sampled_from([None, 1, 2]), channels=st.integers(0, 5),
        spatial=st.lists(st.integers(0, 9), min_size=0, max_size=4))
+# an unbatched 4-D input of a 3-D layer (the shape the test once misread)
+@example(name='Dcls3_1d', in_channels=1, out_channels=1, kernel_count=1, groups=1, dks=1,
+         stride=1, padding=0, padding_mode='zeros', version='v0', batch=1, channels=2,
+         spatial=[1, 1])
 def test_fuzz_only_value_errors(name, in_channels, out_channels, kernel_count, groups, dks,
                                 stride, padding, padding_mode, version, batch, channels,
                                 spatial):
@@ -222,6 +229,8 @@ def test_fuzz_only_value_errors(name, in_channels, out_channels, kernel_count, g
         y = m(x)
     except ValueError:
         return
-    assert y.shape[-len(spatial) - 1] == m.out_channels
+    # the layer reads the input by its own number of dims: a (1, 2, 1, 1) input of a 3-D
+    # layer is one unbatched sample of 1 channel, whatever `batch` and `spatial` were
+    assert y.shape[-m.conv_dims - 1] == m.out_channels
     y.sum().backward()
     assert x.grad.shape == x.shape
