@@ -11,8 +11,9 @@ rebuilt from the records.
 Data: worker processes read and decode the images to uint8 tensors (JPEG through
 ``torchvision.io.decode_jpeg``, libjpeg-turbo; anything else through PIL); the main
 process normalises whole batches. ImageNet-C/C-bar images are evaluated at their native
-size (224x224; no resize, no crop), the other benchmarks through the model's own timm
-eval transform (``resolve_data_config``: resize, centre crop, interpolation).
+size (224x224; no resize, no crop), the other benchmarks through the benchmarks' eval
+transform (bicubic resize to 256, centre crop 224) with the model's mean/std
+(:func:`resolve_preprocessing`).
 
 Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) each rank takes the disjoint shard
 ``items[rank::world]`` of every set and the integer counts are summed with
@@ -230,7 +231,13 @@ def build_classifier(name: str, checkpoint: Optional[str] = None,
 
 
 def resolve_preprocessing(model: nn.Module) -> Dict[str, Any]:
-    """The model's eval data config (timm ``resolve_data_config``) and the native one.
+    """The benchmarks' eval transform with the model's mean/std, and the native one.
+
+    The geometry is the benchmarks' protocol for every model: bicubic resize of the
+    shorter side to 256 (crop_pct 0.875), centre crop 224. Not the model's timm config:
+    a model built without weights gets that of its default pretrained tag, whatever
+    checkpoint is loaded afterwards (``convnext_tiny``: ``in12k_ft_in1k``, crop_pct
+    0.95, a resize to 235 for the official ImageNet-1k ConvNeXt-T weights).
 
     Returns:
         ``{"eval": {input_size, interpolation, mean, std, crop_pct, crop_mode},
@@ -239,7 +246,9 @@ def resolve_preprocessing(model: nn.Module) -> Dict[str, Any]:
         ImageNet-C/C-bar.
     """
     from timm.data import resolve_data_config
-    cfg = resolve_data_config({}, model=model)
+    cfg = resolve_data_config({}, model=model)  # the mean/std the weights expect
+    cfg.update(input_size=(3, 224, 224), interpolation='bicubic', crop_pct=0.875,
+               crop_mode='center')
     eval_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
     return {
         'eval': eval_cfg,
@@ -310,6 +319,7 @@ def _collate(samples) -> Dict[str, Any]:
                             'images are evaluated at their native size, 224x224)')
         else:
             out['images'] = torch.stack([s[0] for s in good])
+            out['first'] = good[0][3]
     return out
 
 
@@ -493,6 +503,7 @@ def _evaluate(model: nn.Module, sets: List[EvalSet], cfg: EvalConfig, preprocess
 
     counts = torch.zeros(4, dtype=torch.long)  # correct1, correct5, images, unreadable
     current = -1
+    set_shapes: Dict[int, tuple] = {}  # set -> (image shape, its first image's path)
     t_set = time.perf_counter()
 
     def finish(upto: int) -> None:
@@ -506,6 +517,9 @@ def _evaluate(model: nn.Module, sets: List[EvalSet], cfg: EvalConfig, preprocess
                     total = total.cpu()
                 c1, c5, n, bad = (int(v) for v in total)
                 s = sets[current]
+                if n == 0:  # nothing to score: no top-1 or error, and no record
+                    raise DataLayoutError(f'{s.key}: none of its {bad} images could be read '
+                                          f'({s.root})')
                 progress.finish(s.key, n, 100.0 * c1 / max(n, 1))
                 on_set_done(s, {'correct1': c1, 'correct5': c5, 'images': n,
                                 'unreadable': bad}, time.perf_counter() - t_set)
@@ -531,6 +545,14 @@ def _evaluate(model: nn.Module, sets: List[EvalSet], cfg: EvalConfig, preprocess
             images = batch['images']
             if images is None:
                 continue
+            # one size per set also across batches (_collate sees one batch)
+            first = set_shapes.setdefault(current, (tuple(images.shape[1:]), batch['first']))
+            if first[0] != tuple(images.shape[1:]):
+                raise DataLayoutError(
+                    f'{s.key}: images of one set differ in size: {batch["first"]} is '
+                    f'{images.shape[3]}x{images.shape[2]}, {first[1]} is '
+                    f'{first[0][2]}x{first[0][1]} (ImageNet-C/C-bar images are evaluated at '
+                    'their native size, 224x224)')
             mean, std = norms['native' if s.native else 'eval']
             x = images.to(device, non_blocking=True).float().sub_(mean).div_(std)
             x = x.contiguous(memory_format=memory_format)

@@ -275,7 +275,13 @@ def resolve_benchmark_root(benchmark: str, data_root: Optional[str],
 def limit_items(items: List[Item], limit: Optional[int]) -> List[Item]:
     """At most ``limit`` items, evenly spaced over the sorted list so that every part of
     the class range is sampled (the first ``limit`` files would cover only a few
-    classes)."""
+    classes).
+
+    Raises:
+        ValueError: ``limit`` < 1 (every set would be empty).
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f'the limit of images per set must be >= 1, got {limit}')
     if not limit or len(items) <= limit:
         return items
     return [items[i * len(items) // limit] for i in range(limit)]

@@ -90,7 +90,8 @@ class SetRecords:
 
     def _read(self) -> None:
         with open(self.path) as f:
-            lines = f.read().split('\n')
+            text = f.read()
+        lines = text.split('\n')
         try:
             head = json.loads(lines[0])['fingerprint']
         except (ValueError, KeyError, TypeError):
@@ -104,18 +105,22 @@ class SetRecords:
                 f'{self.path} holds results of a different run (changed: '
                 f'{", ".join(f"{k}: {head.get(k)!r} -> {self.fingerprint.get(k)!r}" for k in diff)}); '
                 'use another --out-dir (or delete the folder) to start over')
-        good = len(lines[0]) + 1
-        for line in lines[1:]:
-            if not line:
-                continue
-            try:
-                entry = json.loads(line)
-                self._records[entry['key']] = entry['record']
-            except (ValueError, KeyError, TypeError):
-                break  # a write cut short by a kill: drop it and everything after
-            good += len(line) + 1
-        with open(self.path, 'r+') as f:  # drop a torn tail so appends stay parseable
-            f.truncate(good)
+        good = len(lines[0]) + 1  # length of the records read (ASCII: json.dumps escapes)
+        for i, line in enumerate(lines[1:], 1):
+            if line:
+                try:
+                    entry = json.loads(line)
+                    self._records[entry['key']] = entry['record']
+                except (ValueError, KeyError, TypeError):
+                    break  # a write cut short by a kill: drop it and everything after
+            if line or i < len(lines) - 1:  # (the text after the last newline has none)
+                good += len(line) + 1
+        with open(self.path, 'r+') as f:  # appends must start on a line of their own
+            if good > len(text):  # a whole last record that lost only its newline
+                f.seek(len(text))
+                f.write('\n')
+            else:  # drop a torn tail
+                f.truncate(good)
 
     def __contains__(self, key: str) -> bool:
         return key in self._records

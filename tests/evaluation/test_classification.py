@@ -164,6 +164,10 @@ def test_limit_per_set(data, tmp_path):
     res = out['results']['benchmarks']
     assert res['imagenet']['num_images'] == 2 and res['imagenet-c']['num_images'] == 6
     assert out['results']['limit_per_set'] == 2
+    for bad in (0, -1):  # every set would be empty
+        with pytest.raises(ValueError, match='must be >= 1'):
+            run_evaluation(_cfg(data, tmp_path / f'bad{bad}', benchmarks=['imagenet'],
+                                limit_per_set=bad))
 
 
 def _state_dict(seed=0):
@@ -238,7 +242,8 @@ def test_unreadable_image_skipped_or_fatal(data, tmp_path):
                             data={'imagenet': val}, on_bad_image='fail'))
 
 
-def test_native_sets_must_have_one_size(data, tmp_path):
+@pytest.mark.parametrize('batch_size', [4, 1])  # in one batch, and across batches
+def test_native_sets_must_have_one_size(data, tmp_path, batch_size):
     from PIL import Image
     root = str(tmp_path / 'c')
     shutil.copytree(osp.join(data['root'], 'imagenet-c', 'weather'), root)
@@ -248,7 +253,42 @@ def test_native_sets_must_have_one_size(data, tmp_path):
     with pytest.raises(DataLayoutError, match=r'imagenet-c/fog/3: images of one set differ in '
                        r'size: .*big.JPEG is 50x40'):
         run_evaluation(_cfg(data, tmp_path / 'out', benchmarks=['imagenet-c'],
-                            data={'imagenet-c': root}))
+                            data={'imagenet-c': root}, batch_size=batch_size))
+
+
+def test_a_set_with_no_readable_image_is_an_error(data, tmp_path):
+    """No image to score: one clear error, and no record (a record of 0 images once
+    made every later run of that folder fail on a None top-1)."""
+    root = str(tmp_path / 'c')
+    shutil.copytree(osp.join(data['root'], 'imagenet-c', 'weather'), root)
+    folder = osp.join(root, 'fog', '3')
+    count = 0
+    for wnid in os.listdir(folder):
+        for name in os.listdir(osp.join(folder, wnid)):
+            with open(osp.join(folder, wnid, name), 'wb') as f:
+                f.write(b'not an image')
+            count += 1
+    out = tmp_path / 'out'
+    with pytest.warns(UserWarning, match='skipping unreadable image'):
+        with pytest.raises(DataLayoutError,
+                           match=f'imagenet-c/fog/3: none of its {count} images could be read'):
+            run_evaluation(_cfg(data, out, benchmarks=['imagenet-c'], data={'imagenet-c': root}))
+    assert 'fog/3' not in (out / 'records.jsonl').read_text()
+
+
+def test_eval_geometry_is_the_benchmark_protocol_for_every_model():
+    """Resize 256 / crop 224 (crop_pct 0.875), bicubic, whatever the model's default
+    pretrained tag says (timm's convnext_tiny built without weights: crop_pct 0.95)."""
+    import timm
+    from timm.data import create_transform, resolve_data_config
+    model = timm.create_model('convnext_tiny', pretrained=False)
+    assert resolve_data_config({}, model=model)['crop_pct'] != 0.875  # the trap
+    ev = classification.resolve_preprocessing(model)['eval']
+    assert (ev['input_size'], ev['crop_pct'], ev['interpolation']) == ([3, 224, 224], 0.875,
+                                                                        'bicubic')
+    resize = create_transform(**{k: ev[k] for k in ('input_size', 'interpolation', 'mean',
+                                                    'std', 'crop_pct', 'crop_mode')}).transforms[0]
+    assert resize.size == 256
 
 
 def test_cli_errors_are_one_line(data, tmp_path, capsys):

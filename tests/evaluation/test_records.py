@@ -37,6 +37,24 @@ def test_a_torn_last_line_is_dropped_and_appends_continue(tmp_path):
     assert [k for k, _ in SetRecords(str(path), FP).items()] == ['a', 'c']
 
 
+@pytest.mark.parametrize('tail', ['', '\n'])
+def test_a_last_record_without_its_newline_is_kept(tmp_path, tail):
+    """A kill between a record and its newline: the record is whole and must stay, and
+    the next append must start a line of its own (it once joined the record, and both
+    were lost at the next start). A blank line in between is passed over."""
+    path = tmp_path / 'records.jsonl'
+    rec = SetRecords(str(path), FP)
+    rec.add('a', {'n': 1})
+    with open(path, 'a') as f:
+        f.write(tail + json.dumps({'key': 'b', 'record': {'n': 2}}))
+    again = SetRecords(str(path), FP)
+    assert [k for k, _ in again.items()] == ['a', 'b']
+    again.add('c', {'n': 3})
+    assert [k for k, _ in SetRecords(str(path), FP).items()] == ['a', 'b', 'c']
+    assert [k for k, _ in SetRecords(str(path), FP).items()] == ['a', 'b', 'c']  # stable
+    assert path.read_text().endswith('\n') and '\0' not in path.read_text()
+
+
 def test_another_run_configuration_is_refused_naming_the_change(tmp_path):
     path = tmp_path / 'records.jsonl'
     SetRecords(str(path), FP).add('a', {'n': 1})

@@ -29,6 +29,13 @@ from dcls_mm.evaluation.compare import compare_results
 from dcls_mm.evaluation.folders import BENCHMARKS
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be >= 1, got {value}')
+    return value
+
+
 def _pairs(values: Optional[List[str]], what: str, literal: bool) -> Dict[str, object]:
     out: Dict[str, object] = {}
     for item in values or []:
@@ -69,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='autocast: float16 on CUDA, bfloat16 on CPU')
     parser.add_argument('--no-channels-last', action='store_true',
                         help='keep NCHW (default: channels_last model and inputs)')
-    parser.add_argument('--limit-per-set', type=int,
+    parser.add_argument('--limit-per-set', type=_at_least_one,
                         help='at most N images per set, evenly spaced (quick looks)')
     parser.add_argument('--clean-top1', type=float,
                         help='clean top-1 (%%) for the relative mCE when imagenet is not '
