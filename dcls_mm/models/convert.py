@@ -170,6 +170,10 @@ def convert_convnext_dcls_checkpoint(src: str, dst: str, checkpoint_format: str 
         model = ConvNeXtDCLS(**kwargs)
     fmt = resolve_checkpoint_format(checkpoint_format, checkpoint)
     state_dict = checkpoint_filter_fn(checkpoint, model, checkpoint_format=fmt)
+    # a classifier's final norm (no axis to convert) under its own name: a backbone
+    # with gap_before_final_norm (as norm3) and timm's classifier load it as from SRC,
+    # other backbones drop it (the filter dropped it above: this target has no such norm)
+    state_dict.update({k: v for k, v in trunk.items() if k.split('.', 1)[0] == 'norm'})
     state_dict = {k: v.contiguous().clone() for k, v in state_dict.items()}
     arch = kwargs.pop('arch')
     kwargs.pop('out_indices')

@@ -257,11 +257,15 @@ def test_converter_roundtrip(tmp_path):
     out = torch.load(dst, weights_only=True)
     assert out['meta']['backbone']['kernel_count'] == K
     assert out['meta']['backbone']['arch'] == dict(depths=[2, 1, 2, 1], dims=[8, 16, 24, 32])
-    assert set(out['state_dict']) == set(sd)
-    a = loaded(dst)
-    b = loaded(src)
-    for x, y in zip(outputs(a), outputs(b)):
-        torch.testing.assert_close(x, y)
+    # the trunk, and the classifier's final norm (it was dropped once: a backbone with
+    # gap_before_final_norm then kept a fresh norm3 without an error)
+    assert set(out['state_dict']) == set(sd) | {'norm.weight', 'norm.bias'}
+    for kwargs in ({}, dict(out_indices=(3,), gap_before_final_norm=True)):
+        a = loaded(dst, **kwargs)
+        b = loaded(src, **kwargs)
+        for x, y in zip(outputs(a), outputs(b)):
+            torch.testing.assert_close(x, y)
+    assert not torch.all(a.norm3.weight == 1)
 
 
 @pytest.mark.parametrize('damage, expected', [
