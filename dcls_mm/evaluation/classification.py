@@ -358,6 +358,11 @@ def discover_sets(benchmarks: Sequence[str], data_root: Optional[str],
     Raises:
         DataLayoutError: an unknown benchmark, a missing folder, or a wrong layout.
     """
+    data = data or {}
+    unknown = sorted(set(data) - set(BENCHMARKS))
+    if unknown:  # a misspelt key would otherwise be ignored
+        raise DataLayoutError(f'unknown benchmark(s) in the data folders: '
+                              f'{", ".join(unknown)} (known: {", ".join(BENCHMARKS)})')
     names = list(benchmarks)
     if 'all' in names:
         names = []
@@ -365,6 +370,8 @@ def discover_sets(benchmarks: Sequence[str], data_root: Optional[str],
             try:
                 resolve_benchmark_root(bench, data_root, data)
             except DataLayoutError:
+                if bench in data:  # a folder named by the user must be there
+                    raise
                 continue
             names.append(bench)
         if not names:

@@ -193,6 +193,9 @@ def _severity_folders(folder: str, corruption: str, benchmark: str) -> Dict[int,
                      f'{", ".join(f"{p:.2f}" for p in params)}' if params else '')
             raise DataLayoutError(f'{what}: unexpected severity folder '
                                   f'{osp.join(folder, name)} (expected 1..5{extra})')
+        if severity in out:  # e.g. 1 and 1.00
+            raise DataLayoutError(f'{what}: severity {severity} found twice: {out[severity]} '
+                                  f'and {osp.join(folder, name)}')
         out[severity] = osp.join(folder, name)
     return dict(sorted(out.items()))
 
@@ -231,16 +234,23 @@ def scan_corruption_root(root: str, benchmark: str) -> Dict[str, Dict[int, str]]
         raise DataLayoutError(f'{benchmark}: {root} holds class folders ({dirs[0]}); expected '
                               f'{layout}')
     found: Dict[str, str] = {}
+
+    def add(corruption: str, folder: str) -> None:
+        if corruption in found:  # one of them would be evaluated, unsaid which
+            raise DataLayoutError(f'{benchmark}: corruption {corruption} found twice: '
+                                  f'{found[corruption]} and {folder}')
+        found[corruption] = folder
+
     for name in dirs:
         if name in categories:
             for sub in _listdir(osp.join(root, name))[0]:
-                if sub not in known:
+                if sub not in categories[name]:
                     raise DataLayoutError(
-                        f'{benchmark}: unknown corruption folder {osp.join(root, name, sub)} '
-                        f'(known: {", ".join(known)})')
-                found[sub] = osp.join(root, name, sub)
+                        f'{benchmark}: {osp.join(root, name, sub)} is not a corruption of the '
+                        f'category {name} ({", ".join(categories[name])})')
+                add(sub, osp.join(root, name, sub))
         elif name in known:
-            found[name] = osp.join(root, name)
+            add(name, osp.join(root, name))
         else:
             raise DataLayoutError(f'{benchmark}: unknown corruption folder {osp.join(root, name)} '
                                   f'(known: {", ".join(known)})')

@@ -312,3 +312,15 @@ def test_cli_errors_are_one_line(data, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert 'A top-1' in printed and MODEL in printed
     assert out['results']['benchmarks']['imagenet-a']['num_images'] == 6
+
+
+def test_named_data_folders_are_checked_also_under_all(data, tmp_path):
+    """`--benchmark all` runs the benchmarks whose folders exist; a folder the user named
+    must exist (it was skipped without a word), and a misspelt name is an error."""
+    from dcls_mm.evaluation.classification import discover_sets
+    names = {s.benchmark for s in discover_sets(['all'], data['root'], {})}
+    assert 'imagenet-a' in names
+    with pytest.raises(DataLayoutError, match='no_such'):
+        discover_sets(['all'], data['root'], {'imagenet-a': str(tmp_path / 'no_such')})
+    with pytest.raises(DataLayoutError, match='unknown benchmark.*imagenet_a'):
+        discover_sets(['all'], data['root'], {'imagenet_a': osp.join(data['root'], 'imagenet-a')})

@@ -83,7 +83,14 @@ def test_c_bar_parameter_named_severities(tmp_path):
 @pytest.mark.parametrize('bench,path,message', [
     ('imagenet-c', 'gaussian_noise/1/n01440764/a.JPEG', None),
     ('imagenet-c', 'not_a_corruption/1/n01440764/a.JPEG', 'unknown corruption folder'),
-    ('imagenet-c', 'noise/fog_typo/1/n01440764/a.JPEG', 'unknown corruption folder'),
+    ('imagenet-c', 'noise/fog_typo/1/n01440764/a.JPEG', 'is not a corruption of the '
+     'category noise'),
+    ('imagenet-c', 'blur/gaussian_noise/1/n01440764/a.JPEG', 'is not a corruption of the '
+     'category blur'),
+    ('imagenet-c', ('fog/1/n01440764/a.JPEG', 'weather/fog/1/n01440764/a.JPEG'),
+     'corruption fog found twice'),
+    ('imagenet-c-bar', ('sparkles/1/n01440764/a.JPEG', 'sparkles/1.00/n01440764/a.JPEG'),
+     'sparkles: severity 1 found twice'),
     ('imagenet-c', 'fog/n01440764/a.JPEG', 'severity folders missing'),
     ('imagenet-c', 'fog/a.JPEG', 'severity folders missing'),
     ('imagenet-c', 'fog/7/n01440764/a.JPEG', 'unexpected severity folder'),
@@ -93,7 +100,8 @@ def test_c_bar_parameter_named_severities(tmp_path):
     ('imagenet-c-bar', 'gaussian_noise/1/n01440764/a.JPEG', 'unknown corruption folder'),
 ])
 def test_corruption_layout_errors(tmp_path, bench, path, message):
-    _img(str(tmp_path / path))
+    for one in (path,) if isinstance(path, str) else path:
+        _img(str(tmp_path / one))
     if message is None:
         assert scan_corruption_root(str(tmp_path), bench)
         return
