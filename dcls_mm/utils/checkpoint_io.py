@@ -18,6 +18,7 @@ from __future__ import annotations
 import os.path as osp
 import pickle
 from collections import OrderedDict
+import copy
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -25,7 +26,7 @@ from torch import Tensor
 
 __all__ = ['CheckpointReadError', 'UnsafeCheckpointError', 'load_checkpoint_file',
            'register_checkpoint_loader', 'is_state_dict', 'unwrap_checkpoint',
-           'select_prefix', 'format_keys', 'match_state_dict']
+           'select_prefix', 'format_keys', 'match_state_dict', 'pretrained_init_cfg']
 
 #: locations mmengine's own loaders handle (downloads, model zoos)
 REMOTE_PREFIXES = ('http://', 'https://', 's3://', 'open-mmlab://', 'mmcls://',
@@ -279,3 +280,22 @@ def match_state_dict(state_dict: Dict[str, Tensor], target: Dict[str, Tensor], t
             lines.append(f'  missing keys ({len(missing)}): {format_keys(missing)}')
         raise ValueError('\n'.join(lines))
     return [k for k in absent if k in allowed]
+
+
+def pretrained_init_cfg(init_cfg) -> Optional[dict]:
+    """The ``Pretrained`` entry of an mmengine ``init_cfg`` (a dict, or a list of dicts),
+    for a module that loads it through its own checkpoint filter; ``None`` without one.
+
+    Raises:
+        ValueError: a ``Pretrained`` entry in a list with other entries (mmengine would
+            load it itself, without the filter: no prefix stripping, key checks or
+            position conversion).
+    """
+    entries = list(init_cfg) if isinstance(init_cfg, (list, tuple)) else [init_cfg]
+    found = [c for c in entries if isinstance(c, dict) and c.get('type') == 'Pretrained']
+    if not found:
+        return None
+    if len(entries) > 1:
+        raise ValueError(f'init_cfg: give the Pretrained entry alone (as a dict or a '
+                         f'one-element list), got {init_cfg}')
+    return copy.deepcopy(found[0])

@@ -94,6 +94,16 @@ def test_published_downstream_format(tmp_path):
     # fewer outputs than the checkpoint has norms: the extra norms are ignored
     partial = loaded(path, out_indices=(1, 3))
     torch.testing.assert_close(outputs(partial)[1], outputs(direct)[3])
+    # the Pretrained entry as a one-element list (mmengine's own loader took it: no
+    # prefix stripping, 0 of the keys loaded, a warning only)
+    model = build(init_cfg=[dict(type='Pretrained', checkpoint=str(path))])
+    model.init_weights()
+    for a, b in zip(outputs(model), outputs(direct)):
+        torch.testing.assert_close(a, b)
+    model = build(init_cfg=[dict(type='Pretrained', checkpoint=str(path)),
+                            dict(type='Constant', layer='Linear', val=0)])
+    with pytest.raises(ValueError, match='give the Pretrained entry alone'):
+        model.init_weights()
 
 
 def test_own_mmengine_training_checkpoint(tmp_path):

@@ -33,7 +33,6 @@ package's gauss axis order); a flat state dict of any of these.
 """
 from __future__ import annotations
 
-import copy
 import inspect
 import re
 import warnings
@@ -51,7 +50,7 @@ from dcls_mm.ops import Dcls2d, canonical_interpolation, convert_reference_state
 from dcls_mm.ops.kernel import WITH_SIGMA
 from dcls_mm.registry import MODELS
 from dcls_mm.utils.checkpoint_io import (format_keys, load_checkpoint_file, match_state_dict,
-                                         select_prefix, unwrap_checkpoint)
+                                         pretrained_init_cfg, select_prefix, unwrap_checkpoint)
 
 #: depths and widths per arch (the timm/ConvNeXt ones).
 ARCH_SETTINGS: Dict[str, Dict[str, Tuple[int, ...]]] = {
@@ -556,11 +555,11 @@ class ConvNeXtDCLS(BaseModule):
 
     # --- weights ----------------------------------------------------------------------
     def init_weights(self) -> None:
-        """Load ``init_cfg=dict(type='Pretrained', checkpoint=...)`` through
-        :func:`load_pretrained`; other init_cfgs as :class:`mmengine.model.BaseModule`
-        does (the default init happens in ``__init__``)."""
-        cfg = copy.deepcopy(self.init_cfg)
-        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
+        """Load ``init_cfg=dict(type='Pretrained', checkpoint=...)`` (or a list of that one
+        dict) through :func:`load_pretrained`; other init_cfgs as
+        :class:`mmengine.model.BaseModule` does (the default init happens in ``__init__``)."""
+        cfg = pretrained_init_cfg(self.init_cfg)
+        if cfg is not None:
             load_pretrained(self, cfg['checkpoint'], prefix=cfg.get('prefix'),
                             map_location=cfg.get('map_location', 'cpu'),
                             checkpoint_format=self.checkpoint_format)

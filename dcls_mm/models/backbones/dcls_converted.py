@@ -1,7 +1,6 @@
 """Any OpenMMLab backbone with its convolutions converted to DCLS (config wrapper)."""
 from __future__ import annotations
 
-import copy
 from typing import Callable, List, Optional, Sequence, Union
 
 from mmengine.logging import print_log
@@ -10,8 +9,8 @@ from torch import nn
 
 from dcls_mm.ops import convert_dense_state_dict, convert_to_dcls
 from dcls_mm.registry import MODELS
-from dcls_mm.utils.checkpoint_io import (format_keys, load_checkpoint_file, select_prefix,
-                                         unwrap_checkpoint)
+from dcls_mm.utils.checkpoint_io import (format_keys, load_checkpoint_file,
+                                         pretrained_init_cfg, select_prefix, unwrap_checkpoint)
 
 
 def _has_pretrained(init_cfg) -> bool:
@@ -89,8 +88,8 @@ class DCLSConverted(BaseModule):
     def init_weights(self) -> None:
         """The wrapped backbone's own init, then a ``Pretrained`` ``init_cfg`` if given
         (dense kernels mapped exactly, see the class doc)."""
-        cfg = copy.deepcopy(self.init_cfg)
-        if not (isinstance(cfg, dict) and cfg.get('type') == 'Pretrained'):
+        cfg = pretrained_init_cfg(self.init_cfg)
+        if cfg is None:
             super().init_weights()
             return
         if hasattr(self.backbone, 'init_weights'):
