@@ -27,7 +27,7 @@ from torch import Tensor
 from dcls_mm.utils.checkpoint_io import load_checkpoint_file, select_prefix, unwrap_checkpoint
 from dcls_mm.utils.fileio import atomic_open
 
-from .backbones.convnext_dcls import (ConvNeXtDCLS, checkpoint_filter_fn,
+from .backbones.convnext_dcls import (ConvNeXtDCLS, checkpoint_filter_fn, model_interpolation,
                                       resolve_checkpoint_format)
 
 __all__ = ['DCLS_MM_META_KEY', 'infer_backbone_kwargs', 'check_dilated_kernel_size',
@@ -168,7 +168,7 @@ def convert_convnext_dcls_checkpoint(src: str, dst: str, checkpoint_format: str 
     kwargs['out_indices'] = tuple(out_norms) or (0, 1, 2, 3)
     with torch.device('meta'):  # names and shapes only
         model = ConvNeXtDCLS(**kwargs)
-    fmt = resolve_checkpoint_format(checkpoint_format, checkpoint)
+    fmt = resolve_checkpoint_format(checkpoint_format, checkpoint, model_interpolation(model))
     state_dict = checkpoint_filter_fn(checkpoint, model, checkpoint_format=fmt)
     # a classifier's final norm (no axis to convert) under its own name: a backbone
     # with gap_before_final_norm (as norm3) and timm's classifier load it as from SRC,

@@ -304,3 +304,19 @@ def test_converter_reports_one_damaged_key_once(tmp_path, damage, expected):
     assert out.returncode == 2
     assert 'Traceback' not in out.stderr and expected in out.stderr, out.stderr
     assert not (tmp_path / 'out.pth').exists()
+
+
+def test_bilinear_normalized_model_needs_the_format_of_a_file_without_meta(tmp_path):
+    """The reference package's v1 ('bilinear_normalized') stores P[0] = width; `auto`
+    once kept such a file as it was (every kernel transposed, no error)."""
+    sd = trunk()
+    path = tmp_path / 'v1.pth'
+    swapped = {k: (v.flip(0) if k.endswith('.P') else v) for k, v in sd.items()}
+    torch.save({'model': add_classifier_head(swapped, SMALL_ARCH['dims'])}, path)
+    with pytest.raises(ValueError, match="checkpoint_format='reference_gauss'"):
+        loaded(path, interpolation='bilinear_normalized')
+    model = loaded(path, interpolation='bilinear_normalized',
+                   checkpoint_format='reference_gauss')
+    assert torch.equal(model.stages[1][0].dwconv.P, sd['stages.1.0.dwconv.P'])
+    # the published bilinear files (v0, P[0] = height) still load as they are
+    assert torch.equal(loaded(path).stages[1][0].dwconv.P, swapped['stages.1.0.dwconv.P'])

@@ -636,12 +636,22 @@ class ConvNeXtDCLS(BaseModule):
 
 
 # --- loading checkpoints (see the module docstring) ---------------------------------------
-def resolve_checkpoint_format(checkpoint_format: str, checkpoint: dict) -> str:
-    """Resolve ``'auto'`` to ``'dcls_mm'`` or ``'reference_gauss'`` (the documented
-    detector: only files with ``SIG`` can be in the reference order).
+def model_interpolation(model: nn.Module) -> Optional[str]:
+    """The interpolation of ``model``'s DCLS layers when they all share one, else ``None``."""
+    found = {m.interpolation for _, m in dcls_layers(model)}
+    return found.pop() if len(found) == 1 else None
 
-    * no ``SIG`` entries -> ``'dcls_mm'`` (bilinear positions have one order everywhere);
-    * ``SIG`` and a ``meta`` dict (everything dcls-mm / mmengine writes) -> ``'dcls_mm'``;
+
+def resolve_checkpoint_format(checkpoint_format: str, checkpoint: dict,
+                              interpolation: Optional[str] = None) -> str:
+    """Resolve ``'auto'`` to ``'dcls_mm'`` or ``'reference_gauss'`` (the documented
+    detector).
+
+    * a ``meta`` dict (everything dcls-mm / mmengine writes) -> ``'dcls_mm'``;
+    * no ``SIG`` entries -> ``'dcls_mm'`` (bilinear: the published ConvNeXt-dcls files,
+      trained with the reference's ``v0``, store P[0] = height as dcls-mm does), except
+      for a model with ``interpolation='bilinear_normalized'``: the reference package's
+      ``v1`` stores P[0] = width, so a file without ``meta`` is ambiguous and raises;
     * ``SIG`` in the published layout (a ``{'model': ...}`` file without ``meta`` or
       ``state_dict``) -> ``'reference_gauss'``;
     * any other file with ``SIG`` (a bare state dict, e.g. what timm hands the filter
@@ -650,15 +660,25 @@ def resolve_checkpoint_format(checkpoint_format: str, checkpoint: dict) -> str:
     Args:
         checkpoint_format: one of :data:`CHECKPOINT_FORMATS`.
         checkpoint: the checkpoint as read from the file (wrappers included).
+        interpolation: the loading model's DCLS interpolation (canonical name), if known.
 
     Raises:
-        ValueError: unknown format, or ``'auto'`` on a file with ``SIG`` whose layout does
-            not tell the position axis order.
+        ValueError: unknown format, or ``'auto'`` on a file whose layout does not tell the
+            position axis order.
     """
     if check_checkpoint_format(checkpoint_format) != 'auto':
         return checkpoint_format
     state_dict, meta = unwrap_checkpoint(checkpoint)
-    if not any(k.endswith('.SIG') for k in state_dict) or meta is not None:
+    if meta is not None:
+        return 'dcls_mm'
+    if not any(k.endswith('.SIG') for k in state_dict):
+        if interpolation == 'bilinear_normalized' and any(k.endswith('.P') for k in state_dict):
+            raise ValueError(
+                "this checkpoint has neither dcls-mm's meta nor SIG entries, and the model "
+                "uses interpolation 'bilinear_normalized' (the reference package's v1, "
+                'whose files store P[0] = width; dcls-mm and the published ConvNeXt-dcls '
+                "files store P[0] = height): pass checkpoint_format='reference_gauss' for "
+                "a file saved by the reference package (it swaps the axes) or 'dcls_mm'")
         return 'dcls_mm'
     if 'model' in checkpoint and 'state_dict' not in checkpoint:
         return 'reference_gauss'
@@ -714,7 +734,7 @@ def checkpoint_filter_fn(checkpoint: dict, model: nn.Module,
     """
     if checkpoint_format is None:
         checkpoint_format = getattr(model, 'checkpoint_format', 'auto')
-    fmt = resolve_checkpoint_format(checkpoint_format, checkpoint)
+    fmt = resolve_checkpoint_format(checkpoint_format, checkpoint, model_interpolation(model))
     state_dict = select_prefix(unwrap_checkpoint(checkpoint)[0], prefix)
     state_dict = POSITION_POLICIES[fmt](state_dict, model)
 
