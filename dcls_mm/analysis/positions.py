@@ -68,9 +68,11 @@ def collect_positions(model: nn.Module) -> Dict[str, GroupPositions]:
         ValueError: no DCLS layer, or one group mixing kernel sizes / interpolations.
     """
     groups: Dict[str, GroupPositions] = {}
-    seen = set()
+    owner: Dict[int, str] = {}  # id of a position tensor -> the group that holds it
     for name, layer in named_dcls_layers(model):
-        key = group_name(name)
+        # a layer whose positions another layer shares joins that layer's group (shared
+        # sets can span names that group_name keeps apart, e.g. resnet50_dcls' layer1.*)
+        key = owner.get(id(layer.P), group_name(name))
         dks = tuple(layer.dilated_kernel_size)
         version = layer_interpolation(layer)
         group = groups.setdefault(key, GroupPositions(key, [], dks, version,
@@ -80,9 +82,9 @@ def collect_positions(model: nn.Module) -> Dict[str, GroupPositions]:
                              f'interpolation {group.dilated_kernel_size}/{group.interpolation} '
                              f'and {dks}/{version} ({name})')
         group.layers.append(name)
-        if id(layer.P) in seen:
+        if id(layer.P) in owner:
             continue
-        seen.add(id(layer.P))
+        owner[id(layer.P)] = key
         P = layer.P.detach().float().cpu()
         D, K = P.shape[0], P.shape[-1]
         pos = P.reshape(D, -1, K).numpy()

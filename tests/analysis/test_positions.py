@@ -97,3 +97,20 @@ def test_1d_and_3d_layers(tmp_path):
     result = run_positions(nn.Sequential(one), str(tmp_path / 'one'))
     assert not result['kernels_png'] and not (tmp_path / 'one' / 'kernels.png').exists()
     assert run_positions(nn.Sequential(three), str(tmp_path / 'three'))['groups']['0']
+
+
+def test_positions_shared_across_differently_named_layers():
+    """Shared positions outside ConvNeXt stages (resnet50_dcls' layer1.*.conv2, or
+    convert_to_dcls(share_positions=...)): one group holding them once. The layers once
+    made groups of their own, empty but for the first, and position_stats failed on
+    them (a max over an empty array)."""
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module('first', Dcls2d(4, 4, 3, dilated_kernel_size=7, groups=4, padding=3))
+    model.add_module('second', Dcls2d(4, 4, 3, dilated_kernel_size=7, groups=4, padding=3))
+    model.second.P = model.first.P
+    groups = collect_positions(model)
+    assert list(groups) == ['first'] and groups['first'].layers == ['first', 'second']
+    np.testing.assert_array_equal(groups['first'].positions,
+                                  model.first.P.detach().reshape(2, -1, 3).numpy())
+    assert position_stats(groups['first'])['num_elements'] == 4 * 3
