@@ -3,8 +3,9 @@ the DCLS paper (Appendix 12).
 
 For each image, the gradient of the centre pixel of a layer's output (summed over the
 output channels) with respect to the input image is taken; its absolute value, summed
-over the input channels, is accumulated over the images (:func:`compute_erf`). For
-display and comparison the accumulated map is log-scaled and normalised,
+over the input channels, is averaged over the images (:func:`compute_erf`; RepLKNet's
+``AverageMeter``: with a sum, the log scale below made the ratios depend on the number
+of images). For display and comparison the mean map is log-scaled and normalised,
 ``log10(erf + 1) / max`` (:func:`normalize_erf`), and the "high-contribution area ratio"
 (:func:`area_ratios`) is the area of the smallest centred square whose share of the
 normalised map's total exceeds a threshold, over the map's area: RepLKNet's
@@ -95,7 +96,7 @@ def compute_erf(model: nn.Module, images: Sequence[Union[Tensor, Callable[[], Te
                 layer: Optional[str] = None, progress: bool = True,
                 state_path: Optional[str] = None, state_key: str = '',
                 save_every: int = 10) -> np.ndarray:
-    """Accumulated ERF of ``layer`` over ``images``, resumable.
+    """ERF of ``layer``, averaged over ``images``, resumable.
 
     Args:
         model: the model, used as is (call ``.eval()`` first for the usual protocol).
@@ -112,8 +113,9 @@ def compute_erf(model: nn.Module, images: Sequence[Union[Tensor, Callable[[], Te
         save_every: images between two writes of ``state_path``.
 
     Returns:
-        ``(H, W)`` float64 array: sum over images of ``|d out[:, :, h//2, w//2].sum() / d x|``
-        summed over the input channels (``h, w``: the output's spatial size).
+        ``(H, W)`` float64 array: mean over images of
+        ``|d out[:, :, h//2, w//2].sum() / d x|`` summed over the input channels (``h, w``:
+        the output's spatial size).
     """
     from tqdm import tqdm
     accumulated, done = None, 0
@@ -145,7 +147,7 @@ def compute_erf(model: nn.Module, images: Sequence[Union[Tensor, Callable[[], Te
     bar.close()
     if accumulated is None:
         raise ValueError('no image to compute the ERF on')
-    return accumulated
+    return accumulated / len(images)
 
 
 def normalize_erf(erf: np.ndarray) -> np.ndarray:
@@ -295,12 +297,18 @@ def run_erf(models: Mapping[str, nn.Module], out_dir: str, image_folder: Optiona
     """
     os.makedirs(out_dir, exist_ok=True)
     maps, ratios, summary = {}, {}, {}
+    stems = set()
     for label, model in models.items():
         model.eval()
         name = layer if layer is not None else default_layer(model, stage)
         images, generated = load_erf_images(image_folder, num_images, size, seed)
         count = len(images)
         safe = ''.join(c if c.isalnum() or c in '-_.' else '_' for c in label)
+        stem, n = safe, 1
+        while safe in stems:  # labels that differ only in replaced characters
+            n += 1
+            safe = f'{stem}_{n}'
+        stems.add(safe)
         # what the partial sum depends on: a changed model or image set starts afresh
         key = json.dumps([label, name, image_folder, count, size, seed,
                           float(sum(p.detach().double().sum() for p in model.parameters()))])

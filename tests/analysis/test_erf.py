@@ -18,14 +18,15 @@ from dcls_mm.ops import Dcls2d
 TINY = dict(depths=[1, 1, 1, 1], dims=[8, 8, 8, 8])
 
 
-def _expected_linear_erf(kernel, size, n_images):
+def _expected_linear_erf(kernel, size):
     """|kernel| summed over channels, centred on the centre output pixel (stride 1,
-    'same' padding: output (y, x) sees inputs y - L//2 + i, x - L//2 + j)."""
+    'same' padding: output (y, x) sees inputs y - L//2 + i, x - L//2 + j); the same for
+    every image, so also their mean."""
     L = kernel.shape[-1]
     expected = np.zeros((size, size))
     top = size // 2 - L // 2
     expected[top:top + L, top:top + L] = kernel.abs().sum(0).numpy()
-    return expected * n_images
+    return expected
 
 
 def test_dense_depthwise_erf_is_its_kernel_support():
@@ -35,7 +36,7 @@ def test_dense_depthwise_erf_is_its_kernel_support():
         conv.weight.copy_(torch.rand(3, 1, 5, 5) + 0.1)  # no zero tap
     images = [torch.randn(3, 17, 17) for _ in range(2)]
     erf = compute_erf(conv, images, progress=False)
-    expected = _expected_linear_erf(conv.weight.detach()[:, 0], 17, 2)
+    expected = _expected_linear_erf(conv.weight.detach()[:, 0], 17)
     np.testing.assert_allclose(erf, expected, rtol=1e-5)
     support = np.zeros((17, 17), bool)
     support[6:11, 6:11] = True
@@ -52,7 +53,7 @@ def test_dcls_erf_is_nonzero_exactly_where_its_kernel_is(version):
                                     [[[1.5, -0.6, 3.0]], [[-2.8, 0.9, -3.0]]]]))
     kernel = layer.construct_kernel().detach()[:, 0]
     erf = compute_erf(layer, [torch.randn(1, 2, 15, 15)], progress=False)
-    expected = _expected_linear_erf(kernel, 15, 1)
+    expected = _expected_linear_erf(kernel, 15)
     np.testing.assert_allclose(erf, expected, rtol=1e-5, atol=1e-12)
     np.testing.assert_array_equal(erf > 0, expected > 0)
     if version == 'bilinear':  # the sparse kernel leaves holes inside the 7x7 window
@@ -92,6 +93,28 @@ def test_images_from_a_folder_are_resized_and_normalised(tmp_path):
         load_erf_images(str(tmp_path / 'missing'), 1, 8)
 
 
+def test_erf_is_a_mean_over_images():
+    """RepLKNet averages the maps: the same images counted k times give the same ERF and
+    area ratios (a sum made the log-scaled ratios depend on the image count)."""
+    torch.manual_seed(0)
+    model = ConvNeXtDCLS(TINY, dilated_kernel_size=7, kernel_count=3, layer_scale_init_value=1.0)
+    images = [torch.randn(3, 32, 32) for _ in range(2)]
+    once = compute_erf(model, images, 'stages.1', progress=False)
+    thrice = compute_erf(model, images * 3, 'stages.1', progress=False)
+    np.testing.assert_allclose(thrice, once, rtol=1e-12)
+    grads, captured = [], []
+    model.stages[1].register_forward_hook(lambda m, i, o: captured.append(o))
+    for image in images:  # the mean by hand
+        x = image[None].clone().requires_grad_(True)
+        model(x)
+        out = captured.pop()
+        h, w = out.shape[-2:]
+        (g,) = torch.autograd.grad(out[:, :, h // 2, w // 2].sum(), x)
+        grads.append(g.abs().sum((0, 1)).double().numpy())
+    np.testing.assert_allclose(once, np.mean(grads, 0), rtol=1e-9)
+    assert area_ratios(normalize_erf(thrice)) == area_ratios(normalize_erf(once))
+
+
 def test_run_erf_side_by_side(tmp_path):
     torch.manual_seed(0)
     models = {'dcls': ConvNeXtDCLS(TINY, dilated_kernel_size=7, kernel_count=3,
@@ -109,6 +132,12 @@ def test_run_erf_side_by_side(tmp_path):
     assert osp.getsize(tmp_path / 'erf.png') > 0
     with pytest.raises(ValueError, match='no layer'):
         compute_erf(models['dcls'], [torch.randn(3, 32, 32)], 'stages.9', progress=False)
+    # labels that become one file name keep a file each
+    clash = run_erf({'a (x)': models['dcls'], 'a [x]': models['dense']}, str(tmp_path / 'c'),
+                    None, num_images=1, size=32, stage=1, progress=False)
+    files = [clash['models'][label]['npy'] for label in ('a (x)', 'a [x]')]
+    assert len(set(files)) == 2
+    assert not np.array_equal(*(np.load(tmp_path / 'c' / f) for f in files))
 
 
 def test_a_killed_run_resumes_where_it_stopped(tmp_path):

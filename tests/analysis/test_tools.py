@@ -60,7 +60,7 @@ def test_position_dynamics_cli(tmp_path, checkpoint, capsys):
         load_tool('tools/analysis/position_dynamics.py').main(['--checkpoints', checkpoint])
 
 
-def test_complexity_cli(tmp_path, capsys):
+def test_complexity_cli(tmp_path, capsys, monkeypatch):
     out = str(tmp_path / 'table.md')
     table = load_tool('tools/analysis/complexity.py').main([
         '--model', SPEC, '--model', f'convnext_dcls:{ARCH},dwconv_type=dense', '--label', 'dcls',
@@ -70,6 +70,12 @@ def test_complexity_cli(tmp_path, capsys):
     assert 'CPU capability' in table
     rows = json.loads(open(out[:-3] + '.json').read())
     assert rows[1]['flops'] > 0 and rows[0]['throughput'] > 0
+    # a new folder, and a name without suffix under './' (the JSON went to a hidden
+    # '.json' in the working directory)
+    monkeypatch.chdir(tmp_path)
+    load_tool('tools/analysis/complexity.py').main([
+        '--model', SPEC, '--shape', '32', '32', '--no-throughput', '--out', './new/table'])
+    assert (tmp_path / 'new' / 'table').is_file() and (tmp_path / 'new' / 'table.json').is_file()
 
 
 def test_bad_specs_are_one_line_errors(tmp_path):

@@ -20,6 +20,8 @@ ignore_known_warnings()  # before mmengine imports pkg_resources
 
 import argparse
 import json
+import os
+import os.path as osp
 
 import torch
 
@@ -47,6 +49,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> str:
     args = parse_args(argv)
+    if args.out:  # before the measurements, which a missing folder would waste
+        os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
     try:
         models = build_labelled_models(args.model, args.label, args.threads)
         rows = run_complexity(models, (3, *args.shape), not args.no_throughput,
@@ -64,7 +68,7 @@ def main(argv=None) -> str:
     if args.out:
         with open(args.out, 'w') as f:
             f.write(table)
-        with open(args.out.rsplit('.', 1)[0] + '.json', 'w') as f:
+        with open(osp.splitext(args.out)[0] + '.json', 'w') as f:
             json.dump(rows, f, indent=1)
     return table
 
