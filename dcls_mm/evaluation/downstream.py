@@ -243,10 +243,12 @@ def robustness_summary(clean: Optional[Mapping[str, float]],
                        ) -> Dict[str, Dict[str, Optional[float]]]:
     """P, mPC and rPC (Michaelis et al. 2019) of every metric, over the sets that ran.
 
-    P = the clean score; mPC = mean over corruptions c of the mean over the severities s
-    that ran for c of the score P_{c,s}; rPC = mPC / P. A corruption without any result
-    for a metric does not enter that metric's mPC; P is ``None`` without a clean result,
-    rPC is ``None`` when P is missing or zero.
+    P = the clean score; mPC = mean over the benchmark corruptions c (the 15) of the mean
+    over the severities s that ran for c of the score P_{c,s}; rPC = mPC / P; the 4 extra
+    corruptions, when they ran, go to ``mPC_extra`` only (as the extra ImageNet-C
+    corruptions stay out of mCE). A corruption without any result for a metric does not
+    enter that metric's mPC; P is ``None`` without a clean result, rPC is ``None`` when P
+    is missing or zero.
 
     Args:
         clean: ``{metric: value}`` of the clean set, or ``None``.
@@ -254,24 +256,33 @@ def robustness_summary(clean: Optional[Mapping[str, float]],
             strings).
 
     Returns:
-        ``{metric: {'P': float|None, 'mPC': float|None, 'rPC': float|None}}``, metrics in
-        first-seen order (clean first).
+        ``{metric: {'P': float|None, 'mPC': float|None, 'rPC': float|None}}`` (and
+        ``'mPC_extra'`` when extra corruptions ran), metrics in first-seen order (clean
+        first).
     """
+    from dcls_mm.datasets.corruptions import corruption_names
+    extra = set(corruption_names('extra'))
     names: Dict[str, None] = dict.fromkeys(clean or {})
     for severities in per_set.values():
         for values in severities.values():
             names.update(dict.fromkeys(values))
+
+    def mean_over(corruptions, name):
+        means = []
+        for corruption in corruptions:
+            values = [v[name] for v in per_set[corruption].values() if name in v]
+            if values:
+                means.append(sum(values) / len(values))
+        return sum(means) / len(means) if means else None
+
     summary = {}
     for name in names:
         p = (clean or {}).get(name)
-        means = []
-        for severities in per_set.values():
-            values = [v[name] for v in severities.values() if name in v]
-            if values:
-                means.append(sum(values) / len(values))
-        mpc = sum(means) / len(means) if means else None
+        mpc = mean_over([c for c in per_set if c not in extra], name)
         rpc = mpc / p if (mpc is not None and p) else None
         summary[name] = dict(P=p, mPC=mpc, rPC=rpc)
+        if extra & set(per_set):
+            summary[name]['mPC_extra'] = mean_over([c for c in per_set if c in extra], name)
     return summary
 
 
@@ -427,7 +438,7 @@ def evaluate_downstream(cfg, checkpoint: str, out_dir: str, corruptions: Sequenc
     from tqdm import tqdm
 
     todo = [(c, s) for c, s in plan if _set_key(c, s) not in done]
-    evaluated, t_run = [], time.perf_counter()
+    evaluated, t_run, clean_count = [], time.perf_counter(), None
     # Runner.test() per set, with its run-level hooks called once for the whole run
     # (LoggerHook.after_run closes the visualizer's backends)
     runner.call_hook('before_run')
@@ -445,6 +456,16 @@ def evaluate_downstream(cfg, checkpoint: str, out_dir: str, corruptions: Sequenc
         runner._test_evaluator = evaluator
         runner._test_loop = runner.build_test_loop(copy.deepcopy(test_cfg))
         num_images = len(runner.test_loop.dataloader.dataset)
+        if severity and corrupted_root is not None:
+            # mmseg lists a folder's images: a missing one (a killed make_corrupted run)
+            # would shrink the set, not fail it
+            if clean_count is None:
+                clean_count = len(runner.build_dataloader(copy.deepcopy(test_loader)).dataset)
+            if num_images != clean_count:
+                raise ValueError(f'{osp.join(corrupted_root, corruption, str(severity))} holds '
+                                 f'{num_images} images, the clean test set {clean_count}: '
+                                 f'run make_corrupted.py SRC {corrupted_root} again to '
+                                 f'complete it (it resumes)')
         progress.start(len(runner.test_loop.dataloader.sampler), key)
         t0 = time.perf_counter()
         try:
@@ -491,8 +512,10 @@ def _results(records: SetRecords, plan, cfg, checkpoint: str, fingerprint: dict,
         per_set=per_set, covered=covered, sets=sets,
         definitions=dict(
             P='score on the clean test set (severity 0)',
-            mPC='mean over the covered corruptions of the mean over their covered '
-                'severities (1..5) of the score (Michaelis et al. 2019)',
+            mPC='mean over the covered benchmark corruptions (the 15 of Michaelis et '
+                'al. 2019) of the mean over their covered severities (1..5) of the score',
+            mPC_extra='the same over the 4 extra corruptions (speckle_noise, '
+                      'gaussian_blur, spatter, saturate), when they ran; not in rPC',
             rPC='mPC / P'),
         versions=_versions(scope),
         time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'))

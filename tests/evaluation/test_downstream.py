@@ -159,6 +159,24 @@ def test_detector_pregenerated_equals_on_the_fly(tool, coco_demo, det_ckpt, tmp_
     assert pre['metrics'] == fly['metrics']
 
 
+def test_pregenerated_segmentation_set_missing_an_image(tool, ade_demo, seg_ckpt, tmp_path):
+    """mmseg lists a folder's images: a pre-generated set missing one (a killed
+    make_corrupted run) was scored on the rest without a word."""
+    import os
+    src = osp.join(ade_demo['data_root'], ade_demo['val_img'])
+    gen = str(tmp_path / 'ade-c')
+    out = subprocess.run([sys.executable, MAKE_CORRUPTED, src, gen, '--corruptions', 'fog',
+                          '--severities', '1', '--seed', '0', '--workers', '1'],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    folder = osp.join(gen, 'fog', '1')
+    os.remove(osp.join(folder, sorted(os.listdir(folder))[0]))
+    with pytest.raises(SystemExit) as exc:
+        tool.main([DEMO_SEG, seg_ckpt, '--out-dir', str(tmp_path / 'out'), '--corruptions',
+                   'fog', '--severities', '1', '--corrupted-root', gen] + seg_options(ade_demo))
+    assert 'holds 1 images, the clean test set 2' in str(exc.value)
+
+
 @pytest.mark.slow  # torchrun, 2 processes
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU (gloo) path')
 def test_two_processes_equal_one(tool, ade_demo, seg_ckpt, tmp_path):
@@ -233,6 +251,12 @@ def test_summary_against_hand_values():
                                                             rPC=None)
     assert robustness_summary({'mAP': 0.0}, per_set)['mAP']['rPC'] is None
     assert robustness_summary(clean, {})['mAP'] == dict(P=0.40, mPC=None, rPC=None)
+    # the 4 extra corruptions stay out of mPC and rPC (they once pulled 30.0 down to 25.8)
+    from dcls_mm.datasets.corruptions import corruption_names
+    sets = {c: {s: {'mAP': 30.0} for s in range(1, 6)} for c in corruption_names('benchmark')}
+    sets.update({c: {s: {'mAP': 10.0} for s in range(1, 6)} for c in corruption_names('extra')})
+    assert robustness_summary({'mAP': 40.0}, sets)['mAP'] == dict(
+        P=40.0, mPC=pytest.approx(30.0), rPC=pytest.approx(0.75), mPC_extra=pytest.approx(10.0))
 
 
 def test_pipeline_and_folder_rewrites():
