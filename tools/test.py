@@ -60,9 +60,9 @@ def main(argv=None):
     setup_dcls_mm(cfg)
     dump = set_prediction_output(cfg, args.out) if args.out is not None else None
     runner = build_runner(cfg, quiet=not args.verbose)
-    if dump is not None:
-        runner.test_evaluator.metrics.append(dump)
     with console_prints(runner, quiet=not args.verbose):
+        if dump is not None:  # builds the evaluator: pycocotools prints while loading
+            runner.test_evaluator.metrics.append(dump)
         return runner.test()
 
 

@@ -56,6 +56,9 @@ def parse_tool_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Name
     """Parse ``argv`` and export ``LOCAL_RANK`` (torch.distributed launchers may pass it
     only as ``--local-rank``; mmengine reads the environment)."""
     args = parser.parse_args(argv)
+    config = getattr(args, 'config', None)
+    if config is not None and not osp.isfile(config):  # one line, not Config's traceback
+        parser.error(f'config {config} does not exist')
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     return args
 
@@ -236,7 +239,9 @@ def set_prediction_output(cfg: Config, out: str):
             evaluator['keep_results'] = True
         return None
     if not out.endswith(DUMP_SUFFIXES):
-        raise ValueError(f'--out must be a .pkl/.pickle file for {scope} configs, got {out!r}')
+        from dcls_mm.datasets.checks import InputCheckError
+        raise InputCheckError(f'--out must be a .pkl/.pickle file for {scope} configs, got '
+                              f'{out!r}')
     if scope == 'mmdet':
         from mmdet.evaluation import DumpDetResults
         return DumpDetResults(out_file_path=out)
@@ -246,17 +251,20 @@ def set_prediction_output(cfg: Config, out: str):
 
 def run_cli(main: Callable, argv=None):
     """Run a tool's ``main(argv)``; a missing or unusable input it reports
-    (:class:`dcls_mm.datasets.checks.InputCheckError`) ends the process with its lines
-    on stderr and exit code 2, as argparse does for bad arguments, without a traceback.
+    (:class:`dcls_mm.datasets.checks.InputCheckError`, or an unreadable checkpoint:
+    :class:`dcls_mm.utils.checkpoint_io.CheckpointReadError`) ends the process with its
+    lines on stderr and exit code 2, as argparse does for bad arguments, without a
+    traceback.
 
     Args:
         main: the tool's ``main`` function.
         argv: its arguments (default: ``sys.argv[1:]``).
     """
     from dcls_mm.datasets.checks import InputCheckError
+    from dcls_mm.utils.checkpoint_io import CheckpointReadError
     try:
         return main(argv)
-    except InputCheckError as err:
+    except (InputCheckError, CheckpointReadError) as err:
         prog = osp.basename(sys.argv[0])
         for line in str(err).splitlines():
             print(f'{prog}: error: {line}', file=sys.stderr)

@@ -20,6 +20,21 @@ __all__ = ['atomic_open', 'atomic_write']
 PathLike = Union[str, os.PathLike]
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (setting it
+    to read it back is process-wide, racing other threads' file creation)."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 @contextlib.contextmanager
 def atomic_open(path: PathLike, mode: str = 'wb', **kwargs) -> Iterator[IO]:
     """Open a temporary file that replaces ``path`` when the ``with`` block succeeds.
@@ -40,7 +55,17 @@ def atomic_open(path: PathLike, mode: str = 'wb', **kwargs) -> Iterator[IO]:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{osp.basename(path)}.', suffix='.tmp', dir=folder)
     try:
-        with os.fdopen(fd, mode, **kwargs) as f:
+        # mkstemp makes the file 0600 and the rename keeps that: the mode open() would
+        # give (0666 less the umask), so that checkpoints stay readable to the group
+        if hasattr(os, 'fchmod'):
+            os.fchmod(fd, 0o666 & ~_umask())
+        f = os.fdopen(fd, mode, **kwargs)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    try:
+        with f:
             yield f
             f.flush()
             os.fsync(f.fileno())

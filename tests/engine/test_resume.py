@@ -159,6 +159,27 @@ def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch)
     assert path.read_bytes() == b'new'
 
 
+def test_atomic_files_get_the_umask_mode_and_leave_no_descriptor(tmp_path):
+    """mkstemp's 0600 once stayed on every checkpoint, record and result file: other
+    users of a shared machine could not read them. A failed open leaked its descriptor."""
+    from dcls_mm.utils.fileio import atomic_open
+    old = os.umask(0o027)
+    try:
+        atomic_write(tmp_path / 'a.pth', b'x')
+        plain = tmp_path / 'b.pth'
+        plain.write_bytes(b'x')  # what open() gives
+        assert (tmp_path / 'a.pth').stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+    fds = len(os.listdir('/proc/self/fd'))
+    for _ in range(5):
+        with pytest.raises(TypeError):
+            with atomic_open(tmp_path / 'c.txt', 'w', bogus=1):
+                pass
+    assert len(os.listdir('/proc/self/fd')) == fds
+    assert sorted(os.listdir(tmp_path)) == ['a.pth', 'b.pth']
+
+
 def _truncate(path, keep=0.5):
     data = open(path, 'rb').read()
     with open(path, 'wb') as f:

@@ -323,6 +323,27 @@ def test_demo_detector_quiet_console_and_resume_after_the_end(tools, tmp_path, c
             f'{work}; nothing to do (raise train_cfg.max_epochs to train further)') in console
     assert 'train iter' not in console
 
+    # tools/test.py --out: pycocotools' prints go to the log here too (the dump metric
+    # built the evaluator before the console was quieted)
+    _, test_tool = tools
+    ckpt = osp.join(work, 'epoch_1.pth')
+    test_tool.main([DEMO_DET, ckpt, '--work-dir', work, '--out', str(tmp_path / 'p.pkl')]
+                   + options)
+    console = capsys.readouterr()
+    assert 'loading annotations' not in console.out + console.err
+    assert osp.isfile(tmp_path / 'p.pkl')
+    # one line each, no traceback: a truncated checkpoint, a wrong --out suffix, a
+    # config that does not exist
+    truncated = tmp_path / 'truncated.pth'
+    truncated.write_bytes(open(ckpt, 'rb').read()[:1000])
+    for argv, message in (
+            ([DEMO_DET, str(truncated)], 'not a readable PyTorch checkpoint'),
+            ([DEMO_DET, ckpt, '--out', str(tmp_path / 'p.json')], '--out must be a .pkl'),
+            ([DEMO_DET[:-3] + '_nope.py', ckpt], '_nope.py does not exist')):
+        err = _cli_error(test_tool.main, argv + ['--work-dir', work] + options, capsys)
+        assert any(message in line and ': error: ' in line for line in err), err
+        assert 'Traceback' not in '\n'.join(err)
+
 
 def test_demo_prints_one_line_per_step_and_a_table(tmp_path, capsys):
     """The demo's console: a progress line and a result line per step, then the table;
