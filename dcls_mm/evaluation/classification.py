@@ -756,8 +756,9 @@ def run_evaluation(cfg: EvalConfig) -> dict:
         meta = {'model': cfg.model, 'model_kwargs': cfg.model_kwargs,
                 'checkpoint': ckpt_info, 'preprocessing': {
                     'imagenet, imagenet-a, imagenet-r, imagenet-sketch':
-                        dict(preprocessing['eval'], transform='timm eval transform '
-                             '(resize shorter side to size/crop_pct, centre crop)'),
+                        dict(preprocessing['eval'], transform='timm eval transform with '
+                             'the benchmarks\' geometry (resize shorter side to 256 = '
+                             '224/0.875, bicubic, centre crop 224) and the model\'s mean/std'),
                     'imagenet-c, imagenet-c-bar':
                         dict(preprocessing['native'], transform='native size: no resize, '
                              'no crop')},
