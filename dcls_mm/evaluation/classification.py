@@ -302,6 +302,14 @@ class _ImageList(torch.utils.data.Dataset):
             return None, label, set_idx, path, f'{type(e).__name__}: {_one_line(e)}'
 
 
+def _size_mismatch(odd: str, odd_shape, first: str, first_shape) -> str:
+    """The error for two images of one set, (C, H, W) shapes, of different sizes."""
+    # ImageNet-C/C-bar are evaluated as they are: one size per set (224x224)
+    return (f'images of one set differ in size: {odd} is {odd_shape[2]}x{odd_shape[1]}, '
+            f'{first} is {first_shape[2]}x{first_shape[1]} (ImageNet-C/C-bar images are '
+            'evaluated at their native size, 224x224)')
+
+
 def _collate(samples) -> Dict[str, Any]:
     good = [s for s in samples if s[0] is not None]
     bad = [(s[3], s[4]) for s in samples if s[0] is None]
@@ -310,13 +318,9 @@ def _collate(samples) -> Dict[str, Any]:
     if good:
         shapes = {tuple(s[0].shape) for s in good}
         if len(shapes) > 1:
-            # ImageNet-C/C-bar are evaluated as they are: one size per set (224x224)
             first = good[0]
             odd = next(s for s in good if tuple(s[0].shape) != tuple(first[0].shape))
-            out['error'] = (f'images of one set differ in size: {odd[3]} is '
-                            f'{odd[0].shape[2]}x{odd[0].shape[1]}, {first[3]} is '
-                            f'{first[0].shape[2]}x{first[0].shape[1]} (ImageNet-C/C-bar '
-                            'images are evaluated at their native size, 224x224)')
+            out['error'] = _size_mismatch(odd[3], odd[0].shape, first[3], first[0].shape)
         else:
             out['images'] = torch.stack([s[0] for s in good])
             out['first'] = good[0][3]
@@ -555,11 +559,8 @@ def _evaluate(model: nn.Module, sets: List[EvalSet], cfg: EvalConfig, preprocess
             # one size per set also across batches (_collate sees one batch)
             first = set_shapes.setdefault(current, (tuple(images.shape[1:]), batch['first']))
             if first[0] != tuple(images.shape[1:]):
-                raise DataLayoutError(
-                    f'{s.key}: images of one set differ in size: {batch["first"]} is '
-                    f'{images.shape[3]}x{images.shape[2]}, {first[1]} is '
-                    f'{first[0][2]}x{first[0][1]} (ImageNet-C/C-bar images are evaluated at '
-                    'their native size, 224x224)')
+                raise DataLayoutError(f'{s.key}: ' + _size_mismatch(
+                    batch['first'], images.shape[1:], first[1], first[0]))
             mean, std = norms['native' if s.native else 'eval']
             x = images.to(device, non_blocking=True).float().sub_(mean).div_(std)
             x = x.contiguous(memory_format=memory_format)

@@ -542,15 +542,13 @@ def depthwise_conv2d_plan(x: Tensor, kernel: Tensor, stride: Sequence[int] = (1,
         ``(y, f)``: the output and the function.
     """
     stride = tuple(stride)
-    (pt, _), (pl, _) = padding
-    x, padding = _cut_leading(x, padding)
-    kernel, _, padding = _crop_to_used_taps(x, kernel, stride, padding)
+    cut, cut_padding = _cut_leading(x, padding)
+    kernel, _, cut_padding = _crop_to_used_taps(cut, kernel, stride, cut_padding)
     with torch.no_grad():
-        fn, y = _conv_route(x, kernel, bias, stride, padding)
-    if pt < 0 or pl < 0:
-        route = fn
-        fn = lambda x, b: route(x[:, :, max(-pt, 0):, max(-pl, 0):], b)  # noqa: E731
-    return y, fn
+        route, y = _conv_route(cut, kernel, bias, stride, cut_padding)
+    if cut is x:  # no negative top/left padding
+        return y, route
+    return y, lambda x, b: route(_cut_leading(x, padding)[0], b)
 
 
 def _cropped_support(support: Callable[[], Tensor], kernel_shape: Tuple[int, ...],

@@ -160,6 +160,14 @@ def test_depthwise_conv2d_float32_with_negative_leading_padding():
     grads = torch.autograd.grad(got, (x, kernel, bias), gy.float())
     for g, r in zip(grads, torch.autograd.grad(ref, inputs64, gy)):
         torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-4)
+    # the inference plan slices every later input the same way
+    from dcls_mm.ops.depthwise import depthwise_conv2d_plan
+    with torch.no_grad():
+        y, plan = depthwise_conv2d_plan(x, kernel, (1, 1), pads, bias)
+        torch.testing.assert_close(y, got.detach())
+        other = torch.randn_like(x)
+        torch.testing.assert_close(plan(other, bias), depthwise_conv2d(other, kernel, (1, 1),
+                                                                       pads, bias))
 
 
 def test_layer_whose_windows_all_lie_in_the_padding():
